@@ -1,0 +1,119 @@
+"""Builds the rails store and publisher from the settings (called from the app lifespan)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from app.admin.paths import read_rails_dir
+from app.admin.publisher import GuardBuilder, RailsPublisher, RailsValidator, ValidationOutcome
+from app.admin.versions import FileRailsVersionStore, RailsVersionStore
+from app.guard.base import Guard
+from app.settings import Settings
+from app.state import AppState
+
+log = logging.getLogger(__name__)
+
+PUBLISHER_KEY = "rails_publisher"  # in AppState.extras
+
+
+def open_version_store(settings: Settings) -> RailsVersionStore:
+    """Redis when `redis_url` is set (shared by all replicas), else files under `data_dir/rails_versions`."""
+    if settings.redis_url:
+        from redis.asyncio import Redis
+
+        from app.admin.versions_redis import RedisRailsVersionStore
+
+        client = Redis.from_url(settings.redis_url, decode_responses=True)
+        prefix = str(getattr(settings, "redis_key_prefix", "guardchat:")) + "rails:"
+        return RedisRailsVersionStore(client, prefix, owns_client=True)
+    return FileRailsVersionStore(settings.data_dir / "rails_versions")
+
+
+async def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Awaits async callables; runs sync ones in a worker thread so a slow NeMo build does not stall turns."""
+    if inspect.iscoroutinefunction(fn):
+        return await fn(*args, **kwargs)
+    result = await asyncio.to_thread(fn, *args, **kwargs)
+    return await result if inspect.isawaitable(result) else result
+
+
+def _plain(item: Any) -> dict[str, Any]:
+    if isinstance(item, dict):
+        return dict(item)
+    if hasattr(item, "model_dump"):
+        return dict(item.model_dump())
+    if hasattr(item, "to_dict"):
+        return dict(item.to_dict())
+    if dataclasses.is_dataclass(item) and not isinstance(item, type):
+        return dataclasses.asdict(item)
+    return {"message": str(item)}
+
+
+def outcome_from_report(report: Any) -> ValidationOutcome:
+    """`app.guard.validate.ValidationReport` -> the admin API's shape."""
+    errors = []
+    for err in getattr(report, "errors", []) or []:
+        data = _plain(err)
+        errors.append({"file": data.get("file") or "", "line": data.get("line"), "message": str(data.get("message"))})
+    tests = []
+    for result in getattr(report, "tests", None) or getattr(report, "test_results", None) or []:
+        data = _plain(result)
+        data["passed"] = bool(data.get("passed", data.get("ok", True)))
+        tests.append(data)
+    return ValidationOutcome(errors=errors, tests=tests)
+
+
+def validator_for(settings: Settings, *, llm: Any, embedder: Any) -> RailsValidator:
+    """The real validator: `app.guard.validate.validate_rails` including the rails tests."""
+
+    async def validate(files: dict[str, str], run_tests: bool) -> ValidationOutcome:
+        from app.guard.validate import validate_rails
+
+        report = await _call(validate_rails, files, settings, run_tests=run_tests, llm=llm, embedder=embedder)
+        return outcome_from_report(report)
+
+    return validate
+
+
+def builder_for(settings: Settings, *, llm: Any, embedder: Any, detector: Any = None) -> GuardBuilder:
+    """The real guard builder: `app.guard.rails.build_guard` on the published files."""
+
+    async def build(files: dict[str, str]) -> Guard:
+        from app.guard.rails import build_guard
+
+        guard: Guard = await _call(build_guard, files, settings, llm=llm, embedder=embedder, detector=detector)
+        return guard
+
+    return build
+
+
+async def build_rails_publisher(state: AppState) -> RailsPublisher:
+    """Opens the store (seeding version 1 from `settings.rails_dir` when empty), makes `state.rails`
+    serve the store's live version, starts following it and registers the publisher in
+    `state.extras["rails_publisher"]`. Stop it with `await publisher.stop()` at shutdown."""
+    settings = state.settings
+    store = open_version_store(settings)
+    try:
+        seeded = await store.ensure_seeded(read_rails_dir(settings.rails_dir))
+    except BaseException:
+        await store.close()
+        raise
+    log.info("rails store: live version %d (%s)", seeded.number, type(store).__name__)
+    detector = state.extras.get("detector")
+    publisher = RailsPublisher(
+        store,
+        state.rails,
+        validator=validator_for(settings, llm=state.llm, embedder=state.embedder),
+        builder=builder_for(settings, llm=state.llm, embedder=state.embedder, detector=detector),
+        embedder=state.embedder,
+        poll_interval_s=float(getattr(settings, "rails_poll_interval_s", 1.0)),
+        owns_store=True,
+    )
+    await publisher.start()
+    state.extras[PUBLISHER_KEY] = publisher
+    return publisher

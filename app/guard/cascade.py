@@ -1,0 +1,170 @@
+"""The decisions behind each rail, independent of NeMo: every function returns a RailResult.
+
+Safety (input and output):
+- embedded mode: stage 1 is the detector on the turn's embedding; only a score inside the uncertain
+  band [unsafe_allow, unsafe_block) asks stage 2, the embedded LLM judging with the Llama Guard
+  prompt under a grammar. Without a detector every text goes to the judge.
+- remote mode: a real Llama Guard 3 over HTTP judges every input and output.
+Attack and topic: the detector plus nearest-example matching on the Colang `define user` examples,
+so an admin can add a rule by adding examples, and no LLM is ever asked.
+
+A judge that cannot answer yields verdict "error" (detail "guard_error: ..."); the caller fails closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from app.guard.base import RailResult
+from app.guard.llama_guard import GuardBackendError, LlamaGuardClient, Role
+from app.guard.loader import IntentRailSpec
+from app.rag.base import Embedder
+
+if TYPE_CHECKING:
+    from app.guard.detector import Detector, DetectorScores, DetectorThresholds
+
+
+@dataclass
+class Thresholds:
+    unsafe_block: float = 0.85
+    unsafe_allow: float = 0.25
+    attack_block: float = 0.8
+    attack_allow: float = 0.4
+    off_topic_block: float = 0.7
+
+    @classmethod
+    def resolve(cls, detector: Detector | None, overrides: dict[str, float]) -> Thresholds:
+        base: DetectorThresholds | Thresholds = detector.thresholds if detector is not None else cls()
+        values = {name: float(getattr(base, name)) for name in cls.__dataclass_fields__}
+        values.update(overrides)
+        return cls(**values)
+
+
+@dataclass
+class IntentMatch:
+    intent: str | None  # the best blocked intent when it wins, else None
+    similarity: float  # best blocked-example similarity
+    allowed_similarity: float
+    blocked: bool
+
+
+class IntentMatcher:
+    """Nearest-example matcher over the `define user` examples of some intents. The examples are
+    embedded once per rails config; a turn costs one matrix-vector product on its embedding."""
+
+    def __init__(self, spec: IntentRailSpec, examples: dict[str, list[str]], embedder: Embedder) -> None:
+        self.spec = spec
+        labels: list[tuple[str, bool]] = []
+        texts: list[str] = []
+        for intents, blocked in ((spec.blocked_intents, True), (spec.allowed_intents, False)):
+            for intent in intents:
+                for example in examples.get(intent, []):
+                    labels.append((intent, blocked))
+                    texts.append(example)
+        self._labels = labels
+        self._matrix = embedder.embed(texts) if texts else np.zeros((0, embedder.dim), np.float32)
+        self._blocked_mask = np.array([b for _, b in labels], dtype=bool)
+
+    @property
+    def empty(self) -> bool:
+        return not bool(self._blocked_mask.any())
+
+    def match(self, embedding: np.ndarray) -> IntentMatch:
+        if self.empty:
+            return IntentMatch(None, 0.0, 0.0, False)
+        sims = self._matrix @ np.asarray(embedding, dtype=np.float32).reshape(-1)
+        blocked_sims = np.where(self._blocked_mask, sims, -1.0)
+        best = int(np.argmax(blocked_sims))
+        best_blocked = float(blocked_sims[best])
+        best_allowed = float(sims[~self._blocked_mask].max()) if (~self._blocked_mask).any() else -1.0
+        hit = best_blocked >= self.spec.min_similarity and best_blocked >= best_allowed + self.spec.margin
+        return IntentMatch(self._labels[best][0] if hit else None, best_blocked, best_allowed, hit)
+
+
+def _ms(started: float) -> float:
+    return (time.perf_counter() - started) * 1000.0
+
+
+def _error(name: str, exc: BaseException, started: float) -> RailResult:
+    return RailResult(name, "error", latency_ms=_ms(started), detail=f"guard_error: {exc}")
+
+
+@dataclass
+class SafetyCascade:
+    mode: Literal["embedded", "openai"]
+    judge: LlamaGuardClient | None  # embedded judge or remote Llama Guard
+    detector: Detector | None
+    thresholds: Thresholds
+    topic_matcher: IntentMatcher
+    attack_matcher: IntentMatcher
+    topic_labels: dict[str, str] = field(default_factory=dict)  # detector topic -> blocked intent
+
+    async def safety(
+        self, name: str, conversation: Sequence[tuple[Role, str]], role: Role, scores: DetectorScores | None
+    ) -> RailResult:
+        """`scores` are the detector's scores of the last message (None: no detector, or remote mode)."""
+        started = time.perf_counter()
+        detail = ""
+        if self.mode == "embedded" and scores is not None:
+            t = self.thresholds
+            top = sorted(scores.categories.items(), key=lambda kv: -kv[1])[:1]
+            if scores.unsafe >= t.unsafe_block:
+                cats = [code for code, _ in top]
+                return RailResult(name, "block", cats, scores.unsafe, _ms(started), f"stage1 detector unsafe={scores.unsafe:.2f}")
+            if scores.unsafe < t.unsafe_allow:
+                return RailResult(name, "allow", [], scores.unsafe, _ms(started), f"stage1 detector unsafe={scores.unsafe:.2f}")
+            detail = f"stage1 uncertain unsafe={scores.unsafe:.2f}; "
+        if self.judge is None:
+            return RailResult(name, "error", latency_ms=_ms(started), detail="guard_error: no safety judge configured")
+        try:
+            verdict = await self.judge.check(conversation, role)
+        except GuardBackendError as exc:
+            return _error(name, exc, started)
+        stage = "llama_guard" if self.mode == "openai" else "stage2 judge"
+        detail += f"{stage}: {'safe' if verdict.safe else 'unsafe ' + ','.join(verdict.categories)}"
+        score = scores.unsafe if scores is not None else None
+        return RailResult(name, "allow" if verdict.safe else "block", verdict.categories, score, _ms(started), detail)
+
+    def attack(self, embedding: np.ndarray, scores: DetectorScores | None) -> RailResult:
+        started = time.perf_counter()
+        match = self.attack_matcher.match(embedding)
+        parts = [f"nearest attack example sim={match.similarity:.2f}"]
+        score = match.similarity if match.blocked else 0.0
+        verdict: Literal["allow", "block", "flag"] = "block" if match.blocked else "allow"
+        if scores is not None:
+            parts.insert(0, f"detector attack={scores.attack:.2f}")
+            score = max(score, scores.attack)
+            if scores.attack >= self.thresholds.attack_block:
+                verdict = "block"
+            elif scores.attack >= self.thresholds.attack_allow and verdict == "allow":
+                verdict = "flag"  # uncertain: let it through, but say so in the trace
+        return RailResult("attack", verdict, [], score, _ms(started), "; ".join(parts))
+
+    def topic(self, embedding: np.ndarray, scores: DetectorScores | None) -> tuple[RailResult, str | None]:
+        """Also returns the blocked intent (whose refusal the flow utters)."""
+        started = time.perf_counter()
+        match = self.topic_matcher.match(embedding)
+        intent = match.intent
+        parts = [f"nearest example sim={match.similarity:.2f} vs allowed {match.allowed_similarity:.2f}"]
+        score = match.similarity if match.blocked else 0.0
+        if scores is not None:
+            parts.insert(0, f"detector off_topic={scores.off_topic:.2f} topic={scores.topic}")
+            score = max(score, scores.off_topic)
+            if intent is None and scores.off_topic >= self.thresholds.off_topic_block:
+                intent = self.topic_labels.get(scores.topic) or self.topic_labels.get("off_topic")
+                if intent is None and self.topic_matcher.spec.blocked_intents:
+                    intent = self.topic_matcher.spec.blocked_intents[-1]
+        verdict: Literal["allow", "block"] = "block" if intent else "allow"
+        cats = [intent] if intent else []
+        return RailResult("topic", verdict, cats, score, _ms(started), "; ".join(parts)), intent
+
+
+async def score_in_thread(detector: Detector, text: str, embedder: Embedder, embedding: np.ndarray | None) -> DetectorScores:
+    """The detector may embed extra windows (torch); keep that off the event loop."""
+    return await asyncio.to_thread(detector.score, text, embedder, embedding)

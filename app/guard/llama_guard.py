@@ -1,0 +1,185 @@
+"""Llama Guard 3: the prompt (Meta's official format), a strict parser of its answer, and a client.
+
+The same prompt serves two judges:
+- remote: a real Llama Guard 3 behind an OpenAI-compatible server, asked over /v1/completions with
+  the raw prompt (the chat template would wrap it a second time);
+- embedded: the embedded llama.cpp model, with a GBNF grammar that can only produce a well-formed
+  Llama Guard answer over the categories in force.
+
+Anything that is not exactly `safe` or `unsafe` + known categories is a parse error, and a parse
+error is a guard error: the caller fails closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from app.llm.base import ChatBackend, GenerationOptions, LLMError
+
+Role = Literal["User", "Agent"]
+
+# Meta's Llama Guard 3 taxonomy (model card). The rails config chooses which are in force and may
+# add a description under a name (llama-recipes' "custom categories" format).
+DEFAULT_CATEGORIES: dict[str, str] = {
+    "S1": "Violent Crimes",
+    "S2": "Non-Violent Crimes",
+    "S3": "Sex-Related Crimes",
+    "S4": "Child Sexual Exploitation",
+    "S5": "Defamation",
+    "S6": "Specialized Advice",
+    "S7": "Privacy",
+    "S8": "Intellectual Property",
+    "S9": "Indiscriminate Weapons",
+    "S10": "Hate",
+    "S11": "Suicide & Self-Harm",
+    "S12": "Sexual Content",
+    "S13": "Elections",
+    "S14": "Code Interpreter Abuse",
+}
+
+
+class GuardBackendError(Exception):
+    """A judge could not give a usable verdict (down, timeout, garbage). Callers fail closed."""
+
+
+@dataclass(frozen=True)
+class SafetyCategory:
+    code: str  # "S1"
+    name: str  # "Violent Crimes"
+    description: str = ""  # optional policy wording shown under the name
+
+
+@dataclass
+class LlamaGuardVerdict:
+    safe: bool
+    categories: list[str] = field(default_factory=list)
+    raw: str = ""
+    latency_ms: float = 0.0
+
+
+# Special tokens and the prompt's own section markers must not be forgeable from inside a message:
+# a user could otherwise close the conversation block and write their own assessment instructions.
+_SPECIAL_TOKEN = re.compile(r"<\|[a-z_]+\|>")
+_SECTION_MARKER = re.compile(r"<\s*(BEGIN|END)\s+(UNSAFE CONTENT CATEGORIES|CONVERSATION)\s*>", re.IGNORECASE)
+
+
+def _sanitize(text: str) -> str:
+    text = _SPECIAL_TOKEN.sub("", text)
+    return _SECTION_MARKER.sub(lambda m: f"[{m.group(1)} {m.group(2)}]", text).strip()
+
+
+def build_prompt(
+    conversation: Sequence[tuple[Role, str]], categories: Sequence[SafetyCategory], role: Role | None = None
+) -> str:
+    """The exact Llama Guard 3 prompt. `conversation` is (role, text) turns; the assessment is of the
+    last one, whose role is `role` (defaults to the last turn's role)."""
+    if not conversation:
+        raise ValueError("Llama Guard needs at least one message to assess")
+    role = role or conversation[-1][0]
+    category_lines = "\n".join(
+        f"{c.code}: {c.name}.\n{c.description.strip()}" if c.description.strip() else f"{c.code}: {c.name}."
+        for c in categories
+    )
+    turns = "\n\n".join(f"{who}: {_sanitize(text)}" for who, text in conversation)
+    return (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
+        f"Task: Check if there is unsafe content in '{role}' messages in conversations according our safety "
+        "policy with the below categories.\n\n"
+        "<BEGIN UNSAFE CONTENT CATEGORIES>\n"
+        f"{category_lines}\n"
+        "<END UNSAFE CONTENT CATEGORIES>\n\n"
+        "<BEGIN CONVERSATION>\n\n"
+        f"{turns}\n\n"
+        "<END CONVERSATION>\n\n"
+        f"Provide your safety assessment for ONLY THE LAST {role} message in the above conversation:\n"
+        " - First line must read 'safe' or 'unsafe'.\n"
+        " - If unsafe, a second line must include a comma-separated list of violated categories."
+        "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+
+
+def conversation_from_messages(messages: Sequence[Mapping[str, str]], answer: str | None = None) -> list[tuple[Role, str]]:
+    """OpenAI-style messages -> Llama Guard turns. System messages are not part of what is judged.
+    For an input check pass no `answer`: the model card says the agent reply must then be absent."""
+    turns: list[tuple[Role, str]] = []
+    for message in messages:
+        content = message.get("content") or ""
+        if message.get("role") == "user":
+            turns.append(("User", content))
+        elif message.get("role") == "assistant":
+            turns.append(("Agent", content))
+    if answer is not None:
+        turns.append(("Agent", answer))
+    return turns
+
+
+def parse_verdict(raw: str, allowed_codes: Sequence[str]) -> LlamaGuardVerdict:
+    """`safe` | `unsafe\\nS1,S2` (whitespace-tolerant). Raises GuardBackendError on anything else."""
+    lines = [line.strip() for line in raw.strip().splitlines() if line.strip()]
+    if not lines:
+        raise GuardBackendError("llama guard answered with an empty completion")
+    head = lines[0].lower()
+    if head == "safe" and len(lines) == 1:
+        return LlamaGuardVerdict(safe=True, raw=raw)
+    if head != "unsafe":
+        raise GuardBackendError(f"llama guard answer is not 'safe'/'unsafe': {raw[:80]!r}")
+    if len(lines) != 2:
+        raise GuardBackendError(f"llama guard said unsafe without exactly one category line: {raw[:80]!r}")
+    codes = [code.strip().upper() for code in lines[1].split(",")]
+    unknown = [code for code in codes if code not in allowed_codes]
+    if not codes or unknown:
+        raise GuardBackendError(f"llama guard named unknown categories {unknown or codes}: {raw[:80]!r}")
+    return LlamaGuardVerdict(safe=False, categories=list(dict.fromkeys(codes)), raw=raw)
+
+
+def verdict_grammar(codes: Sequence[str]) -> str:
+    """GBNF that admits exactly the well-formed answers over `codes` (longest codes first so S10
+    is tried before S1 by backtracking-free samplers)."""
+    alternatives = " | ".join(f'"{code}"' for code in sorted(codes, key=lambda c: (-len(c), c)))
+    return f'root ::= "safe" | "unsafe\\n" cats\ncats ::= cat ("," cat)*\ncat ::= {alternatives}\n'
+
+
+class LlamaGuardClient:
+    """Asks one backend for a Llama Guard verdict. `use_grammar` for the embedded judge."""
+
+    def __init__(
+        self,
+        backend: ChatBackend,
+        categories: Sequence[SafetyCategory],
+        *,
+        timeout_s: float = 10.0,
+        use_grammar: bool = False,
+        max_tokens: int = 24,
+    ) -> None:
+        if not categories:
+            raise ValueError("Llama Guard needs at least one category in force")
+        self.backend = backend
+        self.categories = list(categories)
+        self.codes = [c.code for c in self.categories]
+        self.timeout_s = timeout_s
+        # Built once: the options (and the grammar in them) are the same for every call.
+        self._options = GenerationOptions(
+            max_tokens=max_tokens,
+            temperature=0.0,
+            grammar=verdict_grammar(self.codes) if use_grammar else None,
+        )
+
+    async def check(self, conversation: Sequence[tuple[Role, str]], role: Role | None = None) -> LlamaGuardVerdict:
+        prompt = build_prompt(conversation, self.categories, role)
+        started = time.perf_counter()
+        try:
+            completion = await asyncio.wait_for(self.backend.complete_prompt(prompt, self._options), self.timeout_s)
+        except TimeoutError as exc:
+            raise GuardBackendError(f"llama guard timed out after {self.timeout_s:g}s") from exc
+        except LLMError as exc:
+            raise GuardBackendError(f"llama guard backend failed ({type(exc).__name__}): {exc}") from exc
+        except Exception as exc:  # any other client failure is still a guard that could not run
+            raise GuardBackendError(f"llama guard call failed ({type(exc).__name__}): {exc}") from exc
+        verdict = parse_verdict(completion.text, self.codes)
+        verdict.latency_ms = (time.perf_counter() - started) * 1000
+        return verdict

@@ -1,0 +1,218 @@
+"""RailsGuard: one loaded rails config running on NeMo Guardrails (Colang 1.0) with our actions.
+
+Everything that depends only on the config is built once in `build_guard`: the RailsConfig, the
+LLMRails engine with our actions registered, the Llama Guard prompt categories and grammar, the
+embedded topic/attack examples. A turn only sets its context and asks NeMo to run the input or
+the output rails (`check_async`, which runs nothing else: no dialog rails, no LLM call of its own).
+
+Why LLMRails and not NeMo's faster IORails engine: in 0.24.1 IORails serves only the rails of its
+built-in manifest catalog (nemoguardrails/library/*/rail.py); a flow calling a custom action makes
+`IORails.unsupported_reason` refuse the config. Our rails are custom actions (detector cascade,
+strict Llama Guard parsing), so LLMRails runs them, with `rails.input.parallel` honoured. Its
+overhead is a few milliseconds per check.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+import app.guard  # noqa: F401  (NeMo telemetry opt-out)
+from app.guard.actions import GroundingCheck, TurnContext, build_actions, current_turn
+from app.guard.base import AssistantTexts, GuardDecision, RailResult
+from app.guard.cascade import IntentMatcher, SafetyCascade, Thresholds, score_in_thread
+from app.guard.llama_guard import LlamaGuardClient
+from app.guard.loader import LoadedConfig, load_config
+from app.llm.base import ChatBackend
+from app.rag.base import Embedder
+from app.rag.embedder import bundled_model_path
+from app.settings import Settings
+
+if TYPE_CHECKING:
+    from app.guard.detector import Detector
+
+log = logging.getLogger(__name__)
+
+# The shipped flows and the stable rail names their actions record (metrics and tests key on them).
+FLOW_RAILS = {
+    "guardchat check input safety": "safety_input",
+    "guardchat check attack": "attack",
+    "guardchat check topic": "topic",
+    "guardchat check output safety": "safety_output",
+    "guardchat check groundedness": "groundedness",
+}
+
+
+class RailsGuard:
+    """Implements app.guard.base.Guard for one rails config."""
+
+    def __init__(
+        self,
+        loaded: LoadedConfig,
+        settings: Settings,
+        *,
+        cascade: SafetyCascade,
+        embedder: Embedder,
+        detector: Detector | None,
+        grounding: GroundingCheck | None = None,
+        owned_clients: list[ChatBackend] | None = None,
+    ) -> None:
+        from nemoguardrails import LLMRails
+
+        self.loaded = loaded
+        self.texts: AssistantTexts = loaded.texts
+        self.output_chunk_chars = settings.output_rails_chunk_chars
+        self.output_context_chars = settings.output_rails_context_chars
+        self.fail_open = settings.guard_fail_open
+        self.mode = cascade.mode
+        self.cascade = cascade
+        self._embedder = embedder
+        self._detector = detector
+        self._owned_clients = owned_clients or []
+        self._rails = LLMRails(loaded.rails_config)
+        for name, action in build_actions(cascade, fail_open=self.fail_open, grounding=grounding).items():
+            self._rails.register_action(action, name)
+        rails_cfg = loaded.rails_config.rails
+        self.has_input_rails = bool(rails_cfg.input.flows)
+        self.has_output_rails = bool(rails_cfg.output.flows)
+
+    @property
+    def files(self) -> dict[str, str]:
+        return self.loaded.files
+
+    async def check_input(self, messages: list[dict[str, str]], embedding: np.ndarray | None = None) -> GuardDecision:
+        if not self.has_input_rails:
+            return GuardDecision(allowed=True)
+        user_text = next((m.get("content") or "" for m in reversed(messages) if m.get("role") == "user"), "")
+        started = time.perf_counter()
+        try:
+            if embedding is None:  # callers normally pass the turn's one embedding
+                embedding = self._embedder.embed([user_text])[0]
+            scores = (
+                await score_in_thread(self._detector, user_text, self._embedder, embedding) if self._detector else None
+            )
+        except Exception as exc:
+            return self._failed("input_rails", exc, started)
+        turn = TurnContext(messages=list(messages), embedding=embedding, scores=scores)
+        return await self._run(turn, [{"role": "user", "content": user_text}], "input")
+
+    async def check_output(
+        self, messages: list[dict[str, str]], answer: str, context: list[str] | None = None
+    ) -> GuardDecision:
+        if not self.has_output_rails:
+            return GuardDecision(allowed=True)
+        user_text = next((m.get("content") or "" for m in reversed(messages) if m.get("role") == "user"), "")
+        started = time.perf_counter()
+        scores = None
+        if self.mode == "embedded" and self._detector is not None and answer.strip():
+            try:
+                scores = await score_in_thread(self._detector, answer, self._embedder, None)
+            except Exception as exc:
+                return self._failed("output_rails", exc, started)
+        turn = TurnContext(messages=list(messages), answer=answer, context=context, scores=scores)
+        nemo_messages = [{"role": "user", "content": user_text}, {"role": "assistant", "content": answer}]
+        return await self._run(turn, nemo_messages, "output")
+
+    async def _run(self, turn: TurnContext, nemo_messages: list[dict[str, str]], direction: str) -> GuardDecision:
+        from nemoguardrails.rails.llm.options import RailStatus, RailType
+
+        started = time.perf_counter()
+        token = current_turn.set(turn)
+        try:
+            rail_type = RailType.INPUT if direction == "input" else RailType.OUTPUT
+            result = await self._rails.check_async(nemo_messages, rail_types=[rail_type])
+        except Exception as exc:
+            log.exception("%s rails failed", direction)
+            return self._failed(f"{direction}_rails", exc, started, turn.results)
+        finally:
+            current_turn.reset(token)
+        rails = turn.results
+        errors = [r for r in rails if r.verdict == "error"]
+        if result.status == RailStatus.BLOCKED:
+            flow = result.rail or ""
+            blocked_by = FLOW_RAILS.get(flow, flow)
+            # NeMo utters "internal error" for an action that raised; the user gets our guard-error text.
+            failed = any(r.name == blocked_by and r.verdict == "error" for r in rails) or not any(
+                r.name == blocked_by for r in rails
+            )
+            refusal = self.texts.guard_error if failed else (result.content or self.texts.refusal)
+            if failed and not any(r.name == blocked_by for r in rails):
+                rails.append(RailResult(blocked_by, "error", detail=f"guard_error: rail {flow!r} failed"))
+            return GuardDecision(False, rails, blocked_by, refusal)
+        if errors and not self.fail_open:
+            # Belt and braces: a rail recorded an error but its flow did not stop the turn.
+            return GuardDecision(False, rails, errors[0].name, self.texts.guard_error)
+        return GuardDecision(True, rails)
+
+    def _failed(
+        self, name: str, exc: BaseException, started: float, rails: list[RailResult] | None = None
+    ) -> GuardDecision:
+        result = RailResult(name, "error", latency_ms=(time.perf_counter() - started) * 1000, detail=f"guard_error: {exc}")
+        all_rails = [*(rails or []), result]
+        if self.fail_open:
+            return GuardDecision(True, all_rails)
+        return GuardDecision(False, all_rails, name, self.texts.guard_error)
+
+    async def aclose(self) -> None:
+        for client in self._owned_clients:
+            await client.aclose()
+
+
+def build_guard(
+    rails_dir: Path | dict[str, str],
+    settings: Settings,
+    *,
+    llm: ChatBackend,
+    embedder: Embedder,
+    detector: Detector | None = None,
+    grounding: GroundingCheck | None = None,
+    embedding_model_path: str | None = None,
+) -> RailsGuard:
+    """Load one rails config (a directory, or in-memory files for drafts) and build its guard.
+    Raises loader.RailsConfigError (with file:line problems) for an invalid config."""
+    loaded = load_config(rails_dir, embedding_model_path or bundled_model_path())
+    section = loaded.section
+    owned: list[ChatBackend] = []
+    judge_backend: Any
+    if settings.guard_backend == "openai":
+        if not settings.guard_url or not settings.guard_model:
+            raise ValueError("guard_backend=openai needs guard_url and guard_model")
+        from app.llm.client import OpenAICompatClient
+
+        api_key = settings.guard_api_key.get_secret_value() if settings.guard_api_key else None
+        judge_backend = OpenAICompatClient(
+            settings.guard_url,
+            settings.guard_model,
+            api_key=api_key,
+            flavor="openai",
+            timeout_s=settings.guard_timeout_s,
+            connect_timeout_s=min(settings.llm_connect_timeout_s, settings.guard_timeout_s),
+            max_retries=0,  # a retry would blow the turn's latency budget; failing closed is the answer
+        )
+        owned.append(judge_backend)
+    else:
+        judge_backend = llm
+    judge = LlamaGuardClient(
+        judge_backend,
+        loaded.categories,
+        timeout_s=settings.guard_timeout_s,
+        use_grammar=settings.guard_backend != "openai",
+    )
+    cascade = SafetyCascade(
+        mode=settings.guard_backend,
+        judge=judge,
+        detector=detector,
+        thresholds=Thresholds.resolve(detector, section.thresholds),
+        topic_matcher=IntentMatcher(section.topic, loaded.user_examples, embedder),
+        attack_matcher=IntentMatcher(section.attack, loaded.user_examples, embedder),
+        topic_labels=dict(section.topic.detector_labels),
+    )
+    if settings.guard_fail_open:
+        log.warning("GUARD FAIL-OPEN IS ON: turns pass when a safety check cannot run. Never use this in production.")
+    return RailsGuard(
+        loaded, settings, cascade=cascade, embedder=embedder, detector=detector, grounding=grounding, owned_clients=owned
+    )

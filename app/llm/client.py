@@ -1,0 +1,383 @@
+"""The one LLM client: OpenAI-compatible HTTP for trtllm-serve, NIM/vLLM and the embedded llama.cpp server.
+
+Flavors differ only where the servers do:
+- "embedded" (llama.cpp): GBNF `grammar` goes in the body; health = GET /v1/models.
+- "openai" (NIM, vLLM, OpenAI): a LoRA adapter is selected by sending its name as `model`; health = /v1/models.
+- "trtllm" (trtllm-serve): a LoRA adapter goes in the body as `lora_request` {lora_name, lora_int_id,
+  lora_path}; health = GET <root>/health.
+
+Errors are typed (app/llm/base.py). Connection failures are retried (tenacity) only before the response
+headers arrive, so a request is never replayed once the backend started answering and a stream is never
+retried mid-way.
+
+Streaming usage: `stream(..., on_usage=callback)` calls `callback(Usage)` when the server sends the final
+usage chunk (we ask for it with `stream_options.include_usage`). A callback, not an attribute, because one
+client serves many concurrent streams.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import httpx
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from app.llm.base import (
+    Completion,
+    GenerationOptions,
+    LLMBadResponse,
+    LLMError,
+    LLMTimeout,
+    LLMUnavailable,
+    Usage,
+)
+
+log = logging.getLogger(__name__)
+
+Flavor = Literal["openai", "trtllm", "embedded"]
+
+# Connection failures (refused, reset, closed without an answer). Retried only when raised by send(), i.e.
+# before the response headers, so no response byte was consumed. Timeouts are not retried: a backend that is
+# too slow once is likely too slow again, and retrying would multiply the wait.
+_RETRYABLE = (httpx.NetworkError, httpx.RemoteProtocolError)
+_HEALTH_TIMEOUT_S = 10.0
+_DETAIL_CHARS = 300
+
+
+@dataclass(frozen=True)
+class LoRAAdapter:
+    """An adapter a request may select. `path`/`int_id` are what trtllm-serve needs to load it."""
+
+    name: str
+    path: str | None = None
+    int_id: int = 0
+
+
+def parse_lora_adapters(entries: Iterable[str]) -> dict[str, LoRAAdapter]:
+    """Entries "name" or "name=/path/to/adapter" -> {name: LoRAAdapter}; lora_int_id = 1-based position."""
+    adapters: dict[str, LoRAAdapter] = {}
+    for position, entry in enumerate(entries, start=1):
+        name, sep, path = entry.partition("=")
+        name = name.strip()
+        if not name:
+            raise ValueError(f"empty LoRA adapter name in {entry!r}")
+        adapters[name] = LoRAAdapter(name=name, path=(path.strip() or None) if sep else None, int_id=position)
+    return adapters
+
+
+def _normalize_adapters(adapters: Mapping[str, LoRAAdapter | str] | Iterable[str] | None) -> dict[str, LoRAAdapter]:
+    if adapters is None:
+        return {}
+    if isinstance(adapters, Mapping):
+        result: dict[str, LoRAAdapter] = {}
+        for position, (name, value) in enumerate(adapters.items(), start=1):
+            result[name] = value if isinstance(value, LoRAAdapter) else LoRAAdapter(name, str(value), position)
+        return result
+    return parse_lora_adapters(adapters)
+
+
+class OpenAICompatClient:
+    """Implements app.llm.base.ChatBackend over one pooled httpx.AsyncClient."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        api_key: str | None = None,
+        flavor: Flavor = "openai",
+        timeout_s: float = 120,
+        connect_timeout_s: float = 5,
+        max_retries: int = 2,
+        lora_adapters: Mapping[str, LoRAAdapter | str] | Iterable[str] | None = None,
+    ) -> None:
+        if flavor not in ("openai", "trtllm", "embedded"):
+            raise ValueError(f"unknown LLM flavor {flavor!r}")
+        self.base_url = base_url.rstrip("/")
+        self.root_url = self.base_url.removesuffix("/v1")
+        self.model_name = model
+        self.flavor: Flavor = flavor
+        self.max_retries = max(0, max_retries)
+        self._api_key = api_key or None
+        self._adapters = _normalize_adapters(lora_adapters)
+        if flavor == "trtllm":
+            pathless = [a.name for a in self._adapters.values() if not a.path]
+            if pathless:
+                raise ValueError(f"trtllm-serve needs a path for each LoRA adapter (name=path): {', '.join(pathless)}")
+        headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+        self._http = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
+            headers=headers,
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
+        )
+
+    @property
+    def adapters(self) -> dict[str, LoRAAdapter]:
+        return dict(self._adapters)
+
+    # ------------------------------------------------------------ public API
+
+    async def complete(self, messages: list[dict[str, str]], options: GenerationOptions | None = None) -> Completion:
+        body = self._body(options, stream=False)
+        body["messages"] = messages
+        data = await self._post_json("/chat/completions", body, options)
+        choice = self._first_choice(data)
+        message = choice.get("message")
+        if not isinstance(message, dict):
+            raise LLMBadResponse("LLM backend answered without choices[0].message")
+        return Completion(text=_as_text(message.get("content")), finish_reason=_finish(choice), usage=_usage(data))
+
+    async def complete_prompt(self, prompt: str, options: GenerationOptions | None = None) -> Completion:
+        body = self._body(options, stream=False)
+        body["prompt"] = prompt
+        data = await self._post_json("/completions", body, options)
+        choice = self._first_choice(data)
+        return Completion(text=_as_text(choice.get("text")), finish_reason=_finish(choice), usage=_usage(data))
+
+    async def stream(
+        self,
+        messages: list[dict[str, str]],
+        options: GenerationOptions | None = None,
+        *,
+        on_usage: Callable[[Usage], None] | None = None,
+    ) -> AsyncIterator[str]:
+        """Yield content deltas. `on_usage(Usage)` is called if the server reports usage at the end."""
+        body = self._body(options, stream=True)
+        body["messages"] = messages
+        response = await self._send("POST", self.base_url + "/chat/completions", body, options)
+        try:
+            async for delta in self._sse_deltas(response, on_usage):
+                yield delta
+        finally:
+            await response.aclose()
+
+    async def health(self) -> None:
+        timeout = httpx.Timeout(_HEALTH_TIMEOUT_S, connect=min(_HEALTH_TIMEOUT_S, self._http.timeout.connect or 5))
+        if self.flavor == "trtllm":
+            response = await self._send("GET", self.root_url + "/health", None, None, timeout=timeout)
+            await response.aclose()
+            return
+        response = await self._send("GET", self.base_url + "/models", None, None, timeout=timeout)
+        data = await self._read_json(response)
+        if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+            raise LLMBadResponse("LLM backend /models answered without a `data` list")
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # ------------------------------------------------------------ request building
+
+    def _body(self, options: GenerationOptions | None, *, stream: bool) -> dict[str, Any]:
+        opts = options or GenerationOptions()
+        body: dict[str, Any] = {"model": self.model_name}
+        for field in ("max_tokens", "temperature", "top_p", "stop"):
+            value = getattr(opts, field)
+            if value is not None:
+                body[field] = value
+        if stream:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
+        if opts.grammar is not None and self.flavor == "embedded":
+            body["grammar"] = opts.grammar  # llama.cpp only; OpenAI-style servers would reject the field
+        if opts.adapter:
+            self._apply_adapter(body, opts.adapter)
+        body.update(opts.extra)
+        return body
+
+    def _apply_adapter(self, body: dict[str, Any], name: str) -> None:
+        if self._adapters and name not in self._adapters:
+            raise ValueError(f"LoRA adapter {name!r} is not configured for this backend")
+        if self.flavor == "openai":
+            body["model"] = name  # NIM / vLLM serve each loaded adapter as a model name
+        elif self.flavor == "trtllm":
+            adapter = self._adapters.get(name)
+            if adapter is None:
+                raise ValueError(f"LoRA adapter {name!r} has no path configured for trtllm-serve")
+            body["lora_request"] = {"lora_name": adapter.name, "lora_int_id": adapter.int_id, "lora_path": adapter.path}
+        else:
+            log.warning("the embedded llama.cpp backend has no LoRA adapters; ignoring adapter %r", name)
+
+    def _headers(self, options: GenerationOptions | None) -> dict[str, str]:
+        if options is not None and options.request_id:
+            return {"X-Request-Id": options.request_id}
+        return {}
+
+    # ------------------------------------------------------------ transport
+
+    async def _send(
+        self,
+        method: str,
+        url: str,
+        body: dict[str, Any] | None,
+        options: GenerationOptions | None,
+        *,
+        timeout: httpx.Timeout | None = None,
+    ) -> httpx.Response:
+        """Send and return the response with headers read and status checked; body not yet consumed."""
+        request = self._http.build_request(
+            method, url, json=body, headers=self._headers(options), timeout=timeout or self._http.timeout
+        )
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.max_retries + 1),
+            wait=wait_exponential(multiplier=0.1, max=2.0),
+            retry=retry_if_exception_type(_RETRYABLE),
+            reraise=True,
+        )
+        response: httpx.Response | None = None
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    response = await self._http.send(request, stream=True)
+        except httpx.TimeoutException as exc:
+            raise LLMTimeout(self._redact(f"LLM backend at {self.base_url} timed out ({type(exc).__name__})")) from exc
+        except httpx.HTTPError as exc:
+            raise LLMUnavailable(
+                self._redact(f"cannot reach LLM backend at {self.base_url} ({type(exc).__name__}: {exc})")
+            ) from exc
+        assert response is not None  # AsyncRetrying either sent it or re-raised
+        if response.status_code >= 400:
+            try:
+                detail = _error_detail(await response.aread())
+            except httpx.HTTPError:
+                detail = ""
+            finally:
+                await response.aclose()
+            raise self._status_error(response.status_code, detail)
+        return response
+
+    def _status_error(self, status: int, detail: str) -> LLMError:
+        suffix = f": {detail}" if detail else ""
+        kind: type[LLMError]
+        if status in (401, 403):
+            kind, what = LLMUnavailable, "rejected our credentials"
+        elif status in (408, 504):
+            kind, what = LLMTimeout, "timed out"
+        elif status == 429 or status >= 500:
+            kind, what = LLMUnavailable, "is unavailable"
+        else:
+            kind, what = LLMBadResponse, "rejected the request"
+        return kind(self._redact(f"LLM backend {what} (HTTP {status}){suffix}"))
+
+    async def _read_json(self, response: httpx.Response) -> Any:
+        try:
+            raw = await response.aread()
+        except httpx.TimeoutException as exc:
+            raise LLMTimeout(f"LLM backend at {self.base_url} timed out while answering") from exc
+        except httpx.HTTPError as exc:
+            reason = type(exc).__name__
+            raise LLMUnavailable(f"LLM backend at {self.base_url} dropped the connection ({reason})") from exc
+        finally:
+            await response.aclose()
+        try:
+            return json.loads(raw)
+        except ValueError as exc:
+            raise LLMBadResponse(self._redact(f"LLM backend answered with invalid JSON: {_snippet(raw)}")) from exc
+
+    async def _post_json(self, path: str, body: dict[str, Any], options: GenerationOptions | None) -> Any:
+        response = await self._send("POST", self.base_url + path, body, options)
+        return await self._read_json(response)
+
+    def _first_choice(self, data: Any) -> dict[str, Any]:
+        choices = data.get("choices") if isinstance(data, dict) else None
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            raise LLMBadResponse(self._redact(f"LLM backend answered without choices: {_snippet(data)}"))
+        return choices[0]
+
+    async def _sse_deltas(
+        self, response: httpx.Response, on_usage: Callable[[Usage], None] | None
+    ) -> AsyncIterator[str]:
+        """Parse `data: {...}` lines until `data: [DONE]`; skip comments/keep-alives; raise on error events."""
+        event = "message"
+        finished = False
+        try:
+            async for line in response.aiter_lines():
+                if not line:
+                    event = "message"  # blank line ends an SSE event
+                    continue
+                if line.startswith(":"):
+                    continue  # comment / keep-alive ping
+                field, _, value = line.partition(":")
+                value = value.removeprefix(" ")
+                if field == "event":
+                    event = value.strip()
+                    continue
+                if field == "error":  # llama.cpp's non-standard error line
+                    raise LLMBadResponse(self._redact(f"LLM backend stream error: {_error_detail(value)}"))
+                if field != "data":
+                    continue
+                if value.strip() == "[DONE]":
+                    return
+                try:
+                    chunk = json.loads(value)
+                except ValueError as exc:
+                    raise LLMBadResponse(self._redact(f"invalid JSON in LLM stream: {_snippet(value)}")) from exc
+                if event == "error" or (isinstance(chunk, dict) and "error" in chunk):
+                    raise LLMBadResponse(self._redact(f"LLM backend stream error: {_error_detail(value)}"))
+                if not isinstance(chunk, dict):
+                    raise LLMBadResponse(self._redact(f"unexpected LLM stream chunk: {_snippet(value)}"))
+                if chunk.get("usage") and on_usage is not None:
+                    on_usage(_usage(chunk))
+                for choice in chunk.get("choices") or []:
+                    delta = (choice.get("delta") or {}).get("content") if isinstance(choice, dict) else None
+                    if isinstance(delta, str) and delta:
+                        yield delta
+                    if isinstance(choice, dict) and choice.get("finish_reason"):
+                        finished = True
+        except httpx.TimeoutException as exc:
+            raise LLMTimeout(f"LLM backend at {self.base_url} stalled mid-stream") from exc
+        except httpx.HTTPError as exc:
+            raise LLMUnavailable(f"LLM stream from {self.base_url} was interrupted ({type(exc).__name__})") from exc
+        if not finished:
+            raise LLMUnavailable(f"LLM stream from {self.base_url} ended before the answer was finished")
+
+    def _redact(self, message: str) -> str:
+        return message.replace(self._api_key, "***") if self._api_key else message
+
+
+# ------------------------------------------------------------ response helpers
+
+
+def _snippet(raw: Any) -> str:
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+    return text[:_DETAIL_CHARS]
+
+
+def _error_detail(raw: bytes | str) -> str:
+    """The `error.message` of an OpenAI-style error body, else the start of the body."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return _snippet(raw).strip()
+    error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(error, dict) and error.get("message"):
+        return str(error["message"])[:_DETAIL_CHARS]
+    if isinstance(error, str):
+        return error[:_DETAIL_CHARS]
+    if isinstance(data, dict) and data.get("detail"):  # FastAPI-style servers (trtllm-serve validation errors)
+        return str(data["detail"])[:_DETAIL_CHARS]
+    return _snippet(raw).strip()
+
+
+def _as_text(content: Any) -> str:
+    if content is None:
+        return ""
+    if not isinstance(content, str):
+        raise LLMBadResponse(f"LLM backend answered with non-text content: {_snippet(content)}")
+    return content
+
+
+def _finish(choice: dict[str, Any]) -> str:
+    return str(choice.get("finish_reason") or "stop")
+
+
+def _usage(data: Any) -> Usage:
+    usage = data.get("usage") if isinstance(data, dict) else None
+    if not isinstance(usage, dict):
+        return Usage()
+    return Usage(
+        prompt_tokens=int(usage.get("prompt_tokens") or 0), completion_tokens=int(usage.get("completion_tokens") or 0)
+    )

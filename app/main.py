@@ -1,0 +1,100 @@
+"""The app factory: routers, error handlers, and the lifespan that builds the process state once."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+# Before anything can import NeMo Guardrails or a hub client: no telemetry, no hub.
+os.environ.setdefault("NEMO_GUARDRAILS_NO_USAGE_STATS", "1")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from fastapi import FastAPI  # noqa: E402
+
+from app import __version__  # noqa: E402
+from app.api import chat, checks, health, sessions  # noqa: E402
+from app.api.errors import install_error_handlers  # noqa: E402
+from app.settings import Settings, get_settings  # noqa: E402
+from app.state import AppState, LiveRails, LoadedRails  # noqa: E402
+
+log = logging.getLogger("guardchat")
+
+StateFactory = Callable[[Settings], Awaitable[AppState]]
+
+
+async def build_state(settings: Settings) -> AppState:
+    """Builds every long-lived component once: LLM (starting the embedded server when configured),
+    session store, embedder, retriever, detector and the live rails."""
+    from app.guard.detector import Detector
+    from app.guard.rails import build_guard
+    from app.llm.factory import build_chat_backend
+    from app.rag.embedder import get_embedder
+    from app.sessions.factory import build_session_store
+
+    if settings.guard_fail_open:
+        log.warning("!" * 72 + "\nGUARDCHAT_GUARD_FAIL_OPEN is set: turns are ALLOWED when a guard cannot run. "
+                    "Development only — never in production.\n" + "!" * 72)
+    llm, embedded_server = build_chat_backend(settings)
+    store = build_session_store(settings)
+    embedder = get_embedder()
+    detector = Detector.load()
+    retriever = build_retriever(settings, embedder, detector)
+    guard = build_guard(settings.rails_dir, settings, llm=llm, embedder=embedder, detector=detector)
+    state = AppState(
+        settings=settings,
+        llm=llm,
+        store=store,
+        embedder=embedder,
+        retriever=retriever,
+        rails=LiveRails(LoadedRails(version="local", guard=guard)),
+        extras={"embedded_server": embedded_server, "detector": detector},
+    )
+    return state
+
+
+def build_retriever(settings: Settings, embedder: Any, detector: Any) -> Any:
+    if not settings.rag_enabled:
+        return None
+    from app.rag.retrieve import HybridRetriever
+
+    return HybridRetriever.from_settings(settings, embedder=embedder, detector=detector)
+
+
+async def close_state(state: AppState) -> None:
+    for closer in (state.llm.aclose, state.store.aclose):
+        try:
+            await closer()
+        except Exception:  # best effort on shutdown
+            log.debug("close failed", exc_info=True)
+    server = state.extras.get("embedded_server")
+    if server is not None:
+        server.close()
+
+
+def create_app(settings: Settings | None = None, state_factory: StateFactory | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = await (state_factory or build_state)(settings)
+        app.state.guardchat = state
+        try:
+            yield
+        finally:
+            await close_state(state)
+
+    app = FastAPI(
+        title="guardchat",
+        version=__version__,
+        description="A guardrailed RAG chat server with an OpenAI-compatible API.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    for router in (chat.router, checks.router, sessions.router, health.router):
+        app.include_router(router)
+    return app

@@ -1,0 +1,395 @@
+"""One chat turn as a pipeline of timed stages:
+
+    load session → (embed once → input rails ‖ rewrite → retrieve) → generate → output rails → save
+
+Streaming and non-streaming share this path: `TurnRunner.events()` yields `Delta`s and exactly one
+final `Done`; `TurnRunner.run()` consumes it. Generation starts speculatively as soon as the prompt is
+ready, but its tokens are held until the input rails pass (and cancelled when they block).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from app.guard.base import AssistantTexts, GuardDecision, RailResult
+from app.llm.base import GenerationOptions
+from app.pipeline.generation import SpeculativeGeneration
+from app.pipeline.streaming import Finished, Released, hold_back
+from app.rag.base import Chunk
+from app.sessions.base import Turn
+from app.state import AppState, LoadedRails
+
+log = logging.getLogger(__name__)
+
+
+class TurnInputError(ValueError):
+    """The request cannot form a turn (e.g. no user message). The API answers 400."""
+
+
+@dataclass
+class TurnRequest:
+    messages: list[dict[str, str]]
+    session_id: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: list[str] | None = None
+    adapter: str | None = None
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass
+class TurnResult:
+    answer: str
+    blocked: bool
+    session_id: str | None
+    turn_id: str
+    rails: list[RailResult] = field(default_factory=list)
+    citations: list[dict[str, Any]] = field(default_factory=list)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    trace: dict[str, Any] = field(default_factory=dict)
+    finish_reason: str = "stop"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    status: str = "ok"
+
+    def guardchat(self) -> dict[str, Any]:
+        """The extra `guardchat` object every chat response carries."""
+        return {
+            "session_id": self.session_id,
+            "turn_id": self.turn_id,
+            "blocked": self.blocked,
+            "rails": [r.to_dict() for r in self.rails],
+            "citations": self.citations,
+            "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
+        }
+
+
+@dataclass
+class Delta:
+    text: str
+
+
+@dataclass
+class Done:
+    result: TurnResult
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Any:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + (time.perf_counter() - start) * 1000
+
+
+def _split_request(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], str]:
+    """Returns (prior user/assistant messages, the new user message). Client system messages are
+    dropped: the system prompt belongs to the rails config, not to the caller."""
+    if not messages:
+        raise TurnInputError("`messages` must contain at least one message.")
+    last = messages[-1]
+    if last.get("role") != "user":
+        raise TurnInputError("The last message must have role 'user'.")
+    text = last.get("content") or ""
+    if not text.strip():
+        raise TurnInputError("The last user message is empty.")
+    prior = [m for m in messages[:-1] if m.get("role") in ("user", "assistant")]
+    return prior, text
+
+
+def _history_messages(turns: list[Turn], limit: int) -> list[dict[str, str]]:
+    # Blocked turns never go back into a prompt: a refused jailbreak must not steer later answers.
+    usable = [t for t in turns if t.status == "ok"][-limit:] if limit > 0 else []
+    out: list[dict[str, str]] = []
+    for t in usable:
+        out += [{"role": "user", "content": t.user}, {"role": "assistant", "content": t.answer}]
+    return out
+
+
+class TurnRunner:
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+
+    async def run(self, req: TurnRequest) -> TurnResult:
+        async for event in self.events(req):
+            if isinstance(event, Done):
+                return event.result
+        raise RuntimeError("turn ended without a result")  # pragma: no cover - events() always ends with Done
+
+    async def events(self, req: TurnRequest) -> AsyncIterator[Delta | Done]:
+        prior, user_text = _split_request(req.messages)
+        store = self.state.store
+        if req.session_id is None:
+            async for ev in self._turn(req, prior, user_text, None):
+                yield ev
+            return
+        if await store.get(req.session_id) is None:
+            from app.sessions.base import SessionNotFound
+
+            raise SessionNotFound(req.session_id)
+        # One turn at a time per session: the lock spans load → save so turns never interleave.
+        async with store.lock(req.session_id):
+            async for ev in self._turn(req, prior, user_text, req.session_id):
+                yield ev
+
+    async def _turn(
+        self, req: TurnRequest, prior: list[dict[str, str]], user_text: str, session_id: str | None
+    ) -> AsyncIterator[Delta | Done]:
+        st = self.state
+        settings = st.settings
+        rails: LoadedRails = st.rails.current  # read once: a publish mid-turn does not affect this turn
+        guard = rails.guard
+        texts: AssistantTexts = guard.texts
+        timer = Timer()
+        turn_id = uuid.uuid4().hex
+        trace: dict[str, Any] = {"rails_version": rails.version, "request_id": req.request_id}
+        t_start = time.perf_counter()
+
+        with timer.stage("load_session"):
+            if session_id is not None:
+                turns = await st.store.history(session_id)
+                trace["history_turns"] = len(turns)
+                history = _history_messages(turns, settings.history_turns_in_prompt)
+            else:
+                history = prior[-2 * settings.history_turns_in_prompt :] if settings.history_turns_in_prompt else []
+        conversation = history + [{"role": "user", "content": user_text}]
+
+        # The standalone retrieval query; the cheap join needs no model call, so it happens before embedding
+        # and both texts are embedded in ONE batched call shared by the classifier and the retriever.
+        rewrite = await self._rewrite(user_text, history, timer)
+        trace["rewrite"] = rewrite
+        query = rewrite["query"]
+        with timer.stage("embed"):
+            to_embed = [user_text] if query == user_text else [user_text, query]
+            vectors = await asyncio.to_thread(st.embedder.embed, to_embed)
+        user_vec, query_vec = vectors[0], vectors[-1]
+
+        input_task = asyncio.create_task(self._timed(guard.check_input(conversation, user_vec), timer, "input_rails"))
+        sources: list[Chunk] = []
+        generation: SpeculativeGeneration | None = None
+        try:
+            sources, retrieval_trace = await self._retrieve(query, query_vec, timer)
+            trace["retrieval"] = retrieval_trace
+            use_rag = settings.rag_enabled and st.retriever is not None
+            no_context = use_rag and not sources
+            if not no_context:
+                with timer.stage("prompt"):
+                    messages = self._build_messages(user_text, history, sources, texts, use_rag)
+                trace["prompt_chars"] = sum(len(m["content"]) for m in messages)
+                options = GenerationOptions(
+                    max_tokens=req.max_tokens or settings.llm_max_tokens,
+                    temperature=req.temperature if req.temperature is not None else settings.llm_temperature,
+                    top_p=req.top_p,
+                    stop=req.stop,
+                    adapter=req.adapter,
+                    request_id=req.request_id,
+                )
+                # Speculative: start generating now; tokens wait in a queue until the input rails pass.
+                generation = SpeculativeGeneration.start(st.llm, messages, options)
+            decision: GuardDecision = await input_task
+        except BaseException:
+            input_task.cancel()
+            if generation is not None:
+                await generation.cancel()
+            raise
+
+        rail_results = list(decision.rails)
+        if not decision.allowed:
+            if generation is not None:
+                await generation.cancel()
+            answer = decision.refusal or texts.refusal
+            yield Delta(answer)
+            result = self._result(answer, True, session_id, turn_id, rail_results, [], timer, trace, t_start)
+            result.status = "blocked"
+            trace["blocked_by"] = decision.blocked_by
+            await self._save(session_id, user_text, result, timer)
+            yield Done(result)
+            return
+
+        if generation is None:  # nothing relevant retrieved: the configured "I don't know", never a guess
+            yield Delta(texts.idk)
+            result = self._result(texts.idk, False, session_id, turn_id, rail_results, [], timer, trace, t_start)
+            result.finish_reason = "stop"
+            await self._save(session_id, user_text, result, timer)
+            yield Done(result)
+            return
+
+        context_texts = [c.content for c in sources]
+
+        async def check(window: str) -> GuardDecision:
+            return await guard.check_output(conversation, window, context_texts)
+
+        released: list[str] = []
+        final: Finished | None = None
+        first_token_at: float | None = None
+        gen_start = time.perf_counter()
+        try:
+            async for event in hold_back(
+                generation.deltas(),
+                check,
+                chunk_chars=guard.output_chunk_chars,
+                context_chars=guard.output_context_chars,
+            ):
+                if isinstance(event, Released):
+                    if first_token_at is None:
+                        first_token_at = time.perf_counter()
+                    released.append(event.text)
+                    yield Delta(event.text)
+                elif isinstance(event, Finished):
+                    final = event
+        except (asyncio.CancelledError, GeneratorExit):
+            # The client went away mid-stream: stop generating, keep what was shown, mark it interrupted.
+            await generation.cancel()
+            partial = "".join(released)
+            result = self._result(partial, False, session_id, turn_id, rail_results, [], timer, trace, t_start)
+            result.status = "interrupted"
+            result.finish_reason = "interrupted"
+            await asyncio.shield(self._save(session_id, user_text, result, timer))
+            raise
+        except BaseException:
+            await generation.cancel()
+            raise
+        timer.timings["generate"] = (time.perf_counter() - gen_start) * 1000
+        if first_token_at is not None:
+            timer.timings["first_token"] = (first_token_at - t_start) * 1000
+        assert final is not None
+        rail_results += final.decision.rails
+        if not final.decision.allowed:
+            refusal = final.decision.refusal or texts.refusal
+            # What the user already saw passed the rails; the refusal ends the stream.
+            yield Delta(("\n\n" if released else "") + refusal)
+            answer = final.released_text + ("\n\n" if released else "") + refusal
+            result = self._result(answer, True, session_id, turn_id, rail_results, [], timer, trace, t_start)
+            result.status = "blocked"
+            trace["blocked_by"] = final.decision.blocked_by
+        else:
+            answer = final.full_text
+            citations = self._citations(answer, sources) if sources else []
+            result = self._result(answer, False, session_id, turn_id, rail_results, citations, timer, trace, t_start)
+            result.finish_reason = generation.finish_reason or "stop"
+        result.prompt_tokens = generation.prompt_tokens
+        result.completion_tokens = generation.completion_tokens
+        await self._save(session_id, user_text, result, timer)
+        yield Done(result)
+
+    # --- stages -------------------------------------------------------------------------------
+
+    @staticmethod
+    async def _timed(coro: Any, timer: Timer, name: str) -> Any:
+        start = time.perf_counter()
+        try:
+            return await coro
+        finally:
+            timer.timings[name] = (time.perf_counter() - start) * 1000
+
+    async def _rewrite(self, question: str, history: list[dict[str, str]], timer: Timer) -> dict[str, Any]:
+        with timer.stage("rewrite"):
+            try:
+                from app.rag.rewrite import rewrite_query
+            except ImportError:  # RAG package not installed in this build
+                return {"query": question, "mode": "none"}
+            pairs = [(history[i]["content"], history[i + 1]["content"]) for i in range(0, len(history) - 1, 2)]
+            mode = self.state.settings.query_rewrite
+            rw = await rewrite_query(question, pairs, mode=mode, llm=self.state.llm if mode == "llm" else None)
+            return {"query": rw.query, "mode": rw.mode, "latency_ms": round(rw.latency_ms, 3)}
+
+    async def _retrieve(self, query: str, vec: np.ndarray, timer: Timer) -> tuple[list[Chunk], dict[str, Any]]:
+        st = self.state
+        if not st.settings.rag_enabled or st.retriever is None:
+            return [], {"enabled": False}
+        with timer.stage("retrieve"):
+            detailed = getattr(st.retriever, "retrieve_detailed", None)
+            if detailed is not None:
+                res = await detailed(query, vec, st.settings.rag_top_k)
+                chunks = list(res.chunks)
+                dropped = [
+                    {"id": c.id, "document_id": c.document_id, "reason": reason, "score": round(float(score), 4)}
+                    for c, reason, score in res.dropped
+                ]
+            else:
+                chunks = await st.retriever.retrieve(query, vec, st.settings.rag_top_k)
+                dropped = []
+        return chunks, {
+            "chunks": [{"id": c.id, "document_id": c.document_id, "score": round(c.score, 4)} for c in chunks],
+            "dropped": dropped,
+        }
+
+    def _build_messages(
+        self,
+        question: str,
+        history: list[dict[str, str]],
+        sources: list[Chunk],
+        texts: AssistantTexts,
+        use_rag: bool,
+    ) -> list[dict[str, str]]:
+        if use_rag:
+            from app.rag.chain import build_messages
+
+            prepared = build_messages(
+                question,
+                history,
+                sources,
+                system_prompt=texts.system_prompt,
+                context_tokens=self.state.settings.rag_context_tokens,
+            )
+            return list(prepared.messages)
+        return [{"role": "system", "content": texts.system_prompt}, *history, {"role": "user", "content": question}]
+
+    @staticmethod
+    def _citations(answer: str, sources: list[Chunk]) -> list[dict[str, Any]]:
+        from app.rag.chain import extract_citations
+
+        return extract_citations(answer, sources)
+
+    @staticmethod
+    def _result(
+        answer: str,
+        blocked: bool,
+        session_id: str | None,
+        turn_id: str,
+        rails: list[RailResult],
+        citations: list[dict[str, Any]],
+        timer: Timer,
+        trace: dict[str, Any],
+        t_start: float,
+    ) -> TurnResult:
+        timer.timings["total"] = (time.perf_counter() - t_start) * 1000
+        return TurnResult(
+            answer=answer,
+            blocked=blocked,
+            session_id=session_id,
+            turn_id=turn_id,
+            rails=rails,
+            citations=citations,
+            timings_ms=timer.timings,
+            trace=trace,
+        )
+
+    async def _save(self, session_id: str | None, user_text: str, result: TurnResult, timer: Timer) -> None:
+        if session_id is None:
+            return
+        turn = Turn(
+            id=result.turn_id,
+            user=user_text,
+            answer=result.answer,
+            status=result.status,  # type: ignore[arg-type]
+            blocked=result.blocked,
+            metadata={**result.guardchat(), "trace": result.trace},
+        )
+        with timer.stage("save"):
+            await self.state.store.append(session_id, turn)

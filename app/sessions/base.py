@@ -1,0 +1,67 @@
+"""The session boundary. A session is an ordered list of turns; a turn is written whole or not at all."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, Field
+
+
+class SessionNotFound(Exception):
+    pass
+
+
+class StoreUnavailable(Exception):
+    """The backing store cannot be reached. The API answers 503 `store_unavailable`."""
+
+
+class Turn(BaseModel):
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    created_at: float = Field(default_factory=time.time)
+    user: str
+    answer: str
+    status: Literal["ok", "blocked", "interrupted", "error"] = "ok"
+    blocked: bool = False
+    # rails, citations, timings_ms, trace ... (the `guardchat` object of the response)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    feedback: int | None = None  # +1 / -1 from the UI
+
+
+class SessionInfo(BaseModel):
+    id: str
+    created_at: float
+    owner: str | None = None  # hash of the API key that created it
+    turn_count: int = 0
+
+
+class SessionStore(Protocol):
+    async def create(self, owner: str | None = None) -> SessionInfo: ...
+
+    async def get(self, session_id: str) -> SessionInfo | None: ...
+
+    async def history(self, session_id: str) -> list[Turn]:
+        """Raises SessionNotFound. Refreshes the TTL."""
+        ...
+
+    async def append(self, session_id: str, turn: Turn) -> None:
+        """Atomically append one turn, trim beyond the limit, refresh the TTL. Raises SessionNotFound."""
+        ...
+
+    async def set_feedback(self, session_id: str, turn_id: str, value: int) -> None:
+        """Raises SessionNotFound (also for an unknown turn id)."""
+        ...
+
+    async def delete(self, session_id: str) -> bool: ...
+
+    def lock(self, session_id: str) -> AbstractAsyncContextManager[None]:
+        """Serializes turns of one session (across replicas for Redis)."""
+        ...
+
+    async def ping(self) -> None:
+        """Raises StoreUnavailable."""
+        ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,84 @@
+"""The one settings class. Every field can be set from the environment as GUARDCHAT_<NAME>."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Project root when running from a checkout; the defaults below resolve against it so
+# `make run` works from any current directory.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+EmbeddedModelName = Literal["qwen2.5-1.5b", "qwen2.5-0.5b", "smollm2-135m"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GUARDCHAT_", env_file=".env", extra="ignore")
+
+    # --- server ---
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: str = "info"
+
+    # --- chat LLM ---
+    llm_backend: Literal["embedded", "openai", "trtllm"] = "embedded"
+    llm_url: str | None = Field(default=None, description="Base URL of the OpenAI-compatible server, e.g. http://gpu:8000/v1")
+    llm_model: str | None = None
+    llm_api_key: SecretStr | None = None
+    llm_timeout_s: float = 120.0
+    llm_connect_timeout_s: float = 5.0
+    llm_max_retries: int = 2
+    llm_max_tokens: int = 512
+    llm_temperature: float = 0.2
+    lora_adapters: list[str] = Field(default_factory=list, description="Allow-list of adapter names a request may select")
+
+    # --- embedded model (llama.cpp in-process) ---
+    embedded_model: EmbeddedModelName = "qwen2.5-1.5b"
+    embedded_ctx: int = 4096
+    embedded_threads: int = 0  # 0 = all cores
+    embedded_parallel: int = 2
+
+    # --- sessions ---
+    redis_url: str | None = None
+    session_ttl_s: int = 7 * 24 * 3600
+    session_max_turns: int = 200
+    history_turns_in_prompt: int = 6
+
+    # --- paths ---
+    rails_dir: Path = PROJECT_ROOT / "rails"
+    knowledge_dir: Path = PROJECT_ROOT / "knowledge"
+    data_dir: Path = PROJECT_ROOT / "data"
+
+    # --- guard (Llama Guard 3) ---
+    guard_backend: Literal["embedded", "openai"] = "embedded"
+    guard_url: str | None = None
+    guard_model: str | None = None
+    guard_api_key: SecretStr | None = None
+    guard_timeout_s: float = 10.0
+    guard_fail_open: bool = Field(default=False, description="Development only: let turns through when a guard cannot run")
+    output_rails_chunk_chars: int = 200
+    output_rails_context_chars: int = 400
+
+    # --- retrieval ---
+    rag_enabled: bool = True
+    rag_top_k: int = 4
+    rag_score_threshold: float = 0.3
+    rag_context_tokens: int = 1500
+    query_rewrite: Literal["join", "llm"] = "join"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def index_dir(self) -> Path:
+        return self.data_dir / "index"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
