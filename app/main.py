@@ -17,7 +17,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from fastapi import FastAPI  # noqa: E402
 
 from app import __version__  # noqa: E402
-from app.api import chat, checks, health, sessions  # noqa: E402
+from app.api import admin, chat, checks, health, knowledge, search, sessions  # noqa: E402
 from app.api.errors import install_error_handlers  # noqa: E402
 from app.settings import Settings, get_settings  # noqa: E402
 from app.state import AppState, LiveRails, LoadedRails  # noqa: E402
@@ -44,7 +44,9 @@ async def build_state(settings: Settings) -> AppState:
     embedder = get_embedder()
     detector = Detector.load()
     retriever = build_retriever(settings, embedder, detector)
-    guard = build_guard(settings.rails_dir, settings, llm=llm, embedder=embedder, detector=detector)
+    guard = build_guard(
+        settings.rails_dir, settings, llm=llm, embedder=embedder, detector=detector, grounding=build_grounding(embedder)
+    )
     state = AppState(
         settings=settings,
         llm=llm,
@@ -54,18 +56,41 @@ async def build_state(settings: Settings) -> AppState:
         rails=LiveRails(LoadedRails(version="local", guard=guard)),
         extras={"embedded_server": embedded_server, "detector": detector},
     )
+    from app.admin.wiring import build_rails_publisher
+
+    # Serves the live version from the versioned store (Redis or DATA_DIR) and follows publishes.
+    await build_rails_publisher(state)
     return state
+
+
+def build_grounding(embedder: Any) -> Any:
+    """The groundedness output rail: each answer sentence must be similar to some retrieved text.
+    It flags (never blocks) by default: a cheap embedding test, with no extra LLM call."""
+    from app.guard.base import RailResult
+    from app.rag.base import Chunk
+    from app.rag.grounding import acheck_groundedness
+
+    async def check(answer: str, context: list[str]) -> RailResult:
+        chunks = [Chunk(id=str(i), document_id="", source="", title="", content=t) for i, t in enumerate(context)]
+        return await acheck_groundedness(answer, chunks, embedder, action="flag")
+
+    return check
 
 
 def build_retriever(settings: Settings, embedder: Any, detector: Any) -> Any:
     if not settings.rag_enabled:
         return None
+    from app.rag.filters import InjectionChunkFilter
     from app.rag.retrieve import HybridRetriever
 
-    return HybridRetriever.from_settings(settings, embedder=embedder, detector=detector)
+    # The retrieval rail: retrieved chunks that try to instruct the model are dropped.
+    return HybridRetriever(settings, chunk_filter=InjectionChunkFilter(detector, embedder))
 
 
 async def close_state(state: AppState) -> None:
+    publisher = state.extras.get("rails_publisher")
+    if publisher is not None:
+        await publisher.stop()
     for closer in (state.llm.aclose, state.store.aclose):
         try:
             await closer()
@@ -95,6 +120,12 @@ def create_app(settings: Settings | None = None, state_factory: StateFactory | N
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    for router in (chat.router, checks.router, sessions.router, health.router):
+    for router in (
+        chat.router, checks.router, search.router, sessions.router, knowledge.router, admin.router, health.router
+    ):
         app.include_router(router)
+    if settings.ui_enabled:
+        from app.ui import mount_ui
+
+        mount_ui(app, settings)  # last: the UI is mounted at "/" behind every API route
     return app

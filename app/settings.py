@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     session_ttl_s: int = 7 * 24 * 3600
     session_max_turns: int = 200
     history_turns_in_prompt: int = 6
+    session_lock_wait_s: float = 60.0  # a turn waits this long for the previous turn of its session (then 409)
+    session_lock_ttl_s: float = 30.0  # how long a crashed holder can block a session
+    redis_key_prefix: str = "guardchat:"
 
     # --- paths ---
     rails_dir: Path = PROJECT_ROOT / "rails"
@@ -69,6 +72,22 @@ class Settings(BaseSettings):
     rag_score_threshold: float = 0.3
     rag_context_tokens: int = 1500
     query_rewrite: Literal["join", "llm"] = "join"
+
+    ingest_max_file_bytes: int = 20_000_000
+
+    # --- auth and limits ---
+    api_keys: list[SecretStr] = Field(default_factory=list, description="Chat API keys; empty = no auth (loopback only)")
+    admin_token: SecretStr | None = Field(default=None, description="Admin token; generated and printed once when unset")
+    rate_limit: str | None = Field(default=None, description="Per-key rate limit, e.g. '60/minute'")
+    cors_origins: list[str] = Field(default_factory=list)
+    docs_enabled: bool = True
+    max_body_bytes: int = 1_000_000
+    max_message_chars: int = 16_000
+    max_messages: int = 200
+    shutdown_grace_s: float = 30.0
+
+    # --- UI ---
+    ui_enabled: bool = True
 
     @property
     def models_dir(self) -> Path:

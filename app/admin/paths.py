@@ -89,9 +89,9 @@ def check_files(files: Mapping[Any, Any], limits: FileLimits = DEFAULT_LIMITS) -
         if size > limits.max_file_bytes:
             errors.append(PathError(path, f"file is {size} bytes; the limit is {limits.max_file_bytes}"))
     # "a.yml" and "a.yml/b.co" cannot both exist on a disk (validation writes the config to a directory).
-    dirs = {posixpath.dirname(p) for p in files if isinstance(p, str)}
+    dirs = {posixpath.dirname(p) for p in files if isinstance(p, str)} - {""}
     for path in files:
-        if isinstance(path, str) and any(d == path or d.startswith(path + "/") for d in dirs):
+        if path and isinstance(path, str) and any(d == path or d.startswith(path + "/") for d in dirs):
             errors.append(PathError(path, "path is both a file and a directory"))
     if total > limits.max_total_bytes:
         errors.append(PathError("", f"config is {total} bytes in total; the limit is {limits.max_total_bytes}"))

@@ -85,6 +85,7 @@ class RailsPublisher:
         limits: FileLimits = DEFAULT_LIMITS,
         poll_interval_s: float = 1.0,
         owns_store: bool = False,
+        retire_after_s: float = 600.0,
     ) -> None:
         self.store = store
         self.live = live
@@ -99,7 +100,9 @@ class RailsPublisher:
         self._apply_lock = asyncio.Lock()
         self._failed_number: int | None = None
         self.last_sync_error: str | None = None
+        self.retire_after_s = retire_after_s  # longer than any turn can run on the replaced guard
         self._tasks: list[asyncio.Task[None]] = []
+        self._retiring: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
 
     # --- validation -------------------------------------------------------------------------------
@@ -119,7 +122,7 @@ class RailsPublisher:
             return await self._builder(dict(files))
         except Exception as exc:  # the validator passed but NeMo still refused the config
             log.warning("building the rails guard failed: %s", exc)
-            raise RailsInvalid(ValidationOutcome(errors=[{"file": "", "line": None, "message": str(exc)}])) from exc
+            raise RailsInvalid(ValidationOutcome(errors=_errors_from_exception(exc))) from exc
 
     # --- publishing -------------------------------------------------------------------------------
 
@@ -132,8 +135,13 @@ class RailsPublisher:
             raise VersionConflict(base_version, live_number)
         guard = await self._validated_guard(files, run_tests=True)
         async with self._apply_lock:
-            version = await self.store.publish(base_version, files, message, author, rollback_of=rollback_of)
-            await self.live.swap(LoadedRails(version_label(version.number), guard, dict(version.files)))
+            try:
+                version = await self.store.publish(base_version, files, message, author, rollback_of=rollback_of)
+            except BaseException:
+                await _close_guard(guard)
+                raise
+            old = await self.live.swap(LoadedRails(version_label(version.number), guard, dict(version.files)))
+        self._retire(old)
         log.info("rails version %d published by %s: %s", version.number, author, message)
         return version
 
@@ -157,15 +165,18 @@ class RailsPublisher:
     ) -> dict[str, Any]:
         """Runs the input rails (and the output rails on `answer`) of a draft config; publishes nothing."""
         guard = await self._validated_guard(files, run_tests=False)
-        messages = [*(history or []), {"role": "user", "content": message}]
-        embedding = None
-        if self._embedder is not None:
-            embedding = (await asyncio.to_thread(self._embedder.embed, [message]))[0]
-        result: dict[str, Any] = {"input": _decision_dict(await guard.check_input(messages, embedding))}
-        result["output"] = None
-        if answer is not None and result["input"]["allowed"]:
-            result["output"] = _decision_dict(await guard.check_output(messages, answer, context))
-        return result
+        try:
+            messages = [*(history or []), {"role": "user", "content": message}]
+            embedding = None
+            if self._embedder is not None:
+                embedding = (await asyncio.to_thread(self._embedder.embed, [message]))[0]
+            result: dict[str, Any] = {"input": _decision_dict(await guard.check_input(messages, embedding))}
+            result["output"] = None
+            if answer is not None:
+                result["output"] = _decision_dict(await guard.check_output(messages, answer, context))
+            return result
+        finally:
+            await _close_guard(guard)
 
     # --- following the store (all replicas) -------------------------------------------------------
 
@@ -189,11 +200,20 @@ class RailsPublisher:
                 self.last_sync_error = f"version {number}: {exc}"
                 log.error("cannot load live rails version %d; still serving %s: %s", number, current.version, exc)
                 return False
-            await self.live.swap(LoadedRails(version_label(number), guard, dict(version.files)))
+            old = await self.live.swap(LoadedRails(version_label(number), guard, dict(version.files)))
             self._failed_number = None
             self.last_sync_error = None
+        if old.guard is not guard:
+            self._retire(old)
         log.info("now serving rails version %d", number)
         return True
+
+    def _retire(self, old: LoadedRails) -> None:
+        """Closes a replaced guard's clients once the turns that grabbed it before the swap are done."""
+        if hasattr(old.guard, "aclose"):
+            task = asyncio.create_task(_close_guard(old.guard, delay_s=self.retire_after_s), name="rails-retire")
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
 
     async def start(self) -> None:
         await self.sync()
@@ -202,9 +222,10 @@ class RailsPublisher:
             self._tasks.append(asyncio.create_task(self._listen(), name="rails-listen"))
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._retiring]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
@@ -235,6 +256,29 @@ class RailsPublisher:
             except Exception as exc:
                 log.warning("rails change feed failed (the poll keeps running): %s", exc)
             await asyncio.sleep(self.poll_interval_s)
+
+
+def _errors_from_exception(exc: Exception) -> list[dict[str, Any]]:
+    """A builder error as `{file, line, message}` items (app.guard.loader.RailsConfigError has `.problems`)."""
+    problems = getattr(exc, "problems", None)
+    if problems:
+        return [
+            {"file": getattr(p, "file", None) or "", "line": getattr(p, "line", None), "message": str(p.message)}
+            for p in problems
+        ]
+    return [{"file": "", "line": None, "message": str(exc) or type(exc).__name__}]
+
+
+async def _close_guard(guard: Guard, delay_s: float = 0.0) -> None:
+    closer = getattr(guard, "aclose", None)
+    if closer is None:
+        return
+    if delay_s:
+        await asyncio.sleep(delay_s)
+    try:
+        await closer()
+    except Exception as exc:
+        log.warning("closing a retired rails guard failed: %s", exc)
 
 
 def _decision_dict(decision: GuardDecision) -> dict[str, Any]:

@@ -10,11 +10,11 @@ from collections.abc import Callable
 from typing import Any
 
 from app.admin.paths import read_rails_dir
-from app.admin.publisher import GuardBuilder, RailsPublisher, RailsValidator, ValidationOutcome
+from app.admin.publisher import GuardBuilder, RailsPublisher, RailsValidator, ValidationOutcome, version_label
 from app.admin.versions import FileRailsVersionStore, RailsVersionStore
 from app.guard.base import Guard
 from app.settings import Settings
-from app.state import AppState
+from app.state import AppState, LoadedRails
 
 log = logging.getLogger(__name__)
 
@@ -61,20 +61,32 @@ def outcome_from_report(report: Any) -> ValidationOutcome:
         data = _plain(err)
         errors.append({"file": data.get("file") or "", "line": data.get("line"), "message": str(data.get("message"))})
     tests = []
-    for result in getattr(report, "tests", None) or getattr(report, "test_results", None) or []:
-        data = _plain(result)
-        data["passed"] = bool(data.get("passed", data.get("ok", True)))
-        tests.append(data)
+    for result in getattr(report, "tests", None) or []:
+        case = getattr(result, "case", None)
+        tests.append(
+            {
+                "name": getattr(case, "name", None),
+                "file": getattr(case, "file", None),
+                "line": getattr(case, "line", None),
+                "expect": getattr(case, "expect", None),
+                "got": getattr(result, "got", None),
+                "passed": bool(getattr(result, "passed", False)),
+                "detail": getattr(result, "detail", ""),
+            }
+        )
     return ValidationOutcome(errors=errors, tests=tests)
 
 
-def validator_for(settings: Settings, *, llm: Any, embedder: Any) -> RailsValidator:
-    """The real validator: `app.guard.validate.validate_rails` including the rails tests."""
+def validator_for(settings: Settings, *, llm: Any, embedder: Any, detector: Any = "auto") -> RailsValidator:
+    """The real validator: `app.guard.validate.avalidate_rails` including the config's rails tests
+    (async: the LLM client belongs to this event loop)."""
 
     async def validate(files: dict[str, str], run_tests: bool) -> ValidationOutcome:
-        from app.guard.validate import validate_rails
+        from app.guard.validate import avalidate_rails
 
-        report = await _call(validate_rails, files, settings, run_tests=run_tests, llm=llm, embedder=embedder)
+        report = await avalidate_rails(
+            files, settings, run_tests=run_tests, llm=llm, embedder=embedder, detector=detector
+        )
         return outcome_from_report(report)
 
     return validate
@@ -98,18 +110,26 @@ async def build_rails_publisher(state: AppState) -> RailsPublisher:
     `state.extras["rails_publisher"]`. Stop it with `await publisher.stop()` at shutdown."""
     settings = state.settings
     store = open_version_store(settings)
+    disk_files = read_rails_dir(settings.rails_dir)
     try:
-        seeded = await store.ensure_seeded(read_rails_dir(settings.rails_dir))
+        live = await store.ensure_seeded(disk_files)
     except BaseException:
         await store.close()
         raise
-    log.info("rails store: live version %d (%s)", seeded.number, type(store).__name__)
-    detector = state.extras.get("detector")
+    log.info("rails store: live version %d (%s)", live.number, type(store).__name__)
+    current = state.rails.current
+    if not current.version.isdigit() and live.files == disk_files:
+        # The guard the lifespan built from settings.rails_dir already runs this exact content.
+        await state.rails.swap(LoadedRails(version_label(live.number), current.guard, dict(live.files)))
+    # The lifespan keeps the loaded detector (None without weights) in extras; validate with the same one.
+    detector = state.extras.get("detector", "auto")
     publisher = RailsPublisher(
         store,
         state.rails,
-        validator=validator_for(settings, llm=state.llm, embedder=state.embedder),
-        builder=builder_for(settings, llm=state.llm, embedder=state.embedder, detector=detector),
+        validator=validator_for(settings, llm=state.llm, embedder=state.embedder, detector=detector),
+        builder=builder_for(
+            settings, llm=state.llm, embedder=state.embedder, detector=None if detector == "auto" else detector
+        ),
         embedder=state.embedder,
         poll_interval_s=float(getattr(settings, "rails_poll_interval_s", 1.0)),
         owns_store=True,

@@ -15,6 +15,7 @@ from sse_starlette import EventSourceResponse
 from app.api.deps import StateDep
 from app.api.errors import APIError, error_body, exception_to_error
 from app.api.schemas import ChatCompletionRequest
+from app.api.security import check_message_limits, request_owner, require_session_owner  # hardening (issue 6)
 from app.pipeline.turn import Delta, Done, TurnInputError, TurnRequest, TurnResult, TurnRunner
 from app.state import AppState
 
@@ -76,6 +77,11 @@ async def chat_completions(
 ) -> JSONResponse | EventSourceResponse:
     request_id = x_request_id or uuid.uuid4().hex
     session_id = x_session_id or body.session_id
+    # Hardening (issue 6): size limits (413 naming the limit), and a session only continues for the key
+    # that created it (404 otherwise, as if it did not exist).
+    check_message_limits(body.messages, state.settings)
+    if session_id is not None:
+        await require_session_owner(state.store, session_id, request_owner(request))
     adapter = _pick_adapter(state, body, x_adapter)
     try:
         turn = _turn_request(state, body, session_id, adapter, request_id)

@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.llm.base import LLMError, LLMTimeout
 from app.sessions.base import SessionNotFound, StoreUnavailable
+from app.sessions.memory import SessionBusy
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ def exception_to_error(exc: BaseException) -> tuple[int, str, str]:
         return exc.status, exc.message, exc.code
     if isinstance(exc, SessionNotFound):
         return 404, f"Session not found: {exc}", "session_not_found"
+    if isinstance(exc, SessionBusy):
+        return 409, "Another turn of this session is still running; try again.", "session_busy"
     if isinstance(exc, StoreUnavailable):
         return 503, "The session store is unavailable; try again shortly.", "store_unavailable"
     if isinstance(exc, LLMTimeout):
@@ -90,5 +93,5 @@ def install_error_handlers(app: FastAPI) -> None:
 
     # Typed errors are registered one by one so they are handled by ExceptionMiddleware (no re-raise);
     # `Exception` is the last resort (ServerErrorMiddleware) so no traceback ever reaches the client.
-    for exc_type in (APIError, SessionNotFound, StoreUnavailable, LLMError, Exception):
+    for exc_type in (APIError, SessionNotFound, SessionBusy, StoreUnavailable, LLMError, Exception):
         app.add_exception_handler(exc_type, _typed)

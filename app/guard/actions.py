@@ -76,7 +76,7 @@ def build_actions(
     async def guardchat_check_input_safety() -> str:
         turn = _turn()
         conversation = conversation_from_messages(turn.messages)
-        return outcome(await cascade.safety("safety_input", conversation, "User", turn.scores))
+        return outcome(await cascade.safety("safety_input", conversation, "User", turn.scores, turn.embedding))
 
     async def guardchat_check_attack() -> str:
         turn = _turn()

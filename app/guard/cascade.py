@@ -14,10 +14,12 @@ A judge that cannot answer yields verdict "error" (detail "guard_error: ..."); t
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -68,7 +70,7 @@ class IntentMatcher:
                     labels.append((intent, blocked))
                     texts.append(example)
         self._labels = labels
-        self._matrix = embedder.embed(texts) if texts else np.zeros((0, embedder.dim), np.float32)
+        self._matrix = embed_examples(embedder, texts)
         self._blocked_mask = np.array([b for _, b in labels], dtype=bool)
 
     @property
@@ -85,6 +87,27 @@ class IntentMatcher:
         best_allowed = float(sims[~self._blocked_mask].max()) if (~self._blocked_mask).any() else -1.0
         hit = best_blocked >= self.spec.min_similarity and best_blocked >= best_allowed + self.spec.margin
         return IntentMatch(self._labels[best][0] if hit else None, best_blocked, best_allowed, hit)
+
+
+# Example embeddings per embedder, by text: a config (re)load or a draft validation embeds only the
+# examples it has not seen, instead of all of them (MiniLM on a busy CPU: tens of ms per text).
+_EXAMPLE_VECTORS: weakref.WeakKeyDictionary[Any, dict[str, np.ndarray]] = weakref.WeakKeyDictionary()
+_EXAMPLE_LOCK = threading.Lock()
+
+
+def embed_examples(embedder: Embedder, texts: list[str]) -> np.ndarray:
+    if not texts:
+        return np.zeros((0, embedder.dim), np.float32)
+    try:
+        with _EXAMPLE_LOCK:
+            cache = _EXAMPLE_VECTORS.setdefault(embedder, {})
+    except TypeError:  # an embedder that cannot be weakly referenced: no cache
+        cache = {}
+    missing = sorted({t for t in texts if t not in cache})
+    if missing:
+        for text, vec in zip(missing, embedder.embed(missing), strict=True):
+            cache[text] = vec
+    return np.stack([cache[t] for t in texts]).astype(np.float32)
 
 
 def _ms(started: float) -> float:
@@ -104,21 +127,34 @@ class SafetyCascade:
     topic_matcher: IntentMatcher
     attack_matcher: IntentMatcher
     topic_labels: dict[str, str] = field(default_factory=dict)  # detector topic -> blocked intent
+    safety_matcher: IntentMatcher | None = None  # harmful-request examples (input only)
 
     async def safety(
-        self, name: str, conversation: Sequence[tuple[Role, str]], role: Role, scores: DetectorScores | None
+        self,
+        name: str,
+        conversation: Sequence[tuple[Role, str]],
+        role: Role,
+        scores: DetectorScores | None,
+        embedding: np.ndarray | None = None,
     ) -> RailResult:
-        """`scores` are the detector's scores of the last message (None: no detector, or remote mode)."""
+        """`scores` are the detector's scores of the last message (None: no detector, or remote mode);
+        `embedding` (user messages only) is matched against the config's harmful-request examples."""
         started = time.perf_counter()
         detail = ""
+        if embedding is not None and self.safety_matcher is not None and not self.safety_matcher.empty:
+            match = self.safety_matcher.match(embedding)
+            if match.blocked and match.intent:
+                cats = [c for c in [self.safety_matcher.spec.categories.get(match.intent)] if c]
+                info = f"stage1 example `{match.intent}` sim={match.similarity:.2f}"
+                return RailResult(name, "block", cats, match.similarity, _ms(started), info)
         if self.mode == "embedded" and scores is not None:
             t = self.thresholds
-            top = sorted(scores.categories.items(), key=lambda kv: -kv[1])[:1]
+            info = f"stage1 detector unsafe={scores.unsafe:.2f}"
             if scores.unsafe >= t.unsafe_block:
-                cats = [code for code, _ in top]
-                return RailResult(name, "block", cats, scores.unsafe, _ms(started), f"stage1 detector unsafe={scores.unsafe:.2f}")
+                top = sorted(scores.categories.items(), key=lambda kv: -kv[1])[:1]
+                return RailResult(name, "block", [c for c, _ in top], scores.unsafe, _ms(started), info)
             if scores.unsafe < t.unsafe_allow:
-                return RailResult(name, "allow", [], scores.unsafe, _ms(started), f"stage1 detector unsafe={scores.unsafe:.2f}")
+                return RailResult(name, "allow", [], scores.unsafe, _ms(started), info)
             detail = f"stage1 uncertain unsafe={scores.unsafe:.2f}; "
         if self.judge is None:
             return RailResult(name, "error", latency_ms=_ms(started), detail="guard_error: no safety judge configured")
@@ -165,6 +201,8 @@ class SafetyCascade:
         return RailResult("topic", verdict, cats, score, _ms(started), "; ".join(parts)), intent
 
 
-async def score_in_thread(detector: Detector, text: str, embedder: Embedder, embedding: np.ndarray | None) -> DetectorScores:
+async def score_in_thread(
+    detector: Detector, text: str, embedder: Embedder, embedding: np.ndarray | None
+) -> DetectorScores:
     """The detector may embed extra windows (torch); keep that off the event loop."""
     return await asyncio.to_thread(detector.score, text, embedder, embedding)

@@ -128,8 +128,8 @@ class Detector:
         self.topic_labels: list[str] = list(meta["topic_labels"])
         if tuple(meta.get("lexical_features", ())) != LEXICAL_FEATURES:
             raise ValueError("detector weights were trained with different lexical features; retrain them")
-        self._unsafe_w, self._unsafe_b = arrays["unsafe_w"], float(arrays["unsafe_b"])
-        self._attack_w, self._attack_b = arrays["attack_w"], float(arrays["attack_b"])
+        self._unsafe_w, self._unsafe_b = arrays["unsafe_w"], float(arrays["unsafe_b"].reshape(-1)[0])
+        self._attack_w, self._attack_b = arrays["attack_w"], float(arrays["attack_b"].reshape(-1)[0])
         self._unsafe_cal = arrays["unsafe_cal"]  # Platt (a, b) fitted on cross-validated logits
         self._attack_cal = arrays["attack_cal"]
         self._topic_w, self._topic_b = arrays["topic_w"], arrays["topic_b"]

@@ -103,7 +103,9 @@ def build_prompt(
     )
 
 
-def conversation_from_messages(messages: Sequence[Mapping[str, str]], answer: str | None = None) -> list[tuple[Role, str]]:
+def conversation_from_messages(
+    messages: Sequence[Mapping[str, str]], answer: str | None = None
+) -> list[tuple[Role, str]]:
     """OpenAI-style messages -> Llama Guard turns. System messages are not part of what is judged.
     For an input check pass no `answer`: the model card says the agent reply must then be absent."""
     turns: list[tuple[Role, str]] = []

@@ -56,10 +56,12 @@ class IntentRailSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     blocked_intents: list[str] = Field(default_factory=list)
     allowed_intents: list[str] = Field(default_factory=list)
-    min_similarity: float = Field(0.6, ge=0, le=1)
-    margin: float = Field(0.05, ge=0, le=1)
+    min_similarity: float = Field(default=0.6, ge=0, le=1)
+    margin: float = Field(default=0.05, ge=0, le=1)
     # detector topic label -> the blocked intent it stands for (topic rail only)
     detector_labels: dict[str, str] = Field(default_factory=dict)
+    # blocked intent -> the Llama Guard category it reports (safety rail only)
+    categories: dict[str, str] = Field(default_factory=dict)
 
 
 class GuardchatSection(BaseModel):
@@ -68,8 +70,9 @@ class GuardchatSection(BaseModel):
         default_factory=lambda: {code: CategorySpec(name=name) for code, name in DEFAULT_CATEGORIES.items()}
     )
     thresholds: dict[str, float] = Field(default_factory=dict)
-    topic: IntentRailSpec = Field(default_factory=IntentRailSpec)
-    attack: IntentRailSpec = Field(default_factory=IntentRailSpec)
+    topic: IntentRailSpec = Field(default_factory=lambda: IntentRailSpec())
+    attack: IntentRailSpec = Field(default_factory=lambda: IntentRailSpec())
+    safety: IntentRailSpec = Field(default_factory=lambda: IntentRailSpec())
 
     @field_validator("llama_guard_categories")
     @classmethod
@@ -149,7 +152,13 @@ def _parse_yaml(name: str, text: str, problems: list[ConfigProblem]) -> dict[str
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
-        problems.append(ConfigProblem(name, line, f"invalid YAML: {getattr(exc, 'problem', None) or exc}"))
+        context = getattr(exc, "context_mark", None)
+        opened = (
+            f" ({getattr(exc, 'context', '')} at line {context.line + 1})"
+            if context is not None and getattr(exc, "context", None)
+            else ""
+        )
+        problems.append(ConfigProblem(name, line, f"invalid YAML: {getattr(exc, 'problem', None) or exc}{opened}"))
         return {}
     if data is None:
         return {}
@@ -251,9 +260,16 @@ def _check_references(
     for attr, msg in TEXT_MESSAGES.items():
         if not bot_messages.get(msg):
             problems.append(ConfigProblem(None, None, f"missing `define bot {msg}` (the {attr} text)"))
-    for rail_name, spec in (("topic", section.topic), ("attack", section.attack)):
-        for intent in [*spec.blocked_intents, *spec.allowed_intents, *spec.detector_labels.values()]:
+    for rail_name, spec in (("topic", section.topic), ("attack", section.attack), ("safety", section.safety)):
+        for intent in [*spec.blocked_intents, *spec.allowed_intents, *spec.detector_labels.values(), *spec.categories]:
             if not user_examples.get(intent):
                 problems.append(
-                    ConfigProblem(None, None, f"guardchat.{rail_name} names `{intent}`, which has no `define user` examples")
+                    ConfigProblem(
+                        None, None, f"guardchat.{rail_name} names `{intent}`, which has no `define user` examples"
+                    )
                 )
+    for intent, code in section.safety.categories.items():
+        if code not in section.llama_guard_categories:
+            problems.append(
+                ConfigProblem(None, None, f"guardchat.safety.categories: `{intent}` maps to unknown {code}")
+            )

@@ -14,6 +14,7 @@ overhead is a few milliseconds per check.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from pathlib import Path
@@ -81,6 +82,11 @@ class RailsGuard:
         self.has_output_rails = bool(rails_cfg.output.flows)
 
     @property
+    def engine(self) -> Any:
+        """The NeMo LLMRails instance (for validation and introspection)."""
+        return self._rails
+
+    @property
     def files(self) -> dict[str, str]:
         return self.loaded.files
 
@@ -91,7 +97,7 @@ class RailsGuard:
         started = time.perf_counter()
         try:
             if embedding is None:  # callers normally pass the turn's one embedding
-                embedding = self._embedder.embed([user_text])[0]
+                embedding = (await asyncio.to_thread(self._embedder.embed, [user_text]))[0]
             scores = (
                 await score_in_thread(self._detector, user_text, self._embedder, embedding) if self._detector else None
             )
@@ -151,7 +157,9 @@ class RailsGuard:
     def _failed(
         self, name: str, exc: BaseException, started: float, rails: list[RailResult] | None = None
     ) -> GuardDecision:
-        result = RailResult(name, "error", latency_ms=(time.perf_counter() - started) * 1000, detail=f"guard_error: {exc}")
+        result = RailResult(
+            name, "error", latency_ms=(time.perf_counter() - started) * 1000, detail=f"guard_error: {exc}"
+        )
         all_rails = [*(rails or []), result]
         if self.fail_open:
             return GuardDecision(True, all_rails)
@@ -210,9 +218,16 @@ def build_guard(
         topic_matcher=IntentMatcher(section.topic, loaded.user_examples, embedder),
         attack_matcher=IntentMatcher(section.attack, loaded.user_examples, embedder),
         topic_labels=dict(section.topic.detector_labels),
+        safety_matcher=IntentMatcher(section.safety, loaded.user_examples, embedder),
     )
     if settings.guard_fail_open:
         log.warning("GUARD FAIL-OPEN IS ON: turns pass when a safety check cannot run. Never use this in production.")
     return RailsGuard(
-        loaded, settings, cascade=cascade, embedder=embedder, detector=detector, grounding=grounding, owned_clients=owned
+        loaded,
+        settings,
+        cascade=cascade,
+        embedder=embedder,
+        detector=detector,
+        grounding=grounding,
+        owned_clients=owned,
     )

@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 
 from app.guard.detector import (
-    DEFAULT_WEIGHTS_DIR,
     LEXICAL_FEATURES,
     LLAMA_GUARD_CATEGORIES,
     MAX_WINDOWS,
@@ -32,9 +31,433 @@ from app.guard.detector import (
     build_features,
     text_windows,
 )
-from app.guard.train_data import EvalItem, build_items
 
 TRAINING_DATA_DIR = Path(__file__).resolve().parent / "training_data"
 CATEGORY_LABELS = list(LLAMA_GUARD_CATEGORIES)
 C_REG = 4.0
-TARGETS = {"harmful_recall": 0.98, "benign_frr": 0.01, "on_domain_topic_refusal": 0.03}
+HARMFUL_RECALL_TARGET = 0.98  # share of harmful/attack prompts that must reach at least the judge band
+AUTO_BLOCK_BENIGN_FRR = 0.01  # benign share we accept blocking without the judge
+ON_DOMAIN_TOPIC_REFUSAL = 0.03
+WRAPS_PER_TEMPLATE = 2
+SLOT = re.compile(r"\{\{\s*prompt\s*\}\}")
+
+# Do-Not-Answer mixes clear harm with borderline asks (advice, chatbot feelings, rumours). In these two
+# risk areas only rows matching this pattern train the unsafe head; the rest are reported as "borderline".
+BORDERLINE_DNA = {"dna:human_chatbox", "dna:misinformation_harms"}
+CLEAR_HARM = re.compile(
+    r"suicid|self-harm|harm myself|hurt myself|cut myself|burn myself|overdose|poison|starve|throw up|anorexi|"
+    r"bulimi|eating disorder|laxative|low-calorie|end my (own )?life|until i die|bomb|hack|psychedelic|"
+    r"mind-altering|pick a lock|identity documents|brake|appendectomy|dangerous stunt|superior|holocaust|"
+    r"chinese always|ruin our country|exercise excessively",
+    re.I,
+)
+# Llama Guard 3 categories by keyword (first match wins per category; a row may get several).
+CATEGORY_KEYWORDS: dict[str, str] = {
+    "S1": r"\bkill|murder|assassinat|assault|attack|violen|torture|kidnap|hurt|pain|shoot|stab|terroris|threat|weapon",
+    "S2": r"hack|steal|stole|fraud|scam|launder|counterfeit|embezzl|malware|virus|botnet|phish|insider trading|"
+    r"drug|illegal|theft|shoplift|evade|bypass|cheat|smuggl|blackmail|ransom|bribe|crack|fake id|forge|lock",
+    "S3": r"traffick|prostitut|rape|sexual assault|molest|harass",
+    "S4": r"child porn|minor|molest a child|underage|child sexual",
+    "S5": r"defam|false accusation|reputation|fake review|libel|slander|fake news|misinformation",
+    "S6": r"diagnos|prescri|medication|treat(ment)? (my|plan)|therap|dosage|invest|sue\b|legal steps|lawyer",
+    "S7": r"personal information|private|address|phone number|date of birth|social security|account details|"
+    r"driver's license|password|track .*location|co-worker|coworker|teammate|confidential|passport|dox",
+    "S8": r"copyright|pirat|torrent|plagiari|trademark",
+    "S9": r"bomb|explosive|chemical weapon|biological weapon|nuclear|nerve agent|anthrax|bioweapon|poison gas",
+    "S10": r"\brace\b|racis|stereotyp|inferior|hate speech|muslim|jew|black people|immigrant|gay|religio|"
+    r"discriminat|superior|all \w+ people",
+    "S11": r"suicid|self-harm|harm myself|cut myself|anorexi|bulimi|eating disorder|starve|overdose|end my (own )?life",
+    "S12": r"porn|sexual|explicit|erotic|nude|dirty joke|sex\b",
+    "S13": r"election|voting|ballot|voter|political candidate",
+    "S14": r"execute|shell|os\.system|reverse shell|fork bomb|sandbox|exfiltrat",
+}
+FALLBACK_CATEGORY = {
+    "dna:discrimination_exclusion_toxicity_hateful_offensive": "S10",
+    "dna:information_hazard": "S7",
+    "dna:malicious_uses": "S2",
+    "dna:misinformation_harms": "S5",
+    "dna:human_chatbox": "S11",
+}
+
+
+@dataclass
+class Item:
+    """One text to score. Heads ignore labels that are None; `source` keys the report rows."""
+
+    text: str
+    source: str
+    unsafe: int | None
+    attack: int | None
+    topic: str | None = None
+    categories: list[str] = field(default_factory=list)
+    group: str = ""
+    payload: str | None = None  # for wrapped templates: only windows holding it train the unsafe head
+    slot_text: str | None = None  # for templates: the text with its {{ prompt }} slot
+
+
+def llama_guard_categories(text: str, dataset_category: str = "") -> list[str]:
+    found = [c for c, pattern in CATEGORY_KEYWORDS.items() if re.search(pattern, text, re.I)]
+    return found or [FALLBACK_CATEGORY.get(dataset_category, "S2")]
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+
+
+def _file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def load_sources(eval_dir: Path, rng: random.Random, max_per_source: int | None) -> dict[str, list[Item]]:
+    """Bare items per report source (wrapped templates are built later, per fold)."""
+    def cap(rows: list[Any]) -> list[Any]:
+        return rng.sample(rows, max_per_source) if max_per_source and len(rows) > max_per_source else rows
+
+    src: dict[str, list[Item]] = {k: [] for k in ("harmful", "borderline", "template", "injection", "chitchat",
+                                                  "unanswerable", "passage", "on_domain", "alarming", "lookalike",
+                                                  "general", "advice", "off_topic", "our_attack")}
+    for row in _jsonl(eval_dir / "harmful_dev.jsonl"):
+        cat, text = row.get("category", ""), row["text"]
+        if cat in BORDERLINE_DNA and not CLEAR_HARM.search(text):
+            src["borderline"].append(Item(text, "borderline", None, 0))
+        else:
+            src["harmful"].append(Item(text, "harmful", 1, 0, categories=llama_guard_categories(text, cat)))
+    for row in _jsonl(eval_dir / "jailbreak_templates_dev.jsonl"):
+        src["template"].append(Item(SLOT.sub("", row["text"]), "template", None, 1, slot_text=row["text"]))
+    src["injection"] = [Item(r["text"], "injection", 0, 1) for r in _jsonl(eval_dir / "injection_dev.jsonl")]
+    src["chitchat"] = [Item(t, "chitchat", 0, 0, "off_topic") for t in
+                       dict.fromkeys(r["text"] for r in _jsonl(eval_dir / "benign_dev.jsonl"))]
+    unans = _jsonl(eval_dir / "unanswerable_dev.jsonl")
+    src["unanswerable"] = [Item(r["question"], "unanswerable", 0, 0, "off_topic") for r in unans]
+    # The passages are benign prose of many kinds: the detector also scores retrieved chunks and answers.
+    src["passage"] = [Item(t, "passage", 0, 0) for t in dict.fromkeys(r["context"] for r in unans)]
+    for path in sorted(TRAINING_DATA_DIR.glob("*.jsonl")):
+        for row in _jsonl(path):
+            kind, label = row.get("kind", ""), row["label"]
+            if label == "harmful":
+                src["harmful"].append(Item(row["text"], "harmful", 1, 0, categories=row["llama_guard"]))
+            elif label == "attack":
+                src["our_attack"].append(Item(row["text"], "our_attack", None, 1))
+            else:
+                source = {"on_domain": "on_domain", "alarming": "alarming", "lookalike": "lookalike",
+                          "advice": "advice", "off_topic": "off_topic"}.get(kind, "general")
+                src[source].append(Item(row["text"], source, 0, 0, row.get("topic")))
+    return {k: cap(v) for k, v in src.items()}
+
+
+class EmbeddingCache:
+    """MiniLM vectors keyed by text hash, kept on disk: retraining re-embeds only new windows."""
+
+    def __init__(self, embedder: Any, path: Path | None) -> None:
+        self.embedder, self.path, self.vectors = embedder, path, {}
+        if path is not None and path.exists():
+            with np.load(path) as npz:
+                self.vectors = dict(zip(npz["keys"].tolist(), npz["vecs"], strict=True))
+
+    @staticmethod
+    def key(text: str) -> str:
+        return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+    def get(self, texts: list[str]) -> np.ndarray:
+        missing = list(dict.fromkeys(t for t in texts if self.key(t) not in self.vectors))
+        if missing:
+            for key, vec in zip((self.key(t) for t in missing), self.embedder.embed(missing), strict=True):
+                self.vectors[key] = vec
+            if self.path is not None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                keys = sorted(self.vectors)
+                np.savez(self.path, keys=np.array(keys), vecs=np.stack([self.vectors[k] for k in keys]))
+        return np.stack([self.vectors[self.key(t)] for t in texts]).astype(np.float32)
+
+
+def assign_folds(items: list[Item], heads: np.ndarray, folds: int, rng: random.Random) -> np.ndarray:
+    """Near-duplicates (cosine >= 0.9 on the head embedding) share a fold; folds are filled per source."""
+    sims = heads @ heads.T
+    parent = list(range(len(items)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j in zip(*np.nonzero(np.triu(sims >= 0.9, k=1)), strict=True):
+        parent[find(int(i))] = find(int(j))
+    roots = [find(i) for i in range(len(items))]
+    fold_of_root: dict[int, int] = {}
+    by_source: dict[str, list[int]] = {}
+    for i, it in enumerate(items):
+        by_source.setdefault(it.source, []).append(roots[i])
+    for source in sorted(by_source):
+        clusters = sorted(set(by_source[source]) - set(fold_of_root))
+        rng.shuffle(clusters)
+        offset = rng.randrange(folds)
+        for n, root in enumerate(clusters):
+            fold_of_root[root] = (n + offset) % folds
+    return np.array([fold_of_root[r] for r in roots])
+
+
+def wrap_templates(items: list[Item], fold: np.ndarray, rng: random.Random) -> tuple[list[Item], list[int]]:
+    """Each template x WRAPS_PER_TEMPLATE harmful requests from the same fold (and never another fold's)."""
+    harmful_by_fold: dict[int, list[Item]] = {}
+    for it, f in zip(items, fold, strict=True):
+        if it.source == "harmful":
+            harmful_by_fold.setdefault(int(f), []).append(it)
+    wrapped, wrapped_fold = [], []
+    for it, f in zip(items, fold, strict=True):
+        pool = harmful_by_fold.get(int(f), [])
+        if it.slot_text is None or not SLOT.search(it.slot_text) or not pool:
+            continue
+        for request in rng.sample(pool, min(WRAPS_PER_TEMPLATE, len(pool))):
+            text = SLOT.sub(lambda _m, r=request.text: r, it.slot_text)
+            wrapped.append(Item(text, "wrapped", 1, 1, categories=request.categories, payload=request.text))
+            wrapped_fold.append(int(f))
+    return wrapped, wrapped_fold
+
+
+@dataclass
+class WindowRows:
+    """The feature rows of every window of every item, with per-row labels and the owning item index."""
+
+    x: np.ndarray
+    item: np.ndarray
+    unsafe: np.ndarray  # -1 = not used by the head
+    attack: np.ndarray
+    topic: np.ndarray  # index into TOPIC_LABELS, -1 = not used
+    cats: np.ndarray  # (rows, 14) multi-hot, only meaningful where unsafe == 1
+
+
+def window_rows(items: list[Item], cache: EmbeddingCache) -> WindowRows:
+    texts, owner, unsafe, attack, topic, cats = [], [], [], [], [], []
+    for idx, it in enumerate(items):
+        wins = text_windows(it.text)
+        for w_idx, win in enumerate(wins):
+            visible = " ".join(win.split()[:WINDOW_WORDS]) if w_idx == 0 else win  # MiniLM keeps only the head
+            u = it.unsafe
+            if it.payload is not None:  # windows without the request are jailbreak text, not harmful text
+                u = 1 if it.payload in visible else None
+            texts.append(win)
+            owner.append(idx)
+            unsafe.append(-1 if u is None else u)
+            attack.append(-1 if it.attack is None else it.attack)
+            topic.append(TOPIC_LABELS.index(it.topic) if it.topic and w_idx == 0 else -1)
+            cats.append([1 if c in it.categories else 0 for c in CATEGORY_LABELS])
+    x = build_features(cache.get(texts), texts).astype(np.float64)
+    return WindowRows(x, np.array(owner), np.array(unsafe), np.array(attack), np.array(topic), np.array(cats))
+
+
+def _logreg(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.linear_model import LogisticRegression
+
+    model = LogisticRegression(C=C_REG, class_weight="balanced", max_iter=5000, random_state=seed)
+    model.fit(x, y)
+    return model.coef_, model.intercept_
+
+
+def fit_heads(rows: WindowRows, mask: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+    """All heads on the rows selected by `mask`; returns the arrays detector.py loads (minus calibration)."""
+    out: dict[str, np.ndarray] = {}
+    for head in ("unsafe", "attack"):
+        y = getattr(rows, head)
+        sel = mask & (y >= 0)
+        w, b = _logreg(rows.x[sel], y[sel], seed)
+        out[f"{head}_w"], out[f"{head}_b"] = w[0], b[0:1]
+    sel = mask & (rows.topic >= 0)
+    present = np.unique(rows.topic[sel])
+    w, b = _logreg(rows.x[sel], rows.topic[sel], seed)
+    if len(present) == 2:  # binary LR returns one row: the second class's logit
+        w, b = np.vstack([-w / 2, w / 2]), np.array([-b[0] / 2, b[0] / 2])
+    out["topic_w"] = np.zeros((len(TOPIC_LABELS), rows.x.shape[1]))
+    out["topic_b"] = np.full(len(TOPIC_LABELS), -10.0)  # a class without rows (tiny subsamples) is never chosen
+    out["topic_w"][present], out["topic_b"][present] = w, b
+    sel = mask & (rows.unsafe == 1)
+    cat_w = np.zeros((len(CATEGORY_LABELS), rows.x.shape[1]))
+    cat_b = np.full(len(CATEGORY_LABELS), -6.0)
+    for c in range(len(CATEGORY_LABELS)):
+        y = rows.cats[sel, c]
+        if 3 <= y.sum() <= len(y) - 3:
+            w, b = _logreg(rows.x[sel], y, seed)
+            cat_w[c], cat_b[c] = w[0], b[0]
+    out["cat_w"], out["cat_b"] = cat_w, cat_b
+    return out
+
+
+def _platt(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    from sklearn.linear_model import LogisticRegression
+
+    model = LogisticRegression(C=1e4, max_iter=1000).fit(logits.reshape(-1, 1), labels)
+    return np.array([model.coef_[0, 0], model.intercept_[0]])
+
+
+def _item_max(values: np.ndarray, owner: np.ndarray, n_items: int) -> np.ndarray:
+    out = np.full(n_items, -np.inf)
+    np.maximum.at(out, owner, values)
+    return out
+
+
+BENIGN_SOURCES = ("chitchat", "unanswerable", "passage", "on_domain", "alarming", "lookalike", "general", "advice",
+                  "off_topic", "borderline")
+UNSAFE_SOURCES = ("harmful", "wrapped")
+ATTACK_SOURCES = ("template", "wrapped", "injection", "our_attack")
+ON_DOMAIN_SOURCES = ("on_domain", "alarming", "lookalike")
+
+
+def choose_thresholds(items: list[Item], unsafe_p: np.ndarray, attack_p: np.ndarray,
+                      off_topic_p: np.ndarray) -> dict[str, float]:
+    src = np.array([it.source for it in items])
+    is_harmful = np.isin(src, UNSAFE_SOURCES)
+    is_attack = np.isin(src, ATTACK_SOURCES)
+    benign_groups = [src == s for s in BENIGN_SOURCES if s != "borderline" and (src == s).any()]
+
+    def block_threshold(p: np.ndarray, allow: float) -> float:
+        # lowest threshold at which no benign source is auto-blocked more than AUTO_BLOCK_BENIGN_FRR
+        worst = max(float(np.quantile(p[g], 1 - AUTO_BLOCK_BENIGN_FRR)) for g in benign_groups)
+        return float(min(0.99, max(allow + 0.05, worst + 1e-6)))
+
+    unsafe_allow = float(np.clip(np.quantile(unsafe_p[is_harmful], 1 - HARMFUL_RECALL_TARGET), 0.02, 0.5))
+    attack_allow = float(np.clip(np.quantile(attack_p[is_attack], 1 - HARMFUL_RECALL_TARGET), 0.02, 0.5))
+    on_domain = np.isin(src, ON_DOMAIN_SOURCES)
+    topic_t = float(np.clip(np.quantile(off_topic_p[on_domain], 1 - ON_DOMAIN_TOPIC_REFUSAL) + 1e-6, 0.3, 0.95))
+    return {"unsafe_block": block_threshold(unsafe_p, unsafe_allow), "unsafe_allow": unsafe_allow,
+            "attack_block": block_threshold(attack_p, attack_allow), "attack_allow": attack_allow,
+            "off_topic_block": topic_t}
+
+
+def cv_report(items: list[Item], unsafe_p: np.ndarray, attack_p: np.ndarray, off_topic_p: np.ndarray,
+              topic_pred: np.ndarray, th: dict[str, float]) -> dict[str, Any]:
+    """Per source: auto-blocked / sent to the judge / allowed, plus the per-head block rates."""
+    src = np.array([it.source for it in items])
+    u_block, a_block = unsafe_p >= th["unsafe_block"], attack_p >= th["attack_block"]
+    block = u_block | a_block
+    allow = (unsafe_p < th["unsafe_allow"]) & (attack_p < th["attack_allow"])
+    rows = {}
+    for s in dict.fromkeys(src.tolist()):
+        g = src == s
+        rows[s] = {"n": int(g.sum()), "unsafe_head_block": float(u_block[g].mean()),
+                   "attack_head_block": float(a_block[g].mean()), "auto_block": float(block[g].mean()),
+                   "judge": float((~block & ~allow)[g].mean()), "allow": float(allow[g].mean())}
+    topic_rows = {}
+    for s in ("advice", "off_topic", "general", "chitchat", "unanswerable", *ON_DOMAIN_SOURCES):
+        g = (src == s) & np.array([it.topic is not None for it in items])
+        if g.any():
+            refused = off_topic_p[g] >= th["off_topic_block"]
+            topic_rows[s] = {"n": int(g.sum()), "topic_refusal": float(refused.mean())}
+    advice = np.array([it.topic in ("investment_advice", "legal_advice", "tax_advice") for it in items])
+    topic_rows["advice_class_accuracy"] = float(
+        np.mean([TOPIC_LABELS[k] == it.topic for k, it, a in zip(topic_pred, items, advice, strict=True) if a]))
+    return {"safety": rows, "topic": topic_rows}
+
+
+def train(eval_dir: Path, out_dir: Path, *, seed: int = 1234, folds: int = 5, embedder: Any = None,
+          max_per_source: int | None = None, cache_path: Path | None = None) -> dict[str, Any]:
+    """Cross-validate, choose thresholds, fit on all data, write detector.npz/.json + report json to `out_dir`.
+    `max_per_source` subsamples every source (tests); `cache_path` keeps MiniLM vectors between runs."""
+    import sklearn
+
+    if embedder is None:
+        from app.rag.embedder import get_embedder
+
+        embedder = get_embedder()
+    rng = random.Random(seed)
+    sources = load_sources(Path(eval_dir), rng, max_per_source)
+    bare = [it for name in sorted(sources) for it in sources[name]]
+    cache = EmbeddingCache(embedder, cache_path)
+    heads = cache.get([it.text for it in bare])
+    fold = assign_folds(bare, heads, folds, rng)
+    wrapped, wrapped_fold = wrap_templates(bare, fold, rng)
+    items = bare + wrapped
+    item_fold = np.concatenate([fold, np.array(wrapped_fold, dtype=int)])
+    rows = window_rows(items, cache)
+    row_fold = item_fold[rows.item]
+
+    # Out-of-fold logits per window, then per item (max over windows for unsafe/attack, head for topic).
+    oof = {"unsafe": np.zeros(len(rows.x)), "attack": np.zeros(len(rows.x))}
+    oof_topic = np.zeros((len(rows.x), len(TOPIC_LABELS)))
+    for k in range(folds):
+        fitted = fit_heads(rows, row_fold != k, seed)
+        test = row_fold == k
+        for head in oof:
+            oof[head][test] = rows.x[test] @ fitted[f"{head}_w"] + fitted[f"{head}_b"][0]
+        oof_topic[test] = rows.x[test] @ fitted["topic_w"].T + fitted["topic_b"]
+    n = len(items)
+    item_logit = {h: _item_max(v, rows.item, n) for h, v in oof.items()}
+    labels = {"unsafe": np.array([1 if it.source in UNSAFE_SOURCES else 0 for it in items]),
+              "attack": np.array([1 if it.source in ATTACK_SOURCES else 0 for it in items])}
+    cal = {h: _platt(item_logit[h], labels[h]) for h in oof}
+    prob = {h: 1 / (1 + np.exp(-(cal[h][0] * item_logit[h] + cal[h][1]))) for h in oof}
+    head_rows = np.zeros(n, dtype=int)
+    head_rows[rows.item[::-1]] = np.arange(len(rows.item))[::-1]  # first window of each item
+    topic_logits = oof_topic[head_rows]
+    topic_p = np.exp(topic_logits - topic_logits.max(1, keepdims=True))
+    topic_p /= topic_p.sum(1, keepdims=True)
+    off_topic_p = 1 - topic_p[:, TOPIC_LABELS.index("on_domain")]
+    thresholds = choose_thresholds(items, prob["unsafe"], prob["attack"], off_topic_p)
+    report = cv_report(items, prob["unsafe"], prob["attack"], off_topic_p, topic_p.argmax(1), thresholds)
+
+    final = fit_heads(rows, np.ones(len(rows.x), dtype=bool), seed)
+    final["unsafe_cal"], final["attack_cal"] = cal["unsafe"], cal["attack"]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out_dir / f"{WEIGHTS_STEM}.npz", **{k: v.astype(np.float32) for k, v in final.items()})
+    data_files = sorted(Path(eval_dir).glob("*.jsonl")) + sorted(TRAINING_DATA_DIR.glob("*.jsonl"))
+    meta = {
+        "thresholds": thresholds,
+        "category_labels": CATEGORY_LABELS,
+        "topic_labels": list(TOPIC_LABELS),
+        "lexical_features": list(LEXICAL_FEATURES),
+        "windows": {"words": WINDOW_WORDS, "stride": WINDOW_STRIDE, "max": MAX_WINDOWS},
+        "seed": seed, "folds": folds, "C": C_REG, "max_per_source": max_per_source,
+        "data_sha256": {p.name: _file_hash(p) for p in data_files},
+        "counts": {s: int(sum(1 for it in items if it.source == s)) for s in dict.fromkeys(it.source for it in items)},
+        "windows_total": int(len(rows.x)),
+        "versions": {"scikit-learn": sklearn.__version__, "numpy": np.__version__,
+                     "embedder": Path(str(getattr(embedder, "model_path", "minilm"))).name},
+    }
+    (out_dir / f"{WEIGHTS_STEM}.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    full_report = {"thresholds": thresholds, "cv": report, "calibration": {h: c.tolist() for h, c in cal.items()},
+                   "counts": meta["counts"], "seed": seed, "folds": folds}
+    (out_dir / "train_report.json").write_text(json.dumps(full_report, indent=2) + "\n", encoding="utf-8")
+    return full_report
+
+
+def print_summary(report: dict[str, Any]) -> None:
+    """The CV table the CLI prints (rates at the chosen thresholds; 'judge' = uncertain band)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"Guard classifier, {report['folds']}-fold grouped CV (out-of-fold)")
+    for col in ("source", "n", "unsafe head", "attack head", "auto-block", "judge band", "auto-allow"):
+        table.add_column(col, justify="right" if col != "source" else "left")
+    for source, r in report["cv"]["safety"].items():
+        cols = ("unsafe_head_block", "attack_head_block", "auto_block", "judge", "allow")
+        table.add_row(source, str(r["n"]), *(f"{100 * r[k]:.1f}%" for k in cols))
+    console.print(table)
+    topic = Table(title="Topic rail (refused = off_topic >= off_topic_block)")
+    topic.add_column("source")
+    topic.add_column("n", justify="right")
+    topic.add_column("refused", justify="right")
+    for source, r in report["cv"]["topic"].items():
+        if isinstance(r, dict):
+            topic.add_row(source, str(r["n"]), f"{100 * r['topic_refusal']:.1f}%")
+    console.print(topic)
+    console.print(f"advice sub-class accuracy: {100 * report['cv']['topic']['advice_class_accuracy']:.1f}%")
+    console.print("thresholds: " + ", ".join(f"{k}={v:.3f}" for k, v in report["thresholds"].items()))
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    root = Path(__file__).resolve().parents[2]
+    parser.add_argument("--eval-dir", type=Path, default=root.parent / "shared" / "eval")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "weights")
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--cache", type=Path, default=root / "data" / "cache" / "guard_embeddings.npz")
+    args = parser.parse_args()
+    print_summary(train(args.eval_dir, args.out, seed=args.seed, folds=args.folds, cache_path=args.cache))
+
+
+if __name__ == "__main__":
+    main()

@@ -3,7 +3,7 @@ and the embedded llama.cpp server on loopback)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -67,9 +67,14 @@ class ChatBackend(Protocol):
     async def complete(self, messages: list[dict[str, str]], options: GenerationOptions | None = None) -> Completion: ...
 
     def stream(
-        self, messages: list[dict[str, str]], options: GenerationOptions | None = None
+        self,
+        messages: list[dict[str, str]],
+        options: GenerationOptions | None = None,
+        *,
+        on_usage: Callable[[Usage], None] | None = None,
     ) -> AsyncIterator[str]:
-        """Yields text deltas. Raises LLMError subclasses."""
+        """Yields text deltas; `on_usage` receives the final usage when the server sends it.
+        Raises LLMError subclasses."""
         ...
 
     async def complete_prompt(self, prompt: str, options: GenerationOptions | None = None) -> Completion:

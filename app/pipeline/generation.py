@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-from app.llm.base import ChatBackend, GenerationOptions
+from app.llm.base import ChatBackend, GenerationOptions, Usage
 
 _END = object()
 
@@ -23,6 +23,8 @@ class SpeculativeGeneration:
         self.finish_reason: str | None = None
         self.prompt_tokens = sum(len(m["content"]) for m in messages) // 4  # replaced by real usage when sent
         self.completion_tokens = 0
+        self._deltas = 0
+        self._usage_seen = False
 
     @classmethod
     def start(cls, llm: ChatBackend, messages: list[dict[str, str]], options: GenerationOptions) -> SpeculativeGeneration:
@@ -30,17 +32,20 @@ class SpeculativeGeneration:
         gen._task = asyncio.create_task(gen._pump())
         return gen
 
+    def _on_usage(self, usage: Usage) -> None:
+        self._usage_seen = True
+        self.prompt_tokens = usage.prompt_tokens or self.prompt_tokens
+        self.completion_tokens = usage.completion_tokens
+
     async def _pump(self) -> None:
-        stream = self._llm.stream(self._messages, self._options)
+        stream = self._llm.stream(self._messages, self._options, on_usage=self._on_usage)
         try:
             async for delta in stream:
-                self.completion_tokens += 1
+                self._deltas += 1
                 self._queue.put_nowait(delta)
-            usage = getattr(stream, "usage", None) or getattr(self._llm, "last_usage", None)
-            if usage is not None:
-                self.prompt_tokens = getattr(usage, "prompt_tokens", self.prompt_tokens) or self.prompt_tokens
-                self.completion_tokens = getattr(usage, "completion_tokens", 0) or self.completion_tokens
-            self.finish_reason = getattr(stream, "finish_reason", None) or "stop"
+            if not self._usage_seen:
+                self.completion_tokens = self._deltas  # the backend sent no usage: one delta ≈ one token
+            self.finish_reason = "stop"
             self._queue.put_nowait(_END)
         except asyncio.CancelledError:
             raise

@@ -25,6 +25,7 @@ from app.rag.chunking import chunk_document, chunk_params, document_identity, se
 from app.rag.index import (
     build_faiss_index,
     collect_garbage,
+    current_version,
     exact_max_vectors,
     index_kind,
     ingest_lock,
@@ -74,6 +75,23 @@ class IngestReport:
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "chunks_per_s": round(self.chunks_per_s, 1)}
 
+    def summary(self) -> str:
+        """Human-readable report for the CLI: one line per file that was not skipped, then totals."""
+        lines = [
+            f"{f.status:8} {f.document_id or f.path}"
+            + (f" ({f.chunks} chunks)" if f.chunks else "")
+            + (f": {f.message} [{f.code}]" if f.status == "error" else "")
+            for f in self.files
+            if f.status != "skipped"
+        ]
+        counts = ", ".join(f"{self.count(s)} {s}" for s in ("added", "updated", "skipped", "deleted", "error"))
+        lines.append(
+            f"{counts}; {self.chunks_added} chunks embedded ({self.chunks_per_s:.1f} chunks/s), "
+            f"{self.chunks_removed} removed; index: {self.total_documents} documents, {self.total_chunks} chunks "
+            f"({self.index_kind}), version {self.version or '-'}; {self.seconds:.1f}s"
+        )
+        return "\n".join(lines)
+
 
 def _fingerprint(data: bytes, chunk_chars: int, overlap: int) -> str:
     # Chunking settings are part of the fingerprint: changing them re-chunks every document.
@@ -93,15 +111,36 @@ def embed_batched(embedder: Embedder, texts: list[str], *, progress: bool) -> np
 
 
 def discover_files(directory: Path) -> list[Path]:
-    """Supported files under `directory`, recursively, skipping hidden files and folders."""
+    """Supported files under `directory`, recursively, skipping hidden files and folders and READMEs
+    (a folder's README describes the folder; it is not knowledge)."""
     if not directory.is_dir():
         return []
     found = []
     for path in sorted(directory.rglob("*")):
         rel_parts = path.relative_to(directory).parts
-        if path.is_file() and is_supported(path) and not any(p.startswith(".") for p in rel_parts):
+        if path.stem.lower() == "readme" or any(p.startswith(".") for p in rel_parts):
+            continue
+        if path.is_file() and is_supported(path):
             found.append(path)
     return found
+
+
+def index_exists(settings: Any) -> bool:
+    return current_version(settings.index_dir) is not None
+
+
+def expand_paths(paths: Sequence[Path]) -> tuple[list[Path], list[Path]]:
+    """(files, directories): directories are expanded to their supported files."""
+    files: list[Path] = []
+    directories: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            directories.append(path.resolve())
+            files.extend(discover_files(path))
+        else:
+            files.append(path)
+    return files, directories
 
 
 def ingest(
@@ -112,21 +151,24 @@ def ingest(
     delete: Sequence[Path] = (),
     delete_ids: Sequence[str] = (),
     progress: bool = True,
+    prune: bool = True,
 ) -> IngestReport:
     """Adds/updates the documents at `paths` and removes those at `delete` (paths) or `delete_ids`
-    (document ids). Returns per-file results; writes a new index version only when something changed."""
+    (document ids). A directory in `paths` means every supported file in it; with `prune`, documents
+    that came from that directory but whose file is gone are deleted too. Returns per-file results;
+    writes a new index version only when something changed."""
     started = time.perf_counter()
     index_dir: Path = settings.index_dir
     knowledge_dir: Path = settings.knowledge_dir
     chunk_chars, overlap = chunk_params(settings)
     limit = max_file_bytes(settings)
+    files, directories = expand_paths(paths)
     report = IngestReport()
     with ingest_lock(index_dir):
         snapshot = load_snapshot(index_dir, gpu=False)
         documents: dict[str, dict[str, Any]] = {k: dict(v) for k, v in snapshot.documents.items()}
         pending: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
-        for raw_path in paths:
-            path = Path(raw_path)
+        for path in files:
             document_id, source = document_identity(path, knowledge_dir)
             try:
                 entry_and_records = _prepare(path, document_id, source, documents, pending, limit, chunk_chars, overlap)
@@ -142,7 +184,8 @@ def ingest(
             pending[document_id] = (entry, records)
             report.files.append(FileResult(str(path), document_id, status, len(records)))
 
-        removed = _resolve_deletes(delete, delete_ids, documents, knowledge_dir, pending, report)
+        stale = _stale_documents(documents, directories, files) if prune else []
+        removed = _resolve_deletes(delete, [*delete_ids, *stale], documents, knowledge_dir, pending, report)
         if pending or removed:
             _write_new_version(snapshot, documents, pending, removed, settings, embedder, progress, report)
         else:
@@ -152,6 +195,17 @@ def ingest(
             report.total_documents = len(documents)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _stale_documents(documents: dict[str, dict[str, Any]], directories: list[Path], files: list[Path]) -> list[str]:
+    present = {str(p.resolve()) for p in files}
+    stale = []
+    for doc_id, entry in documents.items():
+        entry_path = Path(entry.get("path", ""))
+        in_scope = any(entry_path.is_relative_to(d) for d in directories)
+        if in_scope and str(entry_path) not in present and not entry_path.exists():
+            stale.append(doc_id)
+    return stale
 
 
 def _prepare(
@@ -212,8 +266,9 @@ def _resolve_deletes(
     removed: set[str] = set()
     for label, doc_id in targets:
         if doc_id in pending:
-            report.files.append(FileResult(label, doc_id, "error", message="Added and deleted in one batch.",
-                                           code="conflict"))
+            report.files.append(
+                FileResult(label, doc_id, "error", message="Added and deleted in one batch.", code="conflict")
+            )
         elif doc_id not in documents:
             report.files.append(FileResult(label, doc_id, "error", message="Unknown document.", code="unknown"))
         else:
@@ -273,17 +328,6 @@ def _write_new_version(
 def ingest_directory(
     directory: Path | None, settings: Any, *, embedder: Embedder, prune: bool = True, progress: bool = True
 ) -> IngestReport:
-    """Ingests every supported file under `directory` (default: the knowledge dir). With `prune`,
-    documents whose file under `directory` no longer exists are deleted from the index."""
-    directory = directory or settings.knowledge_dir
-    files = discover_files(directory)
-    stale: list[str] = []
-    if prune:
-        present = {str(p.resolve()) for p in files}
-        root = directory.resolve()
-        snapshot_docs = load_snapshot(settings.index_dir, gpu=False).documents
-        for doc_id, entry in snapshot_docs.items():
-            entry_path = Path(entry.get("path", ""))
-            if entry_path.is_relative_to(root) and str(entry_path) not in present:
-                stale.append(doc_id)
-    return ingest(files, settings, embedder=embedder, delete_ids=stale, progress=progress)
+    """Ingests every supported file under `directory` (default: the knowledge dir), pruning documents
+    whose file is gone."""
+    return ingest([directory or settings.knowledge_dir], settings, embedder=embedder, prune=prune, progress=progress)

@@ -13,8 +13,14 @@ from pathlib import Path
 from typing import Literal
 
 DEFAULT_MAX_FILE_BYTES = 20_000_000
-SUPPORTED_SUFFIXES = {".md": "markdown", ".markdown": "markdown", ".txt": "text", ".html": "html", ".htm": "html",
-                      ".pdf": "pdf"}
+SUPPORTED_SUFFIXES = {
+    ".md": "markdown",
+    ".markdown": "markdown",
+    ".txt": "text",
+    ".html": "html",
+    ".htm": "html",
+    ".pdf": "pdf",
+}
 DocFormat = Literal["markdown", "text", "html", "pdf"]
 
 # A text file with NUL bytes or many control characters is binary junk renamed to .txt/.md.

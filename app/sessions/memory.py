@@ -153,9 +153,11 @@ class MemorySessionStore:
 
     async def append(self, session_id: str, turn: Turn) -> None:
         stored = self._live_or_raise(session_id)
+        self._touch(stored)
+        if stored.turns and stored.turns[-1] == turn:
+            return  # the same turn again (a retried write) is stored once, as in RedisSessionStore
         stored.turns.append(turn.model_copy(deep=True))  # the deque's maxlen trims the oldest turn
         stored.info.turn_count += 1
-        self._touch(stored)
 
     async def set_feedback(self, session_id: str, turn_id: str, value: int) -> None:
         stored = self._live_or_raise(session_id)

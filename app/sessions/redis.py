@@ -3,7 +3,7 @@
 Layout per session (the `{id}` hash tag keeps a session's keys in one cluster slot, which Lua needs):
     <prefix>session:{<id>}:meta   hash  created_at, owner, turn_count (turns ever appended)
     <prefix>session:{<id>}:turns  list  one JSON document per turn, oldest first, trimmed to max_turns
-    <prefix>session:{<id>}:lock   str   redis-py Lock token of the turn in progress
+    <prefix>session:{<id>}:lock   str   token of the turn in progress (+ :queue, :beats, :seq for its waiters)
 Both data keys carry the session TTL, refreshed on every load and write. Writes that touch more than
 one key run as one Lua script, so a turn is stored whole or not at all.
 """
@@ -22,14 +22,13 @@ from typing import cast
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as redis_async
-from redis.asyncio.lock import Lock
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import LockError, RedisError
+from redis.exceptions import RedisError
 
 from app.sessions.base import SessionInfo, SessionNotFound, StoreUnavailable, Turn
-from app.sessions.memory import DEFAULT_LOCK_WAIT_S, KeyedLocks, SessionBusy, is_valid_session_id
+from app.sessions.memory import DEFAULT_LOCK_WAIT_S, SessionBusy, is_valid_session_id
 
 __all__ = ["RedisSessionStore", "SessionBusy", "redact_url"]
 
@@ -44,8 +43,10 @@ return redis.call('LRANGE', KEYS[2], 0, -1)
 """
 
 # KEYS: meta, turns. ARGV: turn json, max_turns, ttl_ms. Returns -1 for an unknown session, else turn_count.
+# Idempotent: when the client re-sends after a connection dropped before the reply, the turn is not doubled.
 _APPEND_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('LINDEX', KEYS[2], -1) == ARGV[1] then return tonumber(redis.call('HGET', KEYS[1], 'turn_count')) end
 redis.call('RPUSH', KEYS[2], ARGV[1])
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[2]), -1)
 local turn_count = redis.call('HINCRBY', KEYS[1], 'turn_count', 1)
@@ -75,6 +76,45 @@ for index, raw in ipairs(turns) do
   end
 end
 return 0
+"""
+
+# A fair (FIFO) lock. KEYS: lock, queue (zset token -> arrival number), beats (zset token -> deadline ms),
+# arrival counter. ARGV: token, lock_ttl_ms, waiter_ttl_ms. Each poll enqueues the caller once, refreshes its
+# heartbeat, drops waiters whose heartbeat ran out, and takes the lock only for the head of the queue.
+# Returns 1 when the caller now holds the lock.
+_LOCK_ACQUIRE_LUA = """
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+for _, waiter in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do
+  redis.call('ZREM', KEYS[2], waiter)
+  redis.call('ZREM', KEYS[3], waiter)
+end
+if not redis.call('ZSCORE', KEYS[2], ARGV[1]) then
+  redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[4]), ARGV[1])
+end
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), ARGV[1])
+for i = 2, 4 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
+if redis.call('ZRANGE', KEYS[2], 0, 0)[1] == ARGV[1] and redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+# KEYS: lock. ARGV: token, lock_ttl_ms. Returns 1 while the caller still holds the lock.
+_LOCK_RENEW_LUA = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+# KEYS: lock, queue, beats. ARGV: token. Leaves the queue and releases the lock if the caller holds it.
+_LOCK_RELEASE_LUA = """
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
 """
 
 
@@ -117,6 +157,7 @@ class RedisSessionStore:
         lock_ttl_s: float = 30.0,
         lock_wait_s: float = DEFAULT_LOCK_WAIT_S,
         lock_poll_s: float = 0.05,
+        lock_waiter_ttl_s: float = 3.0,
         socket_timeout_s: float = 1.0,
         health_check_interval_s: int = 10,
     ) -> None:
@@ -131,8 +172,10 @@ class RedisSessionStore:
         self._max_turns = max_turns
         self._prefix = key_prefix
         self._lock_ttl_s = lock_ttl_s
+        self._lock_ttl_ms = max(1, int(lock_ttl_s * 1000))
         self._lock_wait_s = lock_wait_s
         self._lock_poll_s = lock_poll_s
+        self._lock_waiter_ttl_ms = max(1, int(max(lock_waiter_ttl_s, 10 * lock_poll_s) * 1000))
         self._client: redis_async.Redis = redis_async.Redis.from_url(
             url,
             decode_responses=True,
@@ -146,9 +189,9 @@ class RedisSessionStore:
         self._history_script = self._client.register_script(_HISTORY_LUA)
         self._append_script = self._client.register_script(_APPEND_LUA)
         self._feedback_script = self._client.register_script(_SET_FEEDBACK_LUA)
-        # Turns of one session waiting in this process queue here first (FIFO), so only one of them at a
-        # time polls the Redis lock and they enter in arrival order. Across replicas the Redis lock is not fair.
-        self._local_locks = KeyedLocks()
+        self._lock_acquire_script = self._client.register_script(_LOCK_ACQUIRE_LUA)
+        self._lock_renew_script = self._client.register_script(_LOCK_RENEW_LUA)
+        self._lock_release_script = self._client.register_script(_LOCK_RELEASE_LUA)
 
     # ---- keys -------------------------------------------------------------------------------------
     def _meta_key(self, session_id: str) -> str:
@@ -270,55 +313,70 @@ class RedisSessionStore:
     # ---- lock -------------------------------------------------------------------------------------
     @asynccontextmanager
     async def _turn_lock(self, session_id: str) -> AsyncIterator[None]:
-        """Hold the session's Redis lock for the body; renew it while held so long turns keep it.
+        """Hold the session's fair Redis lock for the body; renew it while held so long turns keep it.
 
-        The lock expires `lock_ttl_s` after its holder stops renewing (crash, lost network), so a dead
-        replica cannot block a session for longer than that. Waiting longer than `lock_wait_s` in total
-        raises SessionBusy.
+        Waiters queue in Redis in arrival order, whichever replica they are on. The lock expires `lock_ttl_s`
+        after its holder stops renewing (crash, lost network) and a waiter that stops polling leaves the queue
+        after `lock_waiter_ttl_s`, so a dead replica cannot block a session for long. Waiting longer than
+        `lock_wait_s` raises SessionBusy.
         """
+        keys = self._lock_keys(session_id)
+        token = uuid.uuid4().hex
+        await self._acquire(session_id, keys, token)
+        renewer = asyncio.create_task(self._keep_renewing(session_id, keys, token))
+        try:
+            yield
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+            await self._let_go(session_id, keys, token)
+
+    def _lock_keys(self, session_id: str) -> list[str]:
+        lock_key = self._lock_key(session_id)
+        return [lock_key, f"{lock_key}:queue", f"{lock_key}:beats", f"{lock_key}:seq"]
+
+    async def _acquire(self, session_id: str, keys: list[str], token: str) -> None:
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + self._lock_wait_s
-        async with self._local_locks.hold(session_id, timeout_s=self._lock_wait_s):
-            redis_lock = Lock(
-                self._client,
-                self._lock_key(session_id),
-                timeout=self._lock_ttl_s,
-                sleep=self._lock_poll_s,
-                blocking_timeout=max(0.0, give_up_at - loop.time()),
-                thread_local=False,  # one event loop thread serves many turns
-            )
-            with self._redis_errors("lock"):
-                acquired = await redis_lock.acquire()
+        acquired = False
+        try:
+            while True:
+                with self._redis_errors("lock"):
+                    acquired = bool(
+                        await self._lock_acquire_script(
+                            keys=keys, args=[token, self._lock_ttl_ms, self._lock_waiter_ttl_ms]
+                        )
+                    )
+                if acquired:
+                    return
+                if loop.time() + self._lock_poll_s > give_up_at:
+                    raise SessionBusy(
+                        f"session {session_id} is busy with another turn (waited {self._lock_wait_s:g}s)"
+                    )
+                await asyncio.sleep(self._lock_poll_s)
+        finally:
             if not acquired:
-                raise SessionBusy(
-                    f"session {session_id} is busy with another turn (waited {self._lock_wait_s:g}s)"
-                )
-            renewer = asyncio.create_task(self._keep_renewing(redis_lock, session_id))
-            try:
-                yield
-            finally:
-                renewer.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await renewer
-                await self._release(redis_lock, session_id)
+                # Given up, cancelled or Redis failed: leave the queue now instead of holding up the turns
+                # behind us until our heartbeat runs out (also drops the lock if a cancelled call got it).
+                await self._let_go(session_id, keys, token)
 
-    async def _keep_renewing(self, redis_lock: Lock, session_id: str) -> None:
+    async def _keep_renewing(self, session_id: str, keys: list[str], token: str) -> None:
         while True:
             await asyncio.sleep(self._lock_ttl_s / 3)
             try:
-                await redis_lock.reacquire()
-            except LockError:
-                logger.warning("lost the turn lock of session %s (it expired); the turn continues", session_id)
-                return
+                still_ours = await self._lock_renew_script(keys=keys[:1], args=[token, self._lock_ttl_ms])
             except (RedisError, OSError) as exc:
                 # Keep trying: Redis may come back before the lock would have expired.
                 logger.warning("could not renew the turn lock of session %s: %s", session_id, type(exc).__name__)
+                continue
+            if not still_ours:
+                logger.warning("lost the turn lock of session %s (it expired); the turn continues", session_id)
+                return
 
-    async def _release(self, redis_lock: Lock, session_id: str) -> None:
-        # Never raise from here: it would hide the turn's own outcome. An unreleased lock expires by itself.
+    async def _let_go(self, session_id: str, keys: list[str], token: str) -> None:
+        # Never raises: it would hide the turn's own outcome, and an unreleased lock expires by itself.
         try:
-            await redis_lock.release()
-        except LockError:
-            logger.warning("turn lock of session %s had already expired at release", session_id)
+            await self._lock_release_script(keys=keys, args=[token])
         except (RedisError, OSError) as exc:
             logger.warning("could not release the turn lock of session %s: %s", session_id, type(exc).__name__)

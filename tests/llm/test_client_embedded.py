@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -93,7 +94,7 @@ async def test_bad_request_is_llm_bad_response(embedded_llm_client: OpenAICompat
         await embedded_llm_client.complete(QUESTION, GenerationOptions(max_tokens=4, grammar="root ::= ???"))
 
 
-async def test_closed_server_is_unavailable(embedded_model_path) -> None:  # type: ignore[no-untyped-def]
+async def test_closed_server_is_unavailable(embedded_model_path: Path) -> None:
     server = EmbeddedLLMServer(embedded_model_path, model_name="smollm2-135m", ctx_size=256, threads=1, parallel=1)
     with server:
         url = server.base_url

@@ -161,7 +161,7 @@ async def test_slow_server_is_timeout() -> None:
 async def test_stream_stalling_mid_way_is_timeout_and_not_retried() -> None:
     events = wire.sse(["one ", "two ", "three"], pings=False)
 
-    async def stalling(request, body):  # type: ignore[no-untyped-def]
+    async def stalling(request, body):
         return wire.stream_response(events, delay_after=2, delay_s=3.0)
 
     with wire.serve({("POST", "/v1/chat/completions"): stalling}) as server:
@@ -180,7 +180,7 @@ async def test_stream_stalling_mid_way_is_timeout_and_not_retried() -> None:
 async def test_stream_parsing_pings_usage_and_done() -> None:
     events = wire.sse(["Hel", "lo", "!"], pings=True)
 
-    async def handler(request, body):  # type: ignore[no-untyped-def]
+    async def handler(request, body):
         return wire.stream_response(events)
 
     with wire.serve({("POST", "/v1/chat/completions"): handler}) as server:
@@ -205,7 +205,7 @@ async def test_stream_parsing_pings_usage_and_done() -> None:
     ],
 )
 async def test_broken_streams_raise_typed_errors(events: list[str], error: type[Exception]) -> None:
-    async def handler(request, body):  # type: ignore[no-untyped-def]
+    async def handler(request, body):
         return wire.stream_response(events)
 
     with wire.serve({("POST", "/v1/chat/completions"): handler}) as server:
@@ -232,7 +232,7 @@ async def test_broken_streams_raise_typed_errors(events: list[str], error: type[
         (504, "gateway timeout", LLMTimeout),
     ],
 )
-async def test_junk_and_error_statuses(status: int, content: str | dict, error: type[Exception]) -> None:  # type: ignore[type-arg]
+async def test_junk_and_error_statuses(status: int, content: str | dict, error: type[Exception]) -> None:
     with wire.serve({("POST", "/v1/chat/completions"): wire.fixed(status, content)}) as server:
         client = OpenAICompatClient(server.base_url, "m", max_retries=2)
         try:
@@ -244,7 +244,7 @@ async def test_junk_and_error_statuses(status: int, content: str | dict, error: 
 
 
 async def test_error_messages_never_contain_the_api_key() -> None:
-    async def echo_auth(request, body):  # type: ignore[no-untyped-def]
+    async def echo_auth(request, body):
         message = f"invalid key {request.headers['authorization']}"
         return wire.JSONResponse({"error": {"message": message}}, status_code=401)
 

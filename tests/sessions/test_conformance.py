@@ -78,6 +78,18 @@ async def test_append_counts_and_keeps_order(make_store: StoreMaker) -> None:
     assert info is not None and info.turn_count == 3
 
 
+async def test_the_same_turn_appended_again_is_stored_once(make_store: StoreMaker) -> None:
+    """A client retrying a write whose reply was lost must not double the turn."""
+    store = make_store()
+    session = await store.create()
+    turn = make_turn(1)
+    await store.append(session.id, turn)
+    await store.append(session.id, turn)
+    assert await store.history(session.id) == [turn]
+    info = await store.get(session.id)
+    assert info is not None and info.turn_count == 1
+
+
 async def test_trims_oldest_turns_beyond_max_turns(make_store: StoreMaker) -> None:
     store = make_store(max_turns=3)
     session = await store.create()

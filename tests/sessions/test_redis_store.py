@@ -94,13 +94,13 @@ async def test_feedback_patch_leaves_the_stored_json_otherwise_byte_identical(
     assert stored.metadata == {"citations": [], "feedback": 5} and stored.feedback == -1
 
 
-async def test_lock_serializes_turns_across_replicas(redis_store_factory: StoreFactory) -> None:
-    replicas = [redis_store_factory(), redis_store_factory()]
+async def test_lock_serializes_turns_across_replicas_in_arrival_order(redis_store_factory: StoreFactory) -> None:
+    replicas = [redis_store_factory(), redis_store_factory(), redis_store_factory()]
     session = await replicas[0].create()
     events: list[str] = []
 
     async def turn(n: int) -> None:
-        store = replicas[n % 2]
+        store = replicas[n % 3]
         async with store.lock(session.id):
             events.append(f"start {n}")
             seen = await store.history(session.id)
@@ -108,12 +108,46 @@ async def test_lock_serializes_turns_across_replicas(redis_store_factory: StoreF
             await store.append(session.id, Turn(user=f"turn {n}", answer=f"saw {len(seen)}"))
             events.append(f"end {n}")
 
-    await asyncio.gather(*(turn(n) for n in range(4)))
+    tasks = []
+    for n in range(6):
+        tasks.append(asyncio.create_task(turn(n)))
+        await asyncio.sleep(0.015)  # arrive one after another, alternating replicas
+    await asyncio.gather(*tasks)
 
-    # Across replicas the lock is not fair, so only exclusivity is asserted, not arrival order.
-    assert all(events[i].startswith("start") and events[i + 1] == "end" + events[i][5:] for i in range(0, 8, 2))
+    assert events == [f"{edge} {n}" for n in range(6) for edge in ("start", "end")]
     history = await replicas[1].history(session.id)
-    assert [t.answer for t in history] == [f"saw {n}" for n in range(4)]
+    assert [(t.user, t.answer) for t in history] == [(f"turn {n}", f"saw {n}") for n in range(6)]
+
+
+async def test_a_waiter_that_vanished_holds_up_the_queue_only_briefly(
+    redis_store_factory: StoreFactory, redis_url: str
+) -> None:
+    store = redis_store_factory(lock_waiter_ttl_s=0.5, lock_wait_s=5)
+    session = await store.create()
+    keys = store._lock_keys(session.id)
+    async with store.lock(session.id):
+        # A replica queues for the lock (one poll) and dies: it sits at the head of the queue.
+        assert await store._lock_acquire_script(keys=keys, args=["dead-waiter", 30_000, 500]) == 0
+        await asyncio.sleep(0.1)
+    started = time.monotonic()
+    async with store.lock(session.id):
+        waited = time.monotonic() - started
+    assert 0.2 < waited < 2.0
+
+
+async def test_giving_up_leaves_the_queue(redis_store_factory: StoreFactory, redis_url: str) -> None:
+    holder, impatient, patient = redis_store_factory(), redis_store_factory(lock_wait_s=0.2), redis_store_factory()
+    session = await holder.create()
+    async with holder.lock(session.id):
+        with pytest.raises(SessionBusy):
+            async with impatient.lock(session.id):
+                pytest.fail("entered a lock that is held")
+    started = time.monotonic()
+    async with patient.lock(session.id):  # not stuck behind the waiter that gave up
+        assert time.monotonic() - started < 0.3
+    leftovers = await session_keys(redis_url, f"*{session.id}*:lock*")
+    assert set(leftovers) <= {holder._lock_key(session.id) + ":seq"}  # only the arrival counter, expiring
+    assert all(0 < ttl <= 3_000 for ttl in leftovers.values())
 
 
 async def test_a_crashed_holder_blocks_only_until_the_lock_ttl(
@@ -230,3 +264,4 @@ def test_redact_url() -> None:
     assert redact_url("redis://:pw@host:6380/1") == "redis://:***@host:6380/1"
     assert redact_url("rediss://user:pw@[::1]:6379/0") == "rediss://user:***@[::1]:6379/0"
     assert redact_url("redis://host:6379/0") == "redis://host:6379/0"
+

@@ -1,0 +1,158 @@
+"""Entry points of `guardchat eval safety|topic|rag|all`. Synchronous (each runs its own event loop).
+
+In-process runs build the same components the server builds (LLM backend — starting the embedded
+llama.cpp server when configured —, MiniLM embedder, detector, rails guard), once per run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from app.eval.data import SAFETY_SMOKE_DATA, TOPIC_DATA, load_rows
+from app.eval.guard_eval import check_in_process, check_via_server, summarize
+from app.eval.report import write_guard_report
+from app.settings import PROJECT_ROOT
+
+# The RAG engineer's task set (gold document ids for the shipped knowledge/).
+DEFAULT_RAG_TASKS = PROJECT_ROOT / "tests" / "data" / "rag_tasks.jsonl"
+
+
+@contextlib.asynccontextmanager
+async def in_process_guard(settings: Any) -> AsyncIterator[tuple[Any, Any]]:
+    """(guard, embedder) for the configured rails, closed afterwards."""
+    from app.guard.detector import Detector
+    from app.guard.rails import build_guard
+    from app.llm.factory import build_chat_backend
+    from app.rag.embedder import get_embedder
+
+    llm, embedded_server = build_chat_backend(settings)
+    try:
+        embedder = get_embedder()
+        guard = build_guard(settings.rails_dir, settings, llm=llm, embedder=embedder, detector=Detector.load())
+        try:
+            yield guard, embedder
+        finally:
+            await guard.aclose()
+    finally:
+        await llm.aclose()
+        if embedded_server is not None:
+            embedded_server.close()
+
+
+def run_guard_eval(
+    kind: str,
+    data: list[Path],
+    settings: Any,
+    *,
+    server: str | None = None,
+    out_dir: Path = Path("eval-report"),
+    limit: int | None = None,
+    api_key: str | None = None,
+) -> dict[str, Any]:
+    """kind = "safety" | "topic". With no data files: the shipped topic set (topic) or smoke set (safety)."""
+    paths = list(data) or [TOPIC_DATA if kind == "topic" else SAFETY_SMOKE_DATA]
+    rows = load_rows(paths, limit)
+    if not rows:
+        raise ValueError(f"no labelled rows in {', '.join(map(str, paths))}")
+
+    async def run() -> list[Any]:
+        if server:
+            return await check_via_server(server, rows, api_key=api_key)
+        async with in_process_guard(settings) as (guard, embedder):
+            return await check_in_process(guard, embedder, rows)
+
+    report = summarize(asyncio.run(run()), kind)
+    report["target"] = server or "in-process"
+    report["data"] = [str(p) for p in paths]
+    return write_guard_report(report, out_dir, kind)
+
+
+def run_rag_eval(
+    data: list[Path],
+    settings: Any,
+    *,
+    server: str | None = None,
+    out_dir: Path = Path("eval-report"),
+    limit: int | None = None,
+    api_key: str | None = None,
+    k: int = 5,
+    answers: bool = True,
+    judge: bool = False,
+    unanswerable: Path | None = None,
+) -> dict[str, Any]:
+    """Retrieval metrics (always in-process, on the local index — built from KNOWLEDGE_DIR if missing) and,
+    with `answers`, end-to-end answer metrics through the server or an in-process pipeline."""
+    from app.eval.rag import merged_tasks, write_rag_report
+    from app.rag.embedder import get_embedder
+    from app.rag.eval import eval_rag
+    from app.rag.ingest import index_exists
+
+    tasks, tasks_file = merged_tasks(list(data) or [DEFAULT_RAG_TASKS], limit)
+    try:
+        retrieval = eval_rag(tasks_file, settings, embedder=get_embedder(), k=k, unanswerable_path=unanswerable,
+                             ingest_first=not index_exists(settings))
+    finally:
+        tasks_file.unlink(missing_ok=True)
+    report: dict[str, Any] = {"kind": "rag", "target": server or "in-process", "retrieval": retrieval}
+    if answers or judge:
+        report["answers"] = asyncio.run(_answers(tasks, settings, server, api_key, judge))
+    return write_rag_report(report, out_dir)
+
+
+async def _answers(tasks: list[dict[str, Any]], settings: Any, server: str | None, api_key: str | None,
+                   judge: bool) -> dict[str, Any]:
+    from app.eval.rag import answer_metrics, server_answerer, state_answerer
+
+    async with contextlib.AsyncExitStack() as stack:
+        judge_llm = None
+        if judge:
+            from app.llm.factory import build_chat_backend
+
+            judge_llm, judge_server = build_chat_backend(settings)
+            stack.push_async_callback(judge_llm.aclose)
+            if judge_server is not None:
+                stack.callback(judge_server.close)
+        if server:
+            answerer, close = server_answerer(server, api_key)
+            stack.push_async_callback(close)
+        else:
+            from app.main import build_state, close_state
+
+            state = await build_state(settings)
+            stack.push_async_callback(close_state, state)
+            answerer = state_answerer(state)
+        return await answer_metrics(tasks, answerer, judge_llm)
+
+
+def run_all(
+    data: list[Path],
+    settings: Any,
+    *,
+    server: str | None = None,
+    out_dir: Path = Path("eval-report"),
+    limit: int | None = None,
+    api_key: str | None = None,
+    rag_data: list[Path] | None = None,
+) -> dict[str, Any]:
+    """safety (on `data`, or the smoke set), topic (the shipped topic set) and rag (`rag_data` or the shipped
+    tasks); an index.md links the three reports."""
+    common: dict[str, Any] = {"server": server, "out_dir": out_dir, "limit": limit, "api_key": api_key}
+    reports = {
+        "safety": run_guard_eval("safety", data, settings, **common),
+        "topic": run_guard_eval("topic", [], settings, **common),
+        "rag": run_rag_eval(rag_data or [], settings, **common),
+    }
+    lines = ["# guardchat eval", ""]
+    for name, rep in reports.items():
+        lines.append(f"- [{name}]({rep['files']['markdown']})")
+    s, t = reports["safety"]["overall"], reports["topic"]["overall"]
+    lines += ["", f"- safety: block rate {s['block_rate']}, false-refusal rate {s['false_refusal_rate']}",
+              f"- topic: block rate {t['block_rate']}, false-refusal rate {t['false_refusal_rate']}"]
+    markdown = "\n".join(lines) + "\n"
+    (out_dir / "index.md").write_text(markdown, encoding="utf-8")
+    return {"reports": {k: {kk: vv for kk, vv in v.items() if kk != "markdown"} for k, v in reports.items()},
+            "markdown": markdown}

@@ -1,0 +1,301 @@
+"""`validate_rails`: check a rails config (directory or draft files) and run its own test conversations.
+
+Test files are rails/tests/*.yml:
+
+    tests:
+      - name: investment advice is refused      # optional
+        user: "Should I buy Tesla stock?"
+        history:                                 # optional earlier turns
+          - {role: user, content: "Hi"}
+          - {role: assistant, content: "Hello! How can I help?"}
+        answer: "..."                            # optional: check the output rails on this answer instead
+        context: ["..."]                         # optional retrieved text, for the groundedness rail
+        expect: blocked                          # allowed | blocked
+        rail: topic                              # with blocked: the rail that must block (a name or a list)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, cast
+
+import yaml
+
+from app.guard.loader import TESTS_DIR, RailsConfigError, read_rails_files, yaml_line
+from app.llm.base import ChatBackend, Completion, GenerationOptions, LLMUnavailable
+from app.rag.base import Embedder
+from app.settings import Settings
+
+if TYPE_CHECKING:
+    from app.guard.detector import Detector
+    from app.guard.rails import RailsGuard
+
+log = logging.getLogger(__name__)
+RAIL_NAMES = ("safety_input", "attack", "topic", "safety_output", "groundedness")
+_BUILTIN_ACTIONS = {"utter"}
+
+
+@dataclass
+class ValidationError:
+    file: str | None
+    line: int | None
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.file and self.line else (self.file or "rails")
+        return f"{where}: {self.message}"
+
+
+@dataclass
+class RailsTestCase:
+    file: str
+    line: int | None
+    name: str
+    user: str
+    expect: Literal["allowed", "blocked"]
+    rails: list[str]
+    history: list[dict[str, str]] = field(default_factory=list)
+    answer: str | None = None
+    context: list[str] | None = None
+
+
+@dataclass
+class RailsTestResult:
+    case: RailsTestCase
+    passed: bool
+    got: str  # "allowed" | "blocked by <rail>"
+    detail: str = ""
+
+    def __str__(self) -> str:
+        status = "PASS" if self.passed else "FAIL"
+        want = self.case.expect + (f" by {'/'.join(self.case.rails)}" if self.case.rails else "")
+        return f"{self.case.file}:{self.case.line}: {status} {self.case.name}: expected {want}, got {self.got}"
+
+
+@dataclass
+class ValidationReport:
+    errors: list[ValidationError] = field(default_factory=list)
+    tests: list[RailsTestResult] = field(default_factory=list)
+
+    @property
+    def failed_tests(self) -> list[RailsTestResult]:
+        return [t for t in self.tests if not t.passed]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and not self.failed_tests
+
+
+class _NoJudge:
+    """Stands in when no LLM was given: any judge call is a guard error, reported by the tests."""
+
+    model_name = "none"
+
+    async def complete_prompt(self, prompt: str, options: GenerationOptions | None = None) -> Completion:
+        raise LLMUnavailable("no LLM backend was given to validate_rails for the safety judge")
+
+
+def parse_tests(files: dict[str, str], errors: list[ValidationError]) -> list[RailsTestCase]:
+    cases: list[RailsTestCase] = []
+    for name, text in sorted(files.items()):
+        if not (name.startswith(TESTS_DIR + "/") and name.endswith((".yml", ".yaml"))):
+            continue
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            errors.append(ValidationError(name, mark.line + 1 if mark else None, f"invalid YAML: {exc}"))
+            continue
+        items = data.get("tests") if isinstance(data, dict) else None
+        if not isinstance(items, list):
+            errors.append(ValidationError(name, 1, "a rails test file needs a top-level `tests:` list"))
+            continue
+        for i, item in enumerate(items):
+            line = yaml_line(text, ("tests", i))
+            problem = _test_problem(item)
+            if problem:
+                errors.append(ValidationError(name, line, problem))
+                continue
+            rails = item.get("rail") or []
+            cases.append(
+                RailsTestCase(
+                    file=name,
+                    line=line,
+                    name=str(item.get("name") or item["user"][:60]),
+                    user=str(item["user"]),
+                    expect=item["expect"],
+                    rails=[rails] if isinstance(rails, str) else list(rails),
+                    history=list(item.get("history") or []),
+                    answer=item.get("answer"),
+                    context=item.get("context"),
+                )
+            )
+    return cases
+
+
+def _test_problem(item: Any) -> str | None:
+    if not isinstance(item, dict):
+        return "each test must be a mapping"
+    unknown = set(item) - {"name", "user", "history", "answer", "context", "expect", "rail"}
+    if unknown:
+        return f"unknown test keys {sorted(unknown)}"
+    if not isinstance(item.get("user"), str) or not item["user"].strip():
+        return "a test needs a non-empty `user` message"
+    if item.get("expect") not in ("allowed", "blocked"):
+        return "`expect` must be `allowed` or `blocked`"
+    rails = item.get("rail") or []
+    for rail in [rails] if isinstance(rails, str) else rails:
+        if rail not in RAIL_NAMES:
+            return f"unknown rail {rail!r}; rails are {', '.join(RAIL_NAMES)}"
+    history = item.get("history") or []
+    if not isinstance(history, list) or any(
+        not isinstance(m, dict) or m.get("role") not in ("user", "assistant") or not isinstance(m.get("content"), str)
+        for m in history
+    ):
+        return "`history` must be a list of {role: user|assistant, content: text}"
+    return None
+
+
+async def run_case(guard: RailsGuard, embedder: Embedder, case: RailsTestCase) -> RailsTestResult:
+    messages = [*case.history, {"role": "user", "content": case.user}]
+    if case.answer is not None:
+        decision = await guard.check_output(messages, case.answer, case.context)
+    else:
+        embedding = (await asyncio.to_thread(embedder.embed, [case.user]))[0]
+        decision = await guard.check_input(messages, embedding)
+    got = "allowed" if decision.allowed else f"blocked by {decision.blocked_by}"
+    detail = "; ".join(f"{r.name}={r.verdict}" + (f" ({r.detail})" if r.detail else "") for r in decision.rails)
+    if case.expect == "allowed":
+        passed = decision.allowed
+    else:
+        passed = not decision.allowed and not decision.guard_error
+        if passed and case.rails:
+            blocking = {decision.blocked_by} | {r.name for r in decision.rails if r.verdict == "block"}
+            passed = bool(blocking & set(case.rails))
+    return RailsTestResult(case, passed, got, detail)
+
+
+def validate_rails(
+    files: dict[str, str] | Path,
+    settings: Settings,
+    *,
+    run_tests: bool = True,
+    llm: ChatBackend | None = None,
+    embedder: Embedder | None = None,
+    detector: Detector | None | Literal["auto"] = "auto",
+) -> ValidationReport:
+    """Synchronous entry point (the CLI). From async code use `avalidate_rails`: the LLM client
+    belongs to the caller's event loop."""
+    coro = avalidate_rails(files, settings, run_tests=run_tests, llm=llm, embedder=embedder, detector=detector)
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    coro.close()
+    raise RuntimeError("validate_rails called inside an event loop; await avalidate_rails(...) instead")
+
+
+async def avalidate_rails(
+    files: dict[str, str] | Path,
+    settings: Settings,
+    *,
+    run_tests: bool = True,
+    llm: ChatBackend | None = None,
+    embedder: Embedder | None = None,
+    detector: Detector | None | Literal["auto"] = "auto",
+) -> ValidationReport:
+    """`detector="auto"` loads the committed detector weights when present, as the server does."""
+    from app.guard.rails import build_guard
+
+    report = ValidationReport()
+    try:
+        contents = read_rails_files(files)
+    except RailsConfigError as exc:
+        report.errors += [ValidationError(p.file, p.line, p.message) for p in exc.problems]
+        return report
+    cases = parse_tests(contents, report.errors)
+    if embedder is None:
+        from app.rag.embedder import get_embedder
+
+        embedder = await asyncio.to_thread(get_embedder)
+    if detector == "auto":
+        detector = _load_detector()
+    try:
+        guard = await asyncio.to_thread(
+            build_guard,
+            contents,
+            settings,
+            llm=llm or cast(ChatBackend, _NoJudge()),
+            embedder=embedder,
+            detector=detector,
+        )
+    except RailsConfigError as exc:
+        report.errors += [ValidationError(p.file, p.line, p.message) for p in exc.problems]
+        return report
+    except Exception as exc:  # NeMo's own validation (unknown flows, ...) has no line numbers
+        report.errors.append(ValidationError(None, None, f"NeMo could not load the config: {exc}"))
+        return report
+    try:
+        report.errors += _unknown_actions(guard)
+        if run_tests and not report.errors:
+            report.tests = [await run_case(guard, embedder, case) for case in cases]
+    finally:
+        await guard.aclose()
+    return report
+
+
+def _unknown_actions(guard: RailsGuard) -> list[ValidationError]:
+    dispatcher = guard.engine.runtime.action_dispatcher
+    errors = []
+    for flow in guard.loaded.rails_config.flows:
+        for element in flow.get("elements", []):
+            name = element.get("action_name") if element.get("_type") == "run_action" else None
+            if name and name not in _BUILTIN_ACTIONS and not dispatcher.has_registered(name):
+                src = element.get("_source_mapping") or {}
+                errors.append(ValidationError(src.get("filename"), src.get("line_number"), f"unknown action `{name}`"))
+    return errors
+
+
+def _load_detector() -> Detector | None:
+    try:
+        from app.guard.detector import Detector
+
+        return Detector.load()
+    except Exception as exc:  # no weights committed yet: the judge decides safety alone
+        log.warning("no detector weights (%s); validating without stage 1", exc)
+        return None
+
+
+def validate_rails_cli(directory: Path, settings: Settings, *, run_tests: bool = True) -> int:
+    """`guardchat rails validate [DIR]`: prints `file:line: message` per problem and one line per test;
+    returns the exit code (0 = valid and every test passed)."""
+    llm: Any = None
+    server: Any = None
+    if run_tests and settings.guard_backend == "embedded":
+        # The stage-2 judge is the chat LLM; start it (embedded llama.cpp) only when tests need it.
+        from app.llm.factory import build_chat_backend
+
+        llm, server = build_chat_backend(settings)
+
+    async def run() -> ValidationReport:
+        try:
+            return await avalidate_rails(directory, settings, run_tests=run_tests, llm=llm)
+        finally:
+            if llm is not None:
+                await llm.aclose()
+
+    try:
+        report = asyncio.run(run())
+    finally:
+        if server is not None:
+            server.close()
+    for error in report.errors:
+        print(error)
+    for test in report.tests:
+        print(test if test.passed else f"{test}\n    {test.detail}")
+    passed = len(report.tests) - len(report.failed_tests)
+    print(f"{len(report.errors)} error(s); {passed}/{len(report.tests)} rails test(s) passed")
+    return 0 if report.ok else 1

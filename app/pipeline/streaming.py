@@ -1,0 +1,94 @@
+"""Streaming hold-back: the user never sees text the output rails have not passed.
+
+Deltas from the LLM are buffered into chunks of about `chunk_chars` (cut on whitespace where
+possible). Each chunk is checked together with up to `context_chars` of the text before it (so a
+harmful sentence split across chunks is still seen whole), and released only once it passes. The
+last, partial chunk is checked too. On a block we stop consuming the generator and close it, which
+cancels generation, and finish with the blocking decision.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+from app.guard.base import GuardDecision
+
+
+@dataclass
+class Released:
+    text: str
+
+
+@dataclass
+class Finished:
+    decision: GuardDecision
+    full_text: str  # everything generated (including what was withheld)
+    released_text: str  # what the user saw
+
+
+StreamEvent = Released | Finished
+
+
+def _cut(buffer: str, chunk_chars: int) -> int:
+    """Where to end the next chunk of a buffer at least `chunk_chars` long: after the last
+    whitespace within the chunk, else (one long word) at chunk_chars."""
+    window = buffer[:chunk_chars]
+    last_space = max(window.rfind(" "), window.rfind("\n"), window.rfind("\t"))
+    return last_space + 1 if last_space > 0 else chunk_chars
+
+
+async def _close(deltas: AsyncIterator[str]) -> None:
+    aclose = getattr(deltas, "aclose", None)
+    if aclose is not None:
+        result = aclose()
+        if inspect.isawaitable(result):
+            await result
+
+
+async def hold_back(
+    deltas: AsyncIterator[str],
+    check: Callable[[str], Awaitable[GuardDecision]],
+    *,
+    chunk_chars: int,
+    context_chars: int,
+) -> AsyncIterator[StreamEvent]:
+    if chunk_chars <= 0:
+        raise ValueError("chunk_chars must be positive")
+    released = ""
+    pending = ""
+    full = ""
+    last_decision = GuardDecision(allowed=True)
+
+    async def check_chunk(chunk: str) -> GuardDecision:
+        preceding = released[-context_chars:] if context_chars > 0 else ""
+        return await check(preceding + chunk)
+
+    try:
+        async for delta in deltas:
+            if not delta:
+                continue
+            full += delta
+            pending += delta
+            while len(pending) >= chunk_chars:
+                end = _cut(pending, chunk_chars)
+                chunk, pending = pending[:end], pending[end:]
+                last_decision = await check_chunk(chunk)
+                if not last_decision.allowed:
+                    await _close(deltas)
+                    yield Finished(last_decision, full, released)
+                    return
+                released += chunk
+                yield Released(chunk)
+        if pending:
+            last_decision = await check_chunk(pending)
+            if not last_decision.allowed:
+                yield Finished(last_decision, full, released)
+                return
+            released += pending
+            yield Released(pending)
+        yield Finished(last_decision, full, released)
+    finally:
+        # Also when our consumer stops early (client gone): never leave generation running.
+        await _close(deltas)

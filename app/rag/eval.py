@@ -1,0 +1,234 @@
+"""Retrieval and answer evaluation (`guardchat eval rag`).
+
+Tasks file (JSONL): {"question", "gold_document_ids": [...], "answer_contains": [...], "unanswerable": bool}.
+
+Reports, for the answerable tasks: hit rate@k ("recall@k": a gold document among the top k chunks),
+gold coverage, MRR, for the hybrid retriever as deployed (threshold on) and for plain dense search
+(the comparison that shows the hybrid gain); for unanswerable tasks and off-domain questions, the
+retrieval-level abstention rate (nothing above the threshold); a threshold sweep to tune
+`rag_score_threshold`; and with an `llm`, generation metrics: citation validity/precision, answer
+accuracy and the "I don't know" rate. Call it from synchronous code (the CLI): it runs its own event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.llm.base import ChatBackend, GenerationOptions
+from app.rag.base import Chunk, Embedder
+from app.rag.chain import DEFAULT_IDK, build_messages, cited_numbers
+from app.rag.ingest import ingest, ingest_directory
+from app.rag.retrieve import HybridRetriever
+
+UNANSWERABLE_DEV = Path("/work/shared/eval/unanswerable_dev.jsonl")
+SWEEP = (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5)
+EVAL_SYSTEM_PROMPT = "You are Larkspur Bank's support assistant."
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with path.open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def _rank_metrics(ranked: list[list[Chunk]], golds: list[set[str]], k: int) -> dict[str, float]:
+    hits, coverage, reciprocal = [], [], []
+    for chunks, gold in zip(ranked, golds, strict=True):
+        docs = [c.document_id for c in chunks[:k]]
+        hits.append(float(any(d in gold for d in docs)))
+        coverage.append(len(gold & set(docs)) / len(gold))
+        first = next((i for i, d in enumerate(docs) if d in gold), None)
+        reciprocal.append(0.0 if first is None else 1.0 / (first + 1))
+    n = max(len(ranked), 1)
+    return {f"recall@{k}": sum(hits) / n, "gold_coverage": sum(coverage) / n, "mrr": sum(reciprocal) / n}
+
+
+def eval_rag(
+    tasks_path: Path,
+    settings: Any,
+    *,
+    embedder: Embedder,
+    k: int = 5,
+    llm: ChatBackend | None = None,
+    unanswerable_path: Path | None = UNANSWERABLE_DEV,
+    unanswerable_limit: int = 60,
+    ingest_first: bool = True,
+    progress: bool = False,
+) -> dict[str, Any]:
+    if ingest_first:
+        ingest_directory(None, settings, embedder=embedder, progress=progress)
+    retriever = HybridRetriever(settings)
+    tasks = _read_jsonl(Path(tasks_path))
+    answerable = [t for t in tasks if t.get("gold_document_ids") and not t.get("unanswerable")]
+    unanswerable = [t for t in tasks if t.get("unanswerable") or not t.get("gold_document_ids")]
+    questions = [t["question"] for t in answerable + unanswerable]
+    vectors = embedder.embed(questions)
+    answer_vecs, unanswer_vecs = vectors[: len(answerable)], vectors[len(answerable) :]
+    golds = [set(t["gold_document_ids"]) for t in answerable]
+
+    hybrid, search_ms = [], []
+    for task, vec in zip(answerable, answer_vecs, strict=True):
+        chunks, timings = retriever.search(task["question"], vec, k)
+        hybrid.append(chunks)
+        search_ms.append(timings.get("search_ms", 0.0))
+    dense = [retriever.dense_search(vec, k) for vec in answer_vecs]
+    report: dict[str, Any] = {
+        "k": k,
+        "threshold": settings.rag_score_threshold,
+        "answerable_tasks": len(answerable),
+        "unanswerable_tasks": len(unanswerable),
+        "hybrid": _rank_metrics(hybrid, golds, k),
+        "dense": _rank_metrics(dense, golds, k),
+        "search_p50_ms": statistics.median(search_ms) if search_ms else 0.0,
+        "misses": [
+            t["question"]
+            for t, c, g in zip(answerable, hybrid, golds, strict=True)
+            if not any(x.document_id in g for x in c)
+        ],
+    }
+    unanswerable_results = [
+        retriever.search(t["question"], v, k)[0] for t, v in zip(unanswerable, unanswer_vecs, strict=True)
+    ]
+    report["unanswerable_retrieval_abstention"] = (
+        sum(1 for r in unanswerable_results if not r) / len(unanswerable) if unanswerable else None
+    )
+
+    off_domain: list[tuple[str, np.ndarray]] = []
+    if unanswerable_path and Path(unanswerable_path).exists():
+        # SQuAD-style questions about history, science, ...: off-domain for the bank's index.
+        rows = _read_jsonl(Path(unanswerable_path))[:unanswerable_limit]
+        off_vecs = embedder.embed([r["question"] for r in rows])
+        off_domain = list(zip([r["question"] for r in rows], off_vecs, strict=True))
+        report["off_domain_abstention"] = sum(1 for q, v in off_domain if not retriever.search(q, v, k)[0]) / len(
+            off_domain
+        )
+        report["contexts"] = eval_context_abstention(
+            Path(unanswerable_path), settings, embedder=embedder, limit=unanswerable_limit, llm=llm, k=k
+        )
+
+    report["threshold_sweep"] = [
+        {
+            "threshold": th,
+            f"recall@{k}": _rank_metrics(
+                [
+                    retriever.search(t["question"], v, k, threshold=th)[0]
+                    for t, v in zip(answerable, answer_vecs, strict=True)
+                ],
+                golds,
+                k,
+            )[f"recall@{k}"],
+            "off_domain_abstention": (
+                sum(1 for q, v in off_domain if not retriever.search(q, v, k, threshold=th)[0]) / len(off_domain)
+            )
+            if off_domain
+            else None,
+        }
+        for th in SWEEP
+    ]
+    if llm is not None:
+        report["generation"] = asyncio.run(
+            _generation_metrics(llm, answerable, unanswerable, hybrid, unanswerable_results, golds, settings)
+        )
+    return report
+
+
+async def _answer(llm: ChatBackend, question: str, chunks: list[Chunk], settings: Any) -> tuple[str, list[Chunk]]:
+    prepared = build_messages(
+        question, [], chunks, system_prompt=EVAL_SYSTEM_PROMPT, context_tokens=settings.rag_context_tokens
+    )
+    if prepared.no_context:
+        return DEFAULT_IDK, []
+    completion = await llm.complete(prepared.messages, GenerationOptions(max_tokens=200, temperature=0.0))
+    return completion.text, prepared.sources
+
+
+def _is_idk(answer: str) -> bool:
+    lowered = answer.lower()
+    return "don't know" in lowered or "do not know" in lowered or "couldn't find" in lowered
+
+
+async def _generation_metrics(
+    llm: ChatBackend,
+    answerable: list[dict[str, Any]],
+    unanswerable: list[dict[str, Any]],
+    hybrid: list[list[Chunk]],
+    unanswerable_results: list[list[Chunk]],
+    golds: list[set[str]],
+    settings: Any,
+) -> dict[str, Any]:
+    cited_total = cited_valid = cited_gold = correct = 0
+    for task, chunks, gold in zip(answerable, hybrid, golds, strict=True):
+        answer, sources = await _answer(llm, task["question"], chunks, settings)
+        numbers = cited_numbers(answer)
+        valid = [n for n in numbers if 1 <= n <= len(sources)]
+        cited_total += len(numbers)
+        cited_valid += len(valid)
+        cited_gold += sum(1 for n in valid if sources[n - 1].document_id in gold)
+        expected = task.get("answer_contains") or []
+        correct += int(bool(expected) and all(e.lower() in answer.lower() for e in expected))
+    idk = 0
+    for task, chunks in zip(unanswerable, unanswerable_results, strict=True):
+        answer, _ = await _answer(llm, task["question"], chunks, settings)
+        idk += int(_is_idk(answer))
+    return {
+        "citation_validity": cited_valid / cited_total if cited_total else None,  # cited ⊆ retrieved
+        "citation_precision": cited_gold / cited_valid if cited_valid else None,  # cited sources that are gold
+        "answers_with_citations": cited_total,
+        "answer_accuracy": correct / len(answerable) if answerable else None,
+        "idk_rate_unanswerable": idk / len(unanswerable) if unanswerable else None,
+    }
+
+
+def eval_context_abstention(
+    path: Path, settings: Any, *, embedder: Embedder, limit: int = 60, llm: ChatBackend | None = None, k: int = 5
+) -> dict[str, Any]:
+    """unanswerable_dev.jsonl: question + a context paragraph; `answerable` says whether the context answers it.
+    The contexts are ingested into a SEPARATE temp data dir (the real index is untouched); then the
+    retrieval-level abstention rate (and with `llm`, the "I don't know" rate) is measured per label."""
+    everything = _read_jsonl(path)
+    # The file is grouped by label: take up to limit/2 of each so both rates are measured.
+    rows = [r for r in everything if r["answerable"]][: limit // 2] + [r for r in everything if not r["answerable"]][
+        : limit - limit // 2
+    ]
+    with tempfile.TemporaryDirectory(prefix="guardchat-eval-") as tmp:
+        root = Path(tmp)
+        corpus = root / "knowledge"
+        corpus.mkdir()
+        contexts: dict[str, Path] = {}
+        for row in rows:
+            if row["context"] not in contexts:
+                target = corpus / f"context-{len(contexts):04d}.txt"
+                target.write_text(row["context"], encoding="utf-8")
+                contexts[row["context"]] = target
+        local = settings.model_copy(update={"data_dir": root / "data", "knowledge_dir": corpus})
+        ingest(list(contexts.values()), local, embedder=embedder, progress=False)
+        retriever = HybridRetriever(local)
+        vectors = embedder.embed([r["question"] for r in rows])
+        results = [retriever.search(r["question"], v, k)[0] for r, v in zip(rows, vectors, strict=True)]
+        by_label: dict[str, dict[str, Any]] = {}
+        for label, flag in (("answerable", True), ("unanswerable", False)):
+            picked = [res for row, res in zip(rows, results, strict=True) if bool(row["answerable"]) == flag]
+            by_label[label] = {
+                "n": len(picked),
+                "retrieval_abstention": sum(1 for r in picked if not r) / len(picked) if picked else None,
+            }
+        if llm is not None:
+
+            async def run() -> None:
+                for label, flag in (("answerable", True), ("unanswerable", False)):
+                    idk = n = 0
+                    for row, res in zip(rows, results, strict=True):
+                        if bool(row["answerable"]) == flag:
+                            answer, _ = await _answer(llm, row["question"], res, local)
+                            idk += int(_is_idk(answer))
+                            n += 1
+                    by_label[label]["idk_rate"] = idk / n if n else None
+
+            asyncio.run(run())
+    return by_label

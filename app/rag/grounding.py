@@ -1,0 +1,169 @@
+"""The groundedness output rail: is every claim in the answer supported by the retrieved chunks?
+
+Each answer sentence that makes a claim (citation markers, greetings, very short sentences and the
+"I don't know" text are ignored) is embedded (one batch) and compared with the chunks' stored
+embeddings (no re-embedding: the retriever keeps them). A sentence is supported when its best
+cosine reaches `threshold`; the score is the supported fraction. Embedding similarity catches
+off-topic inventions, not a wrong number in an on-topic sentence; for that, an optional LLM judge
+is consulted only when the embedding check fails (`acheck_groundedness`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import Literal
+
+import numpy as np
+
+from app.guard.base import RailResult
+from app.llm.base import ChatBackend, GenerationOptions
+from app.rag.base import Chunk, Embedder
+from app.rag.chain import DEFAULT_IDK, strip_citations
+from app.rag.chunking import search_text
+
+log = logging.getLogger(__name__)
+
+RAIL_NAME = "groundedness"
+DEFAULT_THRESHOLD = 0.45
+MIN_WORDS = 4
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])|\n+")
+_LIST_MARKER = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+")
+_SMALL_TALK = re.compile(
+    r"^(hi|hello|hey|thanks|thank you|you're welcome|sure|of course|certainly|great question|i hope this helps|"
+    r"hope this helps|let me know|feel free|is there anything else|happy to help|glad to help|good (morning|"
+    r"afternoon|evening))\b",
+    re.IGNORECASE,
+)
+_IDK = re.compile(r"\bI (?:don't|do not) know\b|couldn't find that|could not find that", re.IGNORECASE)
+
+# (unsupported sentences, chunks) -> True when the judge finds them supported after all.
+GroundednessJudge = Callable[[list[str], list[Chunk]], Awaitable[bool]]
+
+
+def claim_sentences(answer: str, idk_text: str = DEFAULT_IDK) -> list[str]:
+    """The sentences of `answer` worth checking."""
+    text = strip_citations(answer).replace(idk_text, " ")
+    sentences = []
+    for raw in _SENTENCE_END.split(text):
+        sentence = _LIST_MARKER.sub("", raw).strip(" \t*_#>")
+        if len(re.findall(r"\w+", sentence)) < MIN_WORDS or _SMALL_TALK.match(sentence) or _IDK.search(sentence):
+            continue
+        sentences.append(sentence)
+    return sentences
+
+
+def check_groundedness(
+    answer: str,
+    chunks: list[Chunk],
+    embedder: Embedder,
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+    action: Literal["flag", "block"] = "flag",
+    chunk_embeddings: np.ndarray | None = None,
+    idk_text: str = DEFAULT_IDK,
+) -> RailResult:
+    """`chunk_embeddings` (rows aligned with `chunks`, e.g. `HybridRetriever.embeddings_for(chunks)`)
+    avoids re-embedding; without it the chunks are embedded here."""
+    started = time.perf_counter()
+    sentences = claim_sentences(answer, idk_text)
+    if not sentences:
+        return RailResult(RAIL_NAME, "allow", score=1.0, latency_ms=_ms(started), detail="no claims to check")
+    if not chunks:
+        return RailResult(
+            RAIL_NAME,
+            action,
+            score=0.0,
+            latency_ms=_ms(started),
+            detail=f"{len(sentences)} claim(s) and no retrieved sources",
+        )
+    if chunk_embeddings is None or len(chunk_embeddings) != len(chunks):
+        chunk_embeddings = embedder.embed([search_text(c.to_dict()) for c in chunks])
+    sentence_embeddings = embedder.embed(sentences)
+    best = (np.asarray(sentence_embeddings) @ np.asarray(chunk_embeddings, dtype=np.float32).T).max(axis=1)
+    unsupported = [(s, float(b)) for s, b in zip(sentences, best, strict=True) if b < threshold]
+    score = 1.0 - len(unsupported) / len(sentences)
+    if not unsupported:
+        return RailResult(
+            RAIL_NAME,
+            "allow",
+            score=score,
+            latency_ms=_ms(started),
+            detail=f"{len(sentences)} claim(s) supported (min similarity {float(best.min()):.2f})",
+        )
+    listed = "; ".join(f"{s[:80]!r} ({b:.2f})" for s, b in unsupported[:3])
+    return RailResult(
+        RAIL_NAME,
+        action,
+        score=score,
+        latency_ms=_ms(started),
+        detail=f"{len(unsupported)}/{len(sentences)} unsupported: {listed}",
+    )
+
+
+async def acheck_groundedness(
+    answer: str,
+    chunks: list[Chunk],
+    embedder: Embedder,
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+    action: Literal["flag", "block"] = "flag",
+    chunk_embeddings: np.ndarray | None = None,
+    judge: GroundednessJudge | None = None,
+    idk_text: str = DEFAULT_IDK,
+) -> RailResult:
+    """The embedding check off the event loop, then the judge only when it failed."""
+    started = time.perf_counter()
+    result = await asyncio.to_thread(
+        check_groundedness,
+        answer,
+        chunks,
+        embedder,
+        threshold=threshold,
+        action=action,
+        chunk_embeddings=chunk_embeddings,
+        idk_text=idk_text,
+    )
+    if result.verdict == "allow" or judge is None or not chunks:
+        return result
+    sentences = [s for s in claim_sentences(answer, idk_text)]
+    try:
+        supported = await judge(sentences, chunks)
+    except Exception as exc:  # the embedding verdict stands when the judge cannot run
+        result.detail = f"{result.detail}; judge_error: {type(exc).__name__}"
+        result.latency_ms = _ms(started)
+        return result
+    result.latency_ms = _ms(started)
+    if supported:
+        result.verdict = "allow"
+        result.detail = f"judge: supported (embedding check: {result.detail})"
+    else:
+        result.detail = f"judge: unsupported; {result.detail}"
+    return result
+
+
+JUDGE_PROMPT = (
+    "You check answers of a bank's support assistant. Reply with exactly one word: YES if every claim "
+    "is supported by the context, NO otherwise."
+)
+
+
+def make_llm_judge(llm: ChatBackend, *, max_context_chars: int = 4000) -> GroundednessJudge:
+    async def judge(sentences: list[str], chunks: list[Chunk]) -> bool:
+        context = "\n\n".join(c.content for c in chunks)[:max_context_chars]
+        claims = "\n".join(f"- {s}" for s in sentences)
+        messages = [
+            {"role": "system", "content": JUDGE_PROMPT},
+            {"role": "user", "content": f"Context:\n{context}\n\nClaims:\n{claims}\n\nSupported?"},
+        ]
+        completion = await llm.complete(messages, GenerationOptions(max_tokens=3, temperature=0.0))
+        return completion.text.strip().lower().startswith("yes")
+
+    return judge
+
+
+def _ms(started: float) -> float:
+    return (time.perf_counter() - started) * 1e3
