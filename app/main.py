@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -44,9 +45,8 @@ async def build_state(settings: Settings) -> AppState:
     embedder = get_embedder()
     detector = Detector.load()
     retriever = build_retriever(settings, embedder, detector)
-    guard = build_guard(
-        settings.rails_dir, settings, llm=llm, embedder=embedder, detector=detector, grounding=build_grounding(embedder)
-    )
+    grounding = build_grounding(embedder)
+    guard = build_guard(settings.rails_dir, settings, llm=llm, embedder=embedder, detector=detector, grounding=grounding)
     state = AppState(
         settings=settings,
         llm=llm,
@@ -65,14 +65,31 @@ async def build_state(settings: Settings) -> AppState:
 
 def build_grounding(embedder: Any) -> Any:
     """The groundedness output rail: each answer sentence must be similar to some retrieved text.
-    It flags (never blocks) by default: a cheap embedding test, with no extra LLM call."""
+    It flags (never blocks) by default: a cheap embedding test, with no extra LLM call. Context vectors
+    are cached by text, so a chunk is embedded at most once per process however often it is retrieved."""
+    from collections import OrderedDict
+
+    import numpy as np
+
     from app.guard.base import RailResult
     from app.rag.base import Chunk
     from app.rag.grounding import acheck_groundedness
 
+    cache: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def vectors_for(texts: list[str]) -> np.ndarray:
+        missing = [t for t in dict.fromkeys(texts) if t not in cache]
+        if missing:
+            for text, vec in zip(missing, embedder.embed(missing), strict=True):
+                cache[text] = vec
+            while len(cache) > 4096:
+                cache.popitem(last=False)
+        return np.stack([cache[t] for t in texts])
+
     async def check(answer: str, context: list[str]) -> RailResult:
         chunks = [Chunk(id=str(i), document_id="", source="", title="", content=t) for i, t in enumerate(context)]
-        return await acheck_groundedness(answer, chunks, embedder, action="flag")
+        vectors = await asyncio.to_thread(vectors_for, context) if context else None
+        return await acheck_groundedness(answer, chunks, embedder, action="flag", chunk_embeddings=vectors)
 
     return check
 

@@ -74,6 +74,11 @@ class Settings(BaseSettings):
     query_rewrite: Literal["join", "llm"] = "join"
 
     ingest_max_file_bytes: int = 20_000_000
+    rag_chunk_chars: int = 900
+    rag_chunk_overlap: int = 120
+    rag_exact_max_vectors: int = 50_000  # exact FAISS index up to this many chunks, HNSW above
+    rag_hnsw_ef_search: int = 96
+    rag_bm25_weight: float = 1.0  # weight of the keyword list in reciprocal-rank fusion
 
     # --- auth and limits ---
     api_keys: list[SecretStr] = Field(default_factory=list, description="Chat API keys; empty = no auth (loopback only)")

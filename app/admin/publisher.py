@@ -104,6 +104,7 @@ class RailsPublisher:
         self._tasks: list[asyncio.Task[None]] = []
         self._retiring: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
 
     # --- validation -------------------------------------------------------------------------------
 
@@ -215,47 +216,74 @@ class RailsPublisher:
             self._retiring.add(task)
             task.add_done_callback(self._retiring.discard)
 
+    @property
+    def _read_timeout_s(self) -> float:
+        """How long one pub/sub read waits: bounds how long `stop` waits for the listener."""
+        return min(self.poll_interval_s, 1.0)
+
     async def start(self) -> None:
         await self.sync()
+        self._stopping.clear()
         self._tasks.append(asyncio.create_task(self._follow(), name="rails-follow"))
-        if self.store.change_feed() is not None:
-            self._tasks.append(asyncio.create_task(self._listen(), name="rails-listen"))
+        self._tasks.append(asyncio.create_task(self._listen(), name="rails-listen"))
 
     async def stop(self) -> None:
-        tasks = [*self._tasks, *self._retiring]
-        for task in tasks:
+        # The loops notice `_stopping` within one poll interval and clean up themselves (see
+        # RedisChangeSubscription for why they are not simply cancelled); cancel is the fallback.
+        self._stopping.set()
+        self._wake.set()
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=self._read_timeout_s + 2.0)
+            for task in pending:
+                task.cancel()
+        for task in [*self._tasks, *self._retiring]:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
         if self._owns_store:
             await self.store.close()
 
     async def _follow(self) -> None:
-        while True:
+        store_down = False  # log an outage once, not every second
+        while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_interval_s)
             self._wake.clear()
+            if self._stopping.is_set():
+                return
             try:
                 await self.sync()
             except Exception as exc:  # the store is down: keep serving, try again next tick
-                log.warning("rails sync failed: %s", exc)
+                if not store_down:
+                    log.warning("rails store unreachable, still serving %s: %s", self.live.current.version, exc)
+                store_down = True
+            else:
+                if store_down:
+                    log.info("rails store reachable again")
+                store_down = False
 
     async def _listen(self) -> None:
         """Wakes `_follow` as soon as a replica announces a publish; re-subscribes after errors."""
-        while True:
-            feed = self.store.change_feed()
-            if feed is None:
-                return
+        while not self._stopping.is_set():
             try:
-                async for _ in feed:
-                    self._wake.set()
-            except asyncio.CancelledError:
-                raise
+                subscription = await self.store.subscribe()
             except Exception as exc:
-                log.warning("rails change feed failed (the poll keeps running): %s", exc)
-            await asyncio.sleep(self.poll_interval_s)
+                log.debug("rails change feed unavailable (the poll keeps running): %s", exc)
+                await asyncio.sleep(self.poll_interval_s)
+                continue
+            if subscription is None:
+                return  # this store has no push notifications: the poll alone follows it
+            try:
+                while not self._stopping.is_set():
+                    if await subscription.next_change(self._read_timeout_s) is not None:
+                        self._wake.set()
+            except Exception as exc:
+                log.debug("rails change feed failed (the poll keeps running): %s", exc)
+                await asyncio.sleep(self.poll_interval_s)
+            finally:
+                with contextlib.suppress(Exception):
+                    await subscription.close()
 
 
 def _errors_from_exception(exc: Exception) -> list[dict[str, Any]]:

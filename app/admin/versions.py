@@ -18,7 +18,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -163,8 +163,16 @@ class RailsVersionStore(Protocol):
         """Publishes the content of version `number` as a NEW version on top of the live one."""
         ...
 
-    def change_feed(self) -> AsyncIterator[int] | None:
+    async def subscribe(self) -> ChangeSubscription | None:
         """Push notifications of newly live version numbers, when the store has them (Redis)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class ChangeSubscription(Protocol):
+    async def next_change(self, timeout_s: float) -> int | None:
+        """The next newly live version number, or None when none arrived within `timeout_s`."""
         ...
 
     async def close(self) -> None: ...
@@ -208,7 +216,7 @@ class VersionStoreBase:
             base, target.files, message or f"Rollback to version {number}", author, rollback_of=number
         )
 
-    def change_feed(self) -> AsyncIterator[int] | None:
+    async def subscribe(self) -> ChangeSubscription | None:
         return None
 
     async def close(self) -> None:

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
 
 from app.admin.versions import (
     RailsVersion,
@@ -47,6 +48,28 @@ return {1, new}
 
 def _text(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+class RedisChangeSubscription:
+    """Reads with a timeout instead of being cancelled mid-read: cancelling a pub/sub read and then
+    closing the PubSub can hang in redis-py, so the follower stops by simply not asking again."""
+
+    def __init__(self, pubsub: PubSub, channel: str) -> None:
+        self._pubsub = pubsub
+        self._channel = channel
+
+    async def next_change(self, timeout_s: float) -> int | None:
+        message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout_s)
+        if not message or message.get("type") != "message":
+            return None
+        try:
+            return int(_text(message["data"]))
+        except ValueError:
+            log.warning("ignoring a malformed rails event on %s", self._channel)
+            return None
+
+    async def close(self) -> None:
+        await self._pubsub.aclose()
 
 
 class RedisRailsVersionStore(VersionStoreBase):
@@ -102,22 +125,14 @@ class RedisRailsVersionStore(VersionStoreBase):
         self._cache[version.number] = version
         return version
 
-    def change_feed(self) -> AsyncIterator[int]:
-        return self._listen()
-
-    async def _listen(self) -> AsyncIterator[int]:
+    async def subscribe(self) -> RedisChangeSubscription:
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-        await pubsub.subscribe(self.channel)
         try:
-            async for message in pubsub.listen():
-                if message.get("type") != "message":
-                    continue
-                try:
-                    yield int(_text(message["data"]))
-                except ValueError:
-                    log.warning("ignoring a malformed rails event on %s", self.channel)
-        finally:
+            await pubsub.subscribe(self.channel)
+        except BaseException:
             await pubsub.aclose()
+            raise
+        return RedisChangeSubscription(pubsub, self.channel)
 
     async def close(self) -> None:
         if self._owns_client:

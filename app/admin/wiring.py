@@ -92,16 +92,32 @@ def validator_for(settings: Settings, *, llm: Any, embedder: Any, detector: Any 
     return validate
 
 
-def builder_for(settings: Settings, *, llm: Any, embedder: Any, detector: Any = None) -> GuardBuilder:
-    """The real guard builder: `app.guard.rails.build_guard` on the published files."""
+def builder_for(
+    settings: Settings, *, llm: Any, embedder: Any, detector: Any = None, grounding: Any = None
+) -> GuardBuilder:
+    """The real guard builder: `app.guard.rails.build_guard` on the published files, with the same
+    detector and groundedness check as the guard the app built at start."""
 
     async def build(files: dict[str, str]) -> Guard:
         from app.guard.rails import build_guard
 
-        guard: Guard = await _call(build_guard, files, settings, llm=llm, embedder=embedder, detector=detector)
+        guard: Guard = await _call(
+            build_guard, files, settings, llm=llm, embedder=embedder, detector=detector, grounding=grounding
+        )
         return guard
 
     return build
+
+
+def _app_grounding(state: AppState) -> Any:
+    """The groundedness check the app gives its start-up guard: a published guard without it would
+    silently skip the groundedness rail. Prefer `state.extras["grounding"]`; this is the fallback."""
+    try:
+        from app.main import build_grounding
+    except ImportError:
+        log.warning("no groundedness check for published rails (state.extras['grounding'] is not set)")
+        return None
+    return build_grounding(state.embedder)
 
 
 async def build_rails_publisher(state: AppState) -> RailsPublisher:
@@ -123,12 +139,17 @@ async def build_rails_publisher(state: AppState) -> RailsPublisher:
         await state.rails.swap(LoadedRails(version_label(live.number), current.guard, dict(live.files)))
     # The lifespan keeps the loaded detector (None without weights) in extras; validate with the same one.
     detector = state.extras.get("detector", "auto")
+    grounding = state.extras.get("grounding") or _app_grounding(state)
     publisher = RailsPublisher(
         store,
         state.rails,
         validator=validator_for(settings, llm=state.llm, embedder=state.embedder, detector=detector),
         builder=builder_for(
-            settings, llm=state.llm, embedder=state.embedder, detector=None if detector == "auto" else detector
+            settings,
+            llm=state.llm,
+            embedder=state.embedder,
+            detector=None if detector == "auto" else detector,
+            grounding=grounding,
         ),
         embedder=state.embedder,
         poll_interval_s=float(getattr(settings, "rails_poll_interval_s", 1.0)),

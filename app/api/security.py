@@ -387,7 +387,7 @@ def warn_if_exposed(settings: Settings) -> bool:
     bar = "!" * 72
     log.warning(
         "%s\nguardchat binds to %s WITHOUT API KEYS: anyone who can reach it can use the chat API.\n"
-        "Set GUARDCHAT_API_KEYS (comma-separated or JSON list) or bind to 127.0.0.1.\n%s",
+        "Set GUARDCHAT_API_KEYS (a JSON list of keys) or bind to 127.0.0.1.\n%s",
         bar,
         settings.host,
         bar,

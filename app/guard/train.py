@@ -225,6 +225,7 @@ class WindowRows:
     attack: np.ndarray
     topic: np.ndarray  # index into TOPIC_LABELS, -1 = not used
     cats: np.ndarray  # (rows, 14) multi-hot, only meaningful where unsafe == 1
+    source: np.ndarray
 
 
 def window_rows(items: list[Item], cache: EmbeddingCache) -> WindowRows:
@@ -243,14 +244,28 @@ def window_rows(items: list[Item], cache: EmbeddingCache) -> WindowRows:
             topic.append(TOPIC_LABELS.index(it.topic) if it.topic and w_idx == 0 else -1)
             cats.append([1 if c in it.categories else 0 for c in CATEGORY_LABELS])
     x = build_features(cache.get(texts), texts).astype(np.float64)
-    return WindowRows(x, np.array(owner), np.array(unsafe), np.array(attack), np.array(topic), np.array(cats))
+    source = np.array([items[i].source for i in owner])
+    return WindowRows(x, np.array(owner), np.array(unsafe), np.array(attack), np.array(topic), np.array(cats), source)
 
 
-def _logreg(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def source_weights(y: np.ndarray, source: np.ndarray) -> np.ndarray:
+    """Each class weighs the same in total; inside a class a source of n rows weighs ~sqrt(n), so 2,000 template
+    windows do not drown 28 short injections (nor 750 chit-chat lines our 70 alarming-but-fine bank questions)."""
+    weights = np.zeros(len(y))
+    for label in np.unique(y):
+        in_class = y == label
+        for s in np.unique(source[in_class]):
+            rows = in_class & (source == s)
+            weights[rows] = 1.0 / np.sqrt(rows.sum())
+        weights[in_class] /= weights[in_class].sum()
+    return weights * len(y) / len(np.unique(y))
+
+
+def _logreg(x: np.ndarray, y: np.ndarray, seed: int, source: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     from sklearn.linear_model import LogisticRegression
 
-    model = LogisticRegression(C=C_REG, class_weight="balanced", max_iter=5000, random_state=seed)
-    model.fit(x, y)
+    model = LogisticRegression(C=C_REG, max_iter=5000, random_state=seed)
+    model.fit(x, y, sample_weight=source_weights(y, source))
     return model.coef_, model.intercept_
 
 
@@ -260,11 +275,11 @@ def fit_heads(rows: WindowRows, mask: np.ndarray, seed: int) -> dict[str, np.nda
     for head in ("unsafe", "attack"):
         y = getattr(rows, head)
         sel = mask & (y >= 0)
-        w, b = _logreg(rows.x[sel], y[sel], seed)
+        w, b = _logreg(rows.x[sel], y[sel], seed, rows.source[sel])
         out[f"{head}_w"], out[f"{head}_b"] = w[0], b[0:1]
     sel = mask & (rows.topic >= 0)
     present = np.unique(rows.topic[sel])
-    w, b = _logreg(rows.x[sel], rows.topic[sel], seed)
+    w, b = _logreg(rows.x[sel], rows.topic[sel], seed, rows.source[sel])
     if len(present) == 2:  # binary LR returns one row: the second class's logit
         w, b = np.vstack([-w / 2, w / 2]), np.array([-b[0] / 2, b[0] / 2])
     out["topic_w"] = np.zeros((len(TOPIC_LABELS), rows.x.shape[1]))
@@ -276,7 +291,7 @@ def fit_heads(rows: WindowRows, mask: np.ndarray, seed: int) -> dict[str, np.nda
     for c in range(len(CATEGORY_LABELS)):
         y = rows.cats[sel, c]
         if 3 <= y.sum() <= len(y) - 3:
-            w, b = _logreg(rows.x[sel], y, seed)
+            w, b = _logreg(rows.x[sel], y, seed, rows.source[sel])
             cat_w[c], cat_b[c] = w[0], b[0]
     out["cat_w"], out["cat_b"] = cat_w, cat_b
     return out
@@ -316,7 +331,7 @@ def choose_thresholds(items: list[Item], unsafe_p: np.ndarray, attack_p: np.ndar
 
     unsafe_allow = float(np.clip(np.quantile(unsafe_p[is_harmful], 1 - HARMFUL_RECALL_TARGET), 0.02, 0.5))
     attack_allow = float(np.clip(np.quantile(attack_p[is_attack], 1 - HARMFUL_RECALL_TARGET), 0.02, 0.5))
-    on_domain = np.isin(src, ON_DOMAIN_SOURCES)
+    on_domain = np.array([it.topic == "on_domain" for it in items])
     topic_t = float(np.clip(np.quantile(off_topic_p[on_domain], 1 - ON_DOMAIN_TOPIC_REFUSAL) + 1e-6, 0.3, 0.95))
     return {"unsafe_block": block_threshold(unsafe_p, unsafe_allow), "unsafe_allow": unsafe_allow,
             "attack_block": block_threshold(attack_p, attack_allow), "attack_allow": attack_allow,
@@ -338,7 +353,8 @@ def cv_report(items: list[Item], unsafe_p: np.ndarray, attack_p: np.ndarray, off
                    "judge": float((~block & ~allow)[g].mean()), "allow": float(allow[g].mean())}
     topic_rows = {}
     for s in ("advice", "off_topic", "general", "chitchat", "unanswerable", *ON_DOMAIN_SOURCES):
-        g = (src == s) & np.array([it.topic is not None for it in items])
+        wanted = ("on_domain",) if s in ON_DOMAIN_SOURCES else tuple(TOPIC_LABELS)  # general look-alikes are off-topic
+        g = (src == s) & np.array([it.topic in wanted for it in items])
         if g.any():
             refused = off_topic_p[g] >= th["off_topic_block"]
             topic_rows[s] = {"n": int(g.sum()), "topic_refusal": float(refused.mean())}

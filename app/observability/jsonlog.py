@@ -24,6 +24,7 @@ _SECRET_PATTERNS = (
 # LogRecord attributes that are not user-supplied `extra=` fields.
 _STANDARD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
 _HANDLER_MARK = "_guardchat_json"
+QUIET_LIBRARIES = ("nemoguardrails", "httpx", "httpcore", "langchain", "sentence_transformers", "openai")
 
 
 def redact(text: str) -> str:
@@ -78,8 +79,10 @@ def configure_json_logging(level: str = "info", stream: Any = None) -> logging.H
         logger = logging.getLogger(name)
         logger.handlers = []
         logger.propagate = True
-    # httpx logs every backend request line at INFO; keep those for DEBUG.
-    logging.getLogger("httpx").setLevel(max(logging.WARNING, root.level))
+    # Libraries that log request lines or whole prompts at INFO (NeMo Guardrails logs every event with the
+    # user message): only from WARNING up unless the root level is DEBUG.
+    for noisy in QUIET_LIBRARIES:
+        logging.getLogger(noisy).setLevel(logging.DEBUG if root.level <= logging.DEBUG else logging.WARNING)
     access = logging.getLogger("uvicorn.access")
     access.handlers = []
     access.propagate = False

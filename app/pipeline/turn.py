@@ -186,10 +186,9 @@ class TurnRunner:
             sources, retrieval_trace = await self._retrieve(query, query_vec, timer)
             trace["retrieval"] = retrieval_trace
             use_rag = settings.rag_enabled and st.retriever is not None
-            no_context = use_rag and not sources
-            if not no_context:
-                with timer.stage("prompt"):
-                    messages = self._build_messages(user_text, history, sources, texts, use_rag)
+            with timer.stage("prompt"):
+                messages, sources = self._build_messages(user_text, history, sources, texts, use_rag)
+            if messages is not None:
                 trace["prompt_chars"] = sum(len(m["content"]) for m in messages)
                 options = GenerationOptions(
                     max_tokens=req.max_tokens or settings.llm_max_tokens,
@@ -336,19 +335,25 @@ class TurnRunner:
         sources: list[Chunk],
         texts: AssistantTexts,
         use_rag: bool,
-    ) -> list[dict[str, str]]:
-        if use_rag:
-            from app.rag.chain import build_messages
+    ) -> tuple[list[dict[str, str]] | None, list[Chunk]]:
+        """The generation prompt and the sources it actually holds (numbered, cut to the token budget).
+        None when RAG is on and nothing relevant was retrieved: the answer is then "I don't know"."""
+        if not use_rag:
+            system = {"role": "system", "content": texts.system_prompt}
+            return [system, *history, {"role": "user", "content": question}], []
+        from app.rag.chain import build_messages
 
-            prepared = build_messages(
-                question,
-                history,
-                sources,
-                system_prompt=texts.system_prompt,
-                context_tokens=self.state.settings.rag_context_tokens,
-            )
-            return list(prepared.messages)
-        return [{"role": "system", "content": texts.system_prompt}, *history, {"role": "user", "content": question}]
+        prepared = build_messages(
+            question,
+            history,
+            sources,
+            system_prompt=texts.system_prompt,
+            context_tokens=self.state.settings.rag_context_tokens,
+            idk_text=texts.idk,
+        )
+        if prepared.no_context:
+            return None, []
+        return list(prepared.messages), list(prepared.sources)
 
     @staticmethod
     def _citations(answer: str, sources: list[Chunk]) -> list[dict[str, Any]]:

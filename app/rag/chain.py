@@ -68,7 +68,7 @@ def fit_sources(chunks: list[Chunk], budget: int) -> tuple[list[Chunk], list[str
         cost = approx_tokens(heading) + approx_tokens(chunk.content)
         content = chunk.content
         if used + cost > budget:
-            remaining_words = int((budget - used - approx_tokens(heading)) / 1.3)
+            remaining_words = int((budget - used - approx_tokens(heading)) / 1.3) - 2  # room for the "…" mark
             if remaining_words * 1.3 < MIN_TRUNCATED_TOKENS:
                 break
             content = " ".join(chunk.content.split()[:remaining_words]) + " …"

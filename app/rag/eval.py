@@ -7,7 +7,9 @@ gold coverage, MRR, for the hybrid retriever as deployed (threshold on) and for 
 (the comparison that shows the hybrid gain); for unanswerable tasks and off-domain questions, the
 retrieval-level abstention rate (nothing above the threshold); a threshold sweep to tune
 `rag_score_threshold`; and with an `llm`, generation metrics: citation validity/precision, answer
-accuracy and the "I don't know" rate. Call it from synchronous code (the CLI): it runs its own event loop.
+accuracy and the "I don't know" rate. Call it from synchronous code (the CLI): it runs its own event loop,
+so pass `llm` as a zero-argument factory (e.g. `lambda: OpenAICompatClient(...)`) to have the client
+created and closed inside that loop; a ready client works too if it is not bound to another loop.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import asyncio
 import json
 import statistics
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +58,7 @@ def eval_rag(
     *,
     embedder: Embedder,
     k: int = 5,
-    llm: ChatBackend | None = None,
+    llm: ChatBackend | Callable[[], ChatBackend] | None = None,
     unanswerable_path: Path | None = UNANSWERABLE_DEV,
     unanswerable_limit: int = 60,
     ingest_first: bool = True,
@@ -100,6 +103,7 @@ def eval_rag(
     )
 
     off_domain: list[tuple[str, np.ndarray]] = []
+    context_pairs: list[tuple[dict[str, Any], list[Chunk]]] = []
     if unanswerable_path and Path(unanswerable_path).exists():
         # SQuAD-style questions about history, science, ...: off-domain for the bank's index.
         rows = _read_jsonl(Path(unanswerable_path))[:unanswerable_limit]
@@ -108,8 +112,8 @@ def eval_rag(
         report["off_domain_abstention"] = sum(1 for q, v in off_domain if not retriever.search(q, v, k)[0]) / len(
             off_domain
         )
-        report["contexts"] = eval_context_abstention(
-            Path(unanswerable_path), settings, embedder=embedder, limit=unanswerable_limit, llm=llm, k=k
+        report["contexts"], context_pairs = eval_context_abstention(
+            Path(unanswerable_path), settings, embedder=embedder, limit=unanswerable_limit, k=k
         )
 
     report["threshold_sweep"] = [
@@ -132,9 +136,21 @@ def eval_rag(
         for th in SWEEP
     ]
     if llm is not None:
-        report["generation"] = asyncio.run(
-            _generation_metrics(llm, answerable, unanswerable, hybrid, unanswerable_results, golds, settings)
-        )
+
+        async def generate() -> None:
+            # One event loop for all generation: a client's connections belong to the loop that opened them.
+            backend: ChatBackend = llm if hasattr(llm, "complete") else llm()  # type: ignore[assignment]
+            try:
+                report["generation"] = await _generation_metrics(
+                    backend, answerable, unanswerable, hybrid, unanswerable_results, golds, settings
+                )
+                if context_pairs:
+                    await _context_idk_rates(backend, context_pairs, report["contexts"], settings)
+            finally:
+                if backend is not llm:
+                    await backend.aclose()
+
+        asyncio.run(generate())
     return report
 
 
@@ -186,11 +202,11 @@ async def _generation_metrics(
 
 
 def eval_context_abstention(
-    path: Path, settings: Any, *, embedder: Embedder, limit: int = 60, llm: ChatBackend | None = None, k: int = 5
-) -> dict[str, Any]:
+    path: Path, settings: Any, *, embedder: Embedder, limit: int = 60, k: int = 5
+) -> tuple[dict[str, dict[str, Any]], list[tuple[dict[str, Any], list[Chunk]]]]:
     """unanswerable_dev.jsonl: question + a context paragraph; `answerable` says whether the context answers it.
-    The contexts are ingested into a SEPARATE temp data dir (the real index is untouched); then the
-    retrieval-level abstention rate (and with `llm`, the "I don't know" rate) is measured per label."""
+    The contexts are ingested into a SEPARATE temp data dir (the real index is untouched); returns the
+    retrieval-level abstention rate per label, and (row, retrieved chunks) pairs for generation."""
     everything = _read_jsonl(path)
     # The file is grouped by label: take up to limit/2 of each so both rates are measured.
     rows = [r for r in everything if r["answerable"]][: limit // 2] + [r for r in everything if not r["answerable"]][
@@ -211,24 +227,27 @@ def eval_context_abstention(
         retriever = HybridRetriever(local)
         vectors = embedder.embed([r["question"] for r in rows])
         results = [retriever.search(r["question"], v, k)[0] for r, v in zip(rows, vectors, strict=True)]
-        by_label: dict[str, dict[str, Any]] = {}
-        for label, flag in (("answerable", True), ("unanswerable", False)):
-            picked = [res for row, res in zip(rows, results, strict=True) if bool(row["answerable"]) == flag]
-            by_label[label] = {
-                "n": len(picked),
-                "retrieval_abstention": sum(1 for r in picked if not r) / len(picked) if picked else None,
-            }
-        if llm is not None:
+    by_label: dict[str, dict[str, Any]] = {}
+    for label, flag in (("answerable", True), ("unanswerable", False)):
+        picked = [res for row, res in zip(rows, results, strict=True) if bool(row["answerable"]) == flag]
+        by_label[label] = {
+            "n": len(picked),
+            "retrieval_abstention": sum(1 for r in picked if not r) / len(picked) if picked else None,
+        }
+    return by_label, list(zip(rows, results, strict=True))
 
-            async def run() -> None:
-                for label, flag in (("answerable", True), ("unanswerable", False)):
-                    idk = n = 0
-                    for row, res in zip(rows, results, strict=True):
-                        if bool(row["answerable"]) == flag:
-                            answer, _ = await _answer(llm, row["question"], res, local)
-                            idk += int(_is_idk(answer))
-                            n += 1
-                    by_label[label]["idk_rate"] = idk / n if n else None
 
-            asyncio.run(run())
-    return by_label
+async def _context_idk_rates(
+    llm: ChatBackend,
+    pairs: list[tuple[dict[str, Any], list[Chunk]]],
+    by_label: dict[str, dict[str, Any]],
+    settings: Any,
+) -> None:
+    for label, flag in (("answerable", True), ("unanswerable", False)):
+        idk = n = 0
+        for row, chunks in pairs:
+            if bool(row["answerable"]) == flag:
+                answer, _ = await _answer(llm, row["question"], chunks, settings)
+                idk += int(_is_idk(answer))
+                n += 1
+        by_label[label]["idk_rate"] = idk / n if n else None

@@ -28,7 +28,7 @@ from app.rag.chunking import search_text
 log = logging.getLogger(__name__)
 
 RAIL_NAME = "groundedness"
-DEFAULT_THRESHOLD = 0.45
+DEFAULT_THRESHOLD = 0.35
 MIN_WORDS = 4
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])|\n+")
 _LIST_MARKER = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+")
@@ -38,6 +38,10 @@ _SMALL_TALK = re.compile(
     r"afternoon|evening))\b",
     re.IGNORECASE,
 )
+# A sentence opening with a pronoun ("They must be sent before 4 pm") means little alone; it is
+# re-scored together with the sentence before it. Only such sentences get that context, so an invented
+# claim cannot hide behind a well-supported neighbour.
+_ANAPHORIC = re.compile(r"^(it|its|they|them|their|this|that|these|those|he|she|his|her|there|such)\b", re.IGNORECASE)
 _IDK = re.compile(r"\bI (?:don't|do not) know\b|couldn't find that|could not find that", re.IGNORECASE)
 
 # (unsupported sentences, chunks) -> True when the judge finds them supported after all.
@@ -82,8 +86,12 @@ def check_groundedness(
         )
     if chunk_embeddings is None or len(chunk_embeddings) != len(chunks):
         chunk_embeddings = embedder.embed([search_text(c.to_dict()) for c in chunks])
-    sentence_embeddings = embedder.embed(sentences)
-    best = (np.asarray(sentence_embeddings) @ np.asarray(chunk_embeddings, dtype=np.float32).T).max(axis=1)
+    chunk_matrix = np.asarray(chunk_embeddings, dtype=np.float32).T
+    best = (np.asarray(embedder.embed(sentences)) @ chunk_matrix).max(axis=1)
+    retry = [i for i, s in enumerate(sentences) if i > 0 and best[i] < threshold and _ANAPHORIC.match(s)]
+    if retry:
+        windows = embedder.embed([f"{sentences[i - 1]} {sentences[i]}" for i in retry])
+        best[retry] = np.maximum(best[retry], (np.asarray(windows) @ chunk_matrix).max(axis=1))
     unsupported = [(s, float(b)) for s, b in zip(sentences, best, strict=True) if b < threshold]
     score = 1.0 - len(unsupported) / len(sentences)
     if not unsupported:
@@ -129,7 +137,7 @@ async def acheck_groundedness(
     )
     if result.verdict == "allow" or judge is None or not chunks:
         return result
-    sentences = [s for s in claim_sentences(answer, idk_text)]
+    sentences = claim_sentences(answer, idk_text)
     try:
         supported = await judge(sentences, chunks)
     except Exception as exc:  # the embedding verdict stands when the judge cannot run

@@ -4,10 +4,11 @@
     sparse  top-N by BM25 over a precomputed sparse matrix (app/rag/bm25.py; exact Okapi scores,
             sub-millisecond at 100k chunks, unlike rank-bm25's per-document Python loop)
     fuse    RRF: sum over the two lists of 1 / (60 + rank)
+    exact   a third RRF list: BM25 hits containing an exact identifier from the query (a product or
+            error code like "LX-4471"), which dense embeddings barely distinguish
     gate    a chunk is returned only if its dense cosine >= `rag_score_threshold` (so an unrelated
-            question retrieves nothing and the pipeline says "I don't know"), except that a chunk
-            containing an exact identifier from the query (a product code like "LX-4471") passes on
-            the keyword evidence alone: identifiers are what dense embeddings miss.
+            question retrieves nothing and the pipeline says "I don't know"), or it contains an exact
+            identifier from the query (keyword evidence alone suffices for codes).
     filter  the optional retrieval rail (app/rag/filters.py) drops chunks that try to instruct the model.
 
 `Chunk.score` is the dense cosine (comparable with the threshold); `Chunk.extra` carries the fused
@@ -45,6 +46,11 @@ _IDENTIFIER = re.compile(r"\b(?=[\w-]*\d)(?=[\w-]*[a-z])[a-z0-9]+(?:[-/.][a-z0-9
 
 def query_identifiers(query: str) -> list[str]:
     return [m.lower() for m in _IDENTIFIER.findall(query) if len(m) >= 3]
+
+
+def _contains_identifier(record: dict[str, Any], identifiers: list[str]) -> bool:
+    text = f"{record['title']} {record.get('section', '')} {record['content']}".lower()
+    return any(ident in text for ident in identifiers)
 
 
 @dataclass
@@ -154,22 +160,25 @@ class HybridRetriever:
             entry["rrf"] += bm25_weight / (RRF_K + rank + 1)
             entry["bm25_rank"] = rank + 1
             entry["bm25"] = bm25_score
+        # Third ranked list: BM25 hits that contain an exact identifier from the query ("BT-4004"), in BM25
+        # order. Dense embeddings barely see codes, so without it a page that differs from its neighbours
+        # only by the code would lose the fusion to them.
+        identifiers = query_identifiers(query)
+        if identifiers:
+            exact = [row for row, _ in sparse if _contains_identifier(snap.chunks[row], identifiers)]
+            for rank, row in enumerate(exact):
+                fused[row]["rrf"] += 1.0 / (RRF_K + rank + 1)
+                fused[row]["identifier_rank"] = rank + 1
         missing = [row for row, entry in fused.items() if "cosine" not in entry]
         if missing:  # BM25-only hits: their cosine from the stored embeddings (one small matmul)
             cosines = np.asarray(snap.embeddings[missing], dtype=np.float32) @ qvec[0]
             for row, cosine in zip(missing, cosines, strict=True):
                 fused[row]["cosine"] = float(cosine)
 
-        identifiers = query_identifiers(query)
         results: list[Chunk] = []
         for row, entry in sorted(fused.items(), key=lambda item: -item[1]["rrf"]):
             record = snap.chunks[row]
-            keyword_pass = (
-                bool(identifiers)
-                and "bm25_rank" in entry
-                and any(ident in record["content"].lower() or ident in record["title"].lower() for ident in identifiers)
-            )
-            if entry["cosine"] < threshold and not keyword_pass:
+            if entry["cosine"] < threshold and "identifier_rank" not in entry:
                 continue
             extra: dict[str, Any] = {k_: (int(v) if k_.endswith("_rank") else round(v, 6)) for k_, v in entry.items()}
             extra["matched"] = (

@@ -9,6 +9,7 @@ The session itself (the turns) lives in the SessionStore; on load the chat is re
 
 from __future__ import annotations
 
+import html
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -35,7 +36,7 @@ STORAGE_KEY = "guardchat-chat-session"
 TYPING_CURSOR = " ▍"
 
 HEADER = (
-    '<div class="gc-header"><span class="gc-logo">🌿</span> <b>Larkspur Bank</b> · support assistant'
+    '<div class="gc-header"><b>Larkspur Bank</b> · support assistant'
     '<div class="gc-sub">Ask about accounts, cards, fees, transfers and more. '
     "Never share your full card number, PIN or passwords.</div></div>"
 )
@@ -63,32 +64,40 @@ def _stored(session_id: str | None) -> dict[str, Any]:
     return {"session_id": session_id}
 
 
+def session_label(session_id: str | None) -> str:
+    """Shown under the chat so a customer can quote it to support (it is their own conversation's id)."""
+    if not session_id:
+        return '<div class="gc-session" data-ready="1"></div>'  # data-ready: the page finished loading
+    safe = html.escape(session_id, quote=True)
+    return f'<div class="gc-session" data-ready="1">Conversation ID: <code data-session-id="{safe}">{safe}</code></div>'
+
+
 def build_chat(get_state: StateGetter, *, browser_secret: str | None = None) -> gr.Blocks:
     """`get_state` returns the live AppState at request time (the lifespan builds it after mounting)."""
 
     async def restore(stored: dict[str, Any] | None) -> tuple[Any, ...]:
         session_id = (stored or {}).get("session_id")
         if not session_id:
-            return [], [], None, [], _stored(None)
+            return [], [], None, [], _stored(None), session_label(None)
         state = get_state()
         try:
             if await state.store.get(session_id) is None:  # expired or deleted: start afresh
-                return [], [], None, [], _stored(None)
+                return [], [], None, [], _stored(None), session_label(None)
             turns = [t.model_dump() for t in await state.store.history(session_id)]
         except Exception as exc:  # store down: say so, but keep the id so the next load can restore it
             log.warning("chat restore failed: %s", type(exc).__name__)
             shown: list[ChatMessage] = [{"role": "assistant", "content": error_markdown(user_error_text(exc))}]
-            return shown, shown, session_id, [None], _stored(session_id)
+            return shown, shown, session_id, [None], _stored(session_id), session_label(session_id)
         messages, turn_ids = history_messages(turns)
         chatbot = gr.Chatbot(value=messages, feedback_value=feedback_values(turns))
-        return chatbot, messages, session_id, turn_ids, _stored(session_id)
+        return chatbot, messages, session_id, turn_ids, _stored(session_id), session_label(session_id)
 
     async def respond(
         text: str, messages: list[ChatMessage], session_id: str | None, turn_ids: list[str | None]
     ) -> AsyncIterator[tuple[Any, ...]]:
         text = (text or "").strip()
         if not text:
-            yield messages, "", messages, session_id, turn_ids, _stored(session_id)
+            yield messages, "", messages, session_id, turn_ids, _stored(session_id), session_label(session_id)
             return
         messages = [*messages, {"role": "user", "content": escape_answer(text)}, {"role": "assistant", "content": ""}]
         turn_ids = [*turn_ids, None, None]
@@ -96,14 +105,15 @@ def build_chat(get_state: StateGetter, *, browser_secret: str | None = None) -> 
         state = get_state()
         try:
             session_id = await _ensure_session(state, session_id)
-            yield messages, "", messages, session_id, turn_ids, _stored(session_id)
+            label_text = session_label(session_id)
+            yield messages, "", messages, session_id, turn_ids, _stored(session_id), label_text
             request = TurnRequest(messages=[{"role": "user", "content": text}], session_id=session_id)
             streamed = ""
             async for event in TurnRunner(state).events(request):
                 if isinstance(event, Delta):
                     streamed += event.text
                     bubble["content"] = escape_answer(streamed) + TYPING_CURSOR
-                    yield messages, "", messages, session_id, turn_ids, _stored(session_id)
+                    yield messages, "", messages, session_id, turn_ids, _stored(session_id), label_text
                 elif isinstance(event, Done):
                     result = event.result
                     bubble["content"] = assistant_markdown(result.answer, result.guardchat(), result.trace)
@@ -111,7 +121,7 @@ def build_chat(get_state: StateGetter, *, browser_secret: str | None = None) -> 
         except Exception as exc:  # the turn was not saved (TurnRunner saves only a finished turn)
             log.warning("chat turn failed: %s: %s", type(exc).__name__, exc)
             bubble["content"] = error_markdown(user_error_text(exc))
-        yield messages, "", messages, session_id, turn_ids, _stored(session_id)
+        yield messages, "", messages, session_id, turn_ids, _stored(session_id), session_label(session_id)
 
     async def feedback(session_id: str | None, turn_ids: list[str | None], data: gr.LikeData) -> None:
         index = data.index if isinstance(data.index, int) else data.index[0]
@@ -128,7 +138,7 @@ def build_chat(get_state: StateGetter, *, browser_secret: str | None = None) -> 
         gr.Info("Thanks for your feedback!")
 
     def new_chat() -> tuple[Any, ...]:
-        return [], [], None, [], _stored(None), ""
+        return [], [], None, [], _stored(None), "", session_label(None)
 
     with gr.Blocks(title="Larkspur Bank · Support", analytics_enabled=False) as demo:
         stored = gr.BrowserState(_stored(None), storage_key=STORAGE_KEY, secret=browser_secret)
@@ -157,13 +167,17 @@ def build_chat(get_state: StateGetter, *, browser_secret: str | None = None) -> 
             )
             send = gr.Button("Send", variant="primary", elem_id="gc-send", scale=1, min_width=64)
         new = gr.Button("New chat", elem_id="gc-new-chat", size="sm", variant="secondary")
+        label = gr.HTML(elem_id="gc-session-id")
 
-        outputs = [chatbot, textbox, messages, session, turn_ids, stored]
+        outputs = [chatbot, textbox, messages, session, turn_ids, stored, label]
         inputs = [textbox, messages, session, turn_ids]
         for trigger in (textbox.submit, send.click):
             # Many users chat at once: the per-session lock in the store, not Gradio's queue, serializes turns.
             trigger(respond, inputs, outputs, concurrency_limit=None, api_visibility="private")
         chatbot.like(feedback, [session, turn_ids], None, api_visibility="private")
-        new.click(new_chat, None, [chatbot, messages, session, turn_ids, stored, textbox], api_visibility="private")
-        demo.load(restore, [stored], [chatbot, messages, session, turn_ids, stored], api_visibility="private")
+        fresh = [chatbot, messages, session, turn_ids, stored, textbox, label]
+        new.click(new_chat, None, fresh, api_visibility="private")
+        chatbot.clear(new_chat, None, fresh, api_visibility="private")  # the Chatbot's own trash button
+        restored = [chatbot, messages, session, turn_ids, stored, label]
+        demo.load(restore, [stored], restored, api_visibility="private")
     return demo

@@ -48,7 +48,7 @@ def block_badge_html(guardchat: Mapping[str, Any]) -> str:
             label += " – check could not run"
         parts.append(label)
     label = "; ".join(parts) if parts else "a rail"
-    return f'<div class="gc-badge gc-blocked" role="status">⛔ Blocked by {_text(label)}</div>'
+    return f'<div class="gc-badge gc-blocked" role="status">Blocked by {_text(label)}</div>'
 
 
 def _citation_title(citation: Mapping[str, Any], position: int) -> tuple[str, str]:
@@ -142,7 +142,7 @@ def escape_answer(answer: str) -> str:
 
 
 def error_markdown(message: str) -> str:
-    return f'<div class="gc-badge gc-error" role="alert">⚠️ {_text(message)}</div>'
+    return f'<div class="gc-badge gc-error" role="alert">{_text(message)}</div>'
 
 
 def turn_messages(turn: Mapping[str, Any]) -> list[ChatMessage]:

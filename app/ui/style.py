@@ -19,6 +19,7 @@ CSS = """
 .gc-why td, .gc-why th { padding: 2px 6px; border: 1px solid #e5e7eb; }
 .gc-trace { max-height: 240px; overflow: auto; font-size: 0.75rem; white-space: pre-wrap; }
 #gc-send { min-width: 64px; }
+.gc-session { font-size: 0.75rem; opacity: 0.6; text-align: center; }
 /* Phones (~375 px): no side gutters, the input row stays on one line, tables scroll. */
 @media (max-width: 480px) {
   .gradio-container { padding: 4px !important; }

@@ -5,9 +5,11 @@ import time
 from pathlib import Path
 
 import pytest
+from redis.asyncio import Redis
 
 from app.admin.publisher import RailsInvalid, RailsPublisher
 from app.admin.versions import FileRailsVersionStore, VersionConflict
+from app.admin.versions_redis import RedisRailsVersionStore
 from app.state import LiveRails
 from tests.admin.helpers import (
     BASE_FILES,
@@ -18,6 +20,7 @@ from tests.admin.helpers import (
     with_blocked,
     yaml_validator,
 )
+from tests.fixtures.redis import RedisProcess
 
 ASK_GUN = [{"role": "user", "content": "where can I buy a gun"}]
 
@@ -112,8 +115,7 @@ async def test_a_publish_on_one_replica_is_live_on_the_other_within_a_second(red
             await wait_for_version(live_a, "3", timeout_s=1.0)
             assert not await blocks(live_a)
         finally:
-            await replica_a.stop()
-            await replica_b.stop()
+            await asyncio.gather(replica_a.stop(), replica_b.stop())
 
 
 async def test_poll_fallback_without_the_change_feed(redis_url: str) -> None:
@@ -123,7 +125,11 @@ async def test_poll_fallback_without_the_change_feed(redis_url: str) -> None:
         replica_b = RailsPublisher(
             store_b, live_b, validator=yaml_validator, builder=GuardFactory(), poll_interval_s=0.2
         )
-        store_b.change_feed = lambda: None  # type: ignore[method-assign]  # as if pub/sub were lost
+
+        async def no_push_notifications() -> None:  # as if pub/sub were lost
+            return None
+
+        store_b.subscribe = no_push_notifications  # type: ignore[method-assign,assignment]
         await replica_b.start()
         try:
             await make_publisher(store_a, initial_live()).publish(1, with_blocked(["bomb", "gun"]), "edit", "a")
@@ -144,3 +150,30 @@ async def test_a_version_that_cannot_be_built_keeps_the_old_config(redis_url: st
         assert live_b.current.version == "1" and "version 2" in (replica_b.last_sync_error or "")
         builds = builder_b.builds
         assert await replica_b.sync() is False and builder_b.builds == builds  # no rebuild storm
+
+
+async def test_replicas_keep_serving_through_a_redis_restart_and_follow_afterwards() -> None:
+    try:
+        server = RedisProcess(persistent=True)
+    except FileNotFoundError:
+        pytest.skip("redis-server is not on PATH")
+    with server:
+        stores = [RedisRailsVersionStore(Redis.from_url(server.url), "t:rails:", owns_client=True) for _ in range(2)]
+        await stores[0].ensure_seeded(BASE_FILES)
+        live_a, live_b = initial_live(), initial_live()
+        replica_a, replica_b = make_publisher(stores[0], live_a), make_publisher(stores[1], live_b)
+        replica_a.poll_interval_s = replica_b.poll_interval_s = 0.2
+        await replica_a.start()
+        await replica_b.start()
+        try:
+            server.kill()
+            await asyncio.sleep(0.6)  # followers hit the dead store: they must keep serving version 1
+            assert live_a.current.version == live_b.current.version == "1"
+            with pytest.raises(Exception, match="(?i)connect"):
+                await replica_a.publish(1, with_blocked(["bomb", "gun"]), "while down", "alice")
+            server.start()
+            await replica_a.publish(1, with_blocked(["bomb", "gun"]), "after restart", "alice")
+            await wait_for_version(live_b, "2", timeout_s=2.0)
+            assert await blocks(live_b)
+        finally:
+            await asyncio.gather(replica_a.stop(), replica_b.stop())

@@ -100,6 +100,7 @@ async def test_file_store_persists_across_store_objects(tmp_path: Path) -> None:
     with pytest.raises(VersionNotFound):
         await second.get(3)
     assert not [p for p in (tmp_path / "rails_versions" / "versions").iterdir() if p.name.endswith(".tmp")]
+    assert await second.subscribe() is None  # no push notifications: followers poll
 
 
 async def test_redis_store_persists_across_clients(redis_url: str) -> None:
@@ -112,12 +113,20 @@ async def test_redis_store_persists_across_clients(redis_url: str) -> None:
             await second.publish(1, BASE_FILES, "stale", "bob")
 
 
-async def test_redis_publish_is_announced_on_the_change_feed(redis_url: str) -> None:
+async def test_redis_publish_is_announced_to_subscribers(redis_url: str) -> None:
     async with redis_store_pair(redis_url) as (first, second):
         await first.ensure_seeded(BASE_FILES)
-        feed = second.change_feed()
-        listener = asyncio.create_task(anext(feed))
-        await asyncio.sleep(0.2)  # let the subscription reach Redis
-        await first.publish(1, with_blocked(["gun"]), "edit", "alice")
-        assert await asyncio.wait_for(listener, 2) == 2
-        await feed.aclose()
+        subscription = await second.subscribe()
+        try:
+            assert await subscription.next_change(0.1) is None  # nothing published yet
+            await first.publish(1, with_blocked(["gun"]), "edit", "alice")
+            assert await subscription.next_change(2.0) == 2
+        finally:
+            await subscription.close()
+        with pytest.raises(VersionConflict):  # a failed publish announces nothing
+            await first.publish(1, BASE_FILES, "stale", "bob")
+        subscription = await second.subscribe()
+        try:
+            assert await subscription.next_change(0.3) is None
+        finally:
+            await subscription.close()

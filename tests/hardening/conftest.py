@@ -205,6 +205,7 @@ def secured_live(
         knowledge_dir=root / "knowledge",
         rate_limit=f"{RATE_LIMIT_PER_MINUTE}/minute",
         llm_max_tokens=24,
+        rag_context_tokens=300,  # the test LLM has 1024 tokens of context
     )
     with secured_server(settings) as server:
         yield server

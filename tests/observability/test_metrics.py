@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import time
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -39,16 +40,22 @@ def test_http_store_and_stream_metrics(observed_server: LiveServer) -> None:
                         json={"messages": [{"role": "user", "content": "How do I order a replacement debit card?"}]})
         assert r.status_code == 200, r.text
         assert client.get(f"/api/sessions/{sid}").status_code == 200
-        with client.stream("POST", "/v1/chat/completions",
-                           json={"stream": True, "messages": [{"role": "user", "content": "What is a wire fee?"}]}) as s:
+        streamed = {"stream": True, "messages": [{"role": "user", "content": "What is a wire fee?"}]}
+        with client.stream("POST", "/v1/chat/completions", json=streamed) as s:
             assert s.status_code == 200
             during = scrape(observed_server)
             body = "".join(s.iter_text())
         assert "[DONE]" in body
-    after = scrape(observed_server)
-
+    # A request is counted just after its last byte is sent: the scrape can briefly trail it.
     chat = {"route": "/v1/chat/completions", "method": "POST", "status": "200"}
-    assert value(after, "guardchat_http_requests_total", **chat) - value(before, "guardchat_http_requests_total", **chat) == 2
+    requests = "guardchat_http_requests_total"
+    deadline = time.monotonic() + 5
+    after = scrape(observed_server)
+    while value(after, requests, **chat) - value(before, requests, **chat) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        after = scrape(observed_server)
+
+    assert value(after, requests, **chat) - value(before, requests, **chat) == 2, after[requests]
     # The route TEMPLATE is the label, never the raw path with the session id in it.
     assert value(after, "guardchat_http_requests_total", route="/api/sessions/{session_id}", method="GET") >= 1
     assert not any(sid in lab.get("route", "") for lab, _ in after["guardchat_http_requests_total"])

@@ -46,8 +46,12 @@ def test_ingest_search_reingest_change_delete(rag_settings: Settings, embedder: 
     _assert_consistent(rag_settings)
 
     top = _search(rag_settings, embedder, "How much does it cost to send a domestic wire?")[0]
-    assert (top.document_id, top.source, top.title, top.section) == ("wires", "wires.md", "Wire transfers",
-                                                                     "Domestic wires")
+    assert (top.document_id, top.source, top.title, top.section) == (
+        "wires",
+        "wires.md",
+        "Wire transfers",
+        "Domestic wires",
+    )
     assert top.id.startswith("wires#") and top.page is None and "$25" in top.content
     assert top.score >= rag_settings.rag_score_threshold
 
@@ -109,7 +113,12 @@ def test_bad_files_are_reported_and_the_rest_is_ingested(tmp_path: Path, embedde
     by_id = {f.document_id: f for f in report.files}
     assert by_id["good"].status == by_id["rates"].status == "added"
     assert {k: by_id[k].code for k in ("corrupt", "junk", "empty", "slides", "huge")} == {
-        "corrupt": "corrupt", "junk": "binary", "empty": "empty", "slides": "unsupported_type", "huge": "too_large"}
+        "corrupt": "corrupt",
+        "junk": "binary",
+        "empty": "empty",
+        "slides": "unsupported_type",
+        "huge": "too_large",
+    }
     assert all(by_id[k].message for k in ("corrupt", "junk", "empty", "slides", "huge"))
     assert sorted(load_snapshot(settings.index_dir).documents) == ["good", "rates"]
     pdf_chunk = _search(settings, embedder, "CD certificate of deposit rate")[0]
@@ -204,8 +213,10 @@ def test_killed_ingest_process_leaves_index_loadable(tmp_path: Path, embedder: M
     assert after.chunks == before.chunks
     report = ingest(paths, settings, embedder=embedder, progress=False)  # lock released by the kernel
     assert sorted(f.status for f in report.files) == ["added", "added", "skipped", "skipped"]
-    assert json.loads((settings.index_dir / VERSIONS_DIR / report.version / "manifest.json").read_text())["count"] == \
-        report.total_chunks
+    assert (
+        json.loads((settings.index_dir / VERSIONS_DIR / report.version / "manifest.json").read_text())["count"]
+        == report.total_chunks
+    )
     assert (settings.index_dir / CURRENT_FILE).read_text() == report.version
 
 

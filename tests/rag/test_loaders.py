@@ -40,7 +40,9 @@ def test_html_keeps_headings_and_drops_scripts(tmp_path: Path) -> None:
 
 def test_pdf_pages_are_kept(tmp_path: Path) -> None:
     path = tmp_path / "rates.pdf"
-    path.write_bytes(make_pdf(["Certificates of deposit earn 4.2% APY.", "Early withdrawal costs 90 days of interest."]))
+    path.write_bytes(
+        make_pdf(["Certificates of deposit earn 4.2% APY.", "Early withdrawal costs 90 days of interest."])
+    )
     doc = load_document(path)
     assert doc.format == "pdf" and [s.page for s in doc.segments] == [1, 2]
     records = chunk_document(doc, "rates", "rates.pdf", chunk_chars=900, overlap=100)

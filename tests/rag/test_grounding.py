@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import pytest
+
+from app.rag.base import Chunk
+from app.rag.embedder import MiniLMEmbedder
+from app.rag.grounding import acheck_groundedness, check_groundedness, claim_sentences
+
+CHUNKS = [
+    Chunk(
+        "w#0:1",
+        "wires",
+        "wires.md",
+        "Wire transfers",
+        "Outgoing domestic wire transfers cost $25 each and must be "
+        "submitted before 4 pm Eastern to be sent the same business day.",
+        section="Domestic wires",
+    ),
+    Chunk(
+        "c#0:1",
+        "cards",
+        "cards.md",
+        "Card help",
+        "You can lock your debit card instantly in the mobile app under Cards, then Lock card.",
+        section="Lock your card",
+    ),
+]
+SUPPORTED = (
+    "Hello! A domestic wire costs $25 [1]. They must be submitted before 4 pm Eastern to go out the same business "
+    "day [1]. You can also lock your debit card in the mobile app [2]. Let me know if you need anything else."
+)
+UNSUPPORTED = "A domestic wire costs $25 [1]. Every new customer also receives a free cruise to the Bahamas [1]."
+
+
+def test_claim_sentences_skip_small_talk_citations_and_idk() -> None:
+    text = "Hi there! Wires cost $25 each [1]. Thanks! I don't know. I couldn't find that in our knowledge base.\n- ok"
+    assert claim_sentences(text) == ["Wires cost $25 each ."]
+
+
+def test_supported_answer_is_allowed(embedder: MiniLMEmbedder) -> None:
+    result = check_groundedness(SUPPORTED, CHUNKS, embedder, threshold=0.35)
+    assert (result.name, result.verdict, result.score) == ("groundedness", "allow", 1.0)
+    assert "3 claim(s)" in (result.detail or "")
+
+
+def test_unsupported_sentence_is_flagged_or_blocked(embedder: MiniLMEmbedder) -> None:
+    flagged = check_groundedness(UNSUPPORTED, CHUNKS, embedder, threshold=0.35)
+    assert flagged.verdict == "flag" and flagged.score == 0.5
+    assert "cruise" in (flagged.detail or "")
+    blocked = check_groundedness(
+        UNSUPPORTED,
+        CHUNKS,
+        embedder,
+        threshold=0.35,
+        action="block",
+        chunk_embeddings=embedder.embed([c.content for c in CHUNKS]),
+    )
+    assert blocked.verdict == "block"
+    assert check_groundedness("Sure, happy to help! I don't know.", [], embedder, threshold=0.35).verdict == "allow"
+    assert check_groundedness(UNSUPPORTED, [], embedder, threshold=0.35).verdict == "flag"
+
+
+@pytest.mark.parametrize("judge_says", [True, False])
+async def test_judge_is_asked_only_for_low_scores(embedder: MiniLMEmbedder, judge_says: bool) -> None:
+    asked: list[list[str]] = []
+
+    async def judge(sentences: list[str], chunks: list[Chunk]) -> bool:
+        asked.append(sentences)
+        return judge_says
+
+    ok = await acheck_groundedness(SUPPORTED, CHUNKS, embedder, threshold=0.35, judge=judge)
+    assert ok.verdict == "allow" and asked == []
+    low = await acheck_groundedness(UNSUPPORTED, CHUNKS, embedder, threshold=0.35, judge=judge)
+    assert len(asked) == 1 and any("cruise" in s for s in asked[0])
+    assert low.verdict == ("allow" if judge_says else "flag")
