@@ -54,7 +54,7 @@ async def build_state(settings: Settings) -> AppState:
         embedder=embedder,
         retriever=retriever,
         rails=LiveRails(LoadedRails(version="local", guard=guard)),
-        extras={"embedded_server": embedded_server, "detector": detector},
+        extras={"embedded_server": embedded_server, "detector": detector, "grounding": grounding},
     )
     from app.admin.wiring import build_rails_publisher
 

@@ -91,6 +91,8 @@ class Settings(BaseSettings):
     max_messages: int = 200
     shutdown_grace_s: float = 30.0
 
+    rails_poll_interval_s: float = 1.0  # replicas poll the rails version store this often (pub/sub is faster)
+
     # --- UI ---
     ui_enabled: bool = True
 

@@ -461,6 +461,19 @@ def print_summary(report: dict[str, Any]) -> None:
     console.print("thresholds: " + ", ".join(f"{k}={v:.3f}" for k, v in report["thresholds"].items()))
 
 
+def report_markdown(report: dict[str, Any]) -> str:
+    """The same tables as markdown (docs/guard-classifier.md quotes them)."""
+    lines = ["| source | n | unsafe head | attack head | auto-block | judge band | auto-allow |", "|---|---|---|---|---|---|---|"]
+    cols = ("unsafe_head_block", "attack_head_block", "auto_block", "judge", "allow")
+    for source, r in report["cv"]["safety"].items():
+        lines.append(f"| {source} | {r['n']} | " + " | ".join(f"{100 * r[k]:.1f}%" for k in cols) + " |")
+    lines += ["", "| topic rail: source | n | refused |", "|---|---|---|"]
+    for source, r in report["cv"]["topic"].items():
+        if isinstance(r, dict):
+            lines.append(f"| {source} | {r['n']} | {100 * r['topic_refusal']:.1f}% |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     import argparse
 
