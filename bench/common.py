@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import socket
@@ -65,7 +66,7 @@ def percentile(values: Sequence[float], q: float) -> float:
     if not values:
         return 0.0
     ordered = sorted(values)
-    rank = max(0, min(len(ordered) - 1, int(round(q / 100 * len(ordered) + 0.5)) - 1))
+    rank = max(0, min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1))
     return float(ordered[rank])
 
 
@@ -197,3 +198,10 @@ def _descendants(pid: int) -> list[int]:
         found.append(int(child))
         found.extend(_descendants(int(child)))
     return found
+
+
+def apply_quick(args: Any, parser: Any, **small: Any) -> None:
+    """--quick: shrink every size the caller did not set explicitly on the command line."""
+    for name, value in small.items():
+        if getattr(args, name) == parser.get_default(name):
+            setattr(args, name, value)

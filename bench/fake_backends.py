@@ -35,13 +35,13 @@ LLAMA_GUARD_MARKERS = ("<BEGIN UNSAFE CONTENT CATEGORIES>", "Provide your safety
 SELF_CHECK_MARKERS = ("Should the user message be blocked", "Should the bot message be blocked")
 
 
-def reply_for(prompt: str) -> str:
+def reply_for(prompt: str, repeat: int = 1) -> str:
     """What a well-behaved deployment would answer: Llama Guard says safe, a self-check says No."""
     if any(m in prompt for m in LLAMA_GUARD_MARKERS):
         return "safe"
     if any(m in prompt for m in SELF_CHECK_MARKERS):
         return "No"
-    return ANSWER
+    return " ".join([ANSWER] * repeat)
 
 
 def tokens_of(text: str) -> list[str]:
@@ -51,7 +51,8 @@ def tokens_of(text: str) -> list[str]:
 
 
 class FakeBackend:
-    def __init__(self, ttft_ms: float = 0.0, itl_ms: float = 0.0, model: str = "fake-llm") -> None:
+    def __init__(self, ttft_ms: float = 0.0, itl_ms: float = 0.0, model: str = "fake-llm", repeat: int = 1) -> None:
+        self.repeat = repeat
         self.ttft_s = ttft_ms / 1000
         self.itl_s = itl_ms / 1000
         self.model = model
@@ -96,7 +97,7 @@ class FakeBackend:
     async def _chat(self, send: Send, request: dict[str, Any]) -> None:
         messages = request.get("messages") or []
         prompt = "\n".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
-        text = reply_for(prompt)
+        text = reply_for(prompt, self.repeat)
         model = request.get("model", self.model)
         usage = {"prompt_tokens": len(prompt) // 4, "completion_tokens": len(tokens_of(text)),
                  "total_tokens": len(prompt) // 4 + len(tokens_of(text))}
@@ -148,12 +149,12 @@ async def _json(send: Send, payload: dict[str, Any], status: int = 200) -> None:
     await send({"type": "http.response.body", "body": data})
 
 
-def command(port: int, ttft_ms: float = 0.0, itl_ms: float = 0.0) -> list[str]:
+def command(port: int, ttft_ms: float = 0.0, itl_ms: float = 0.0, repeat: int = 1) -> list[str]:
     """The argv that starts one backend process (used by the benchmarks)."""
     from bench.common import PYTHON
 
     return [PYTHON, "-m", "bench.fake_backends", "--port", str(port),
-            "--ttft-ms", str(ttft_ms), "--itl-ms", str(itl_ms)]
+            "--ttft-ms", str(ttft_ms), "--itl-ms", str(itl_ms), "--answer-repeat", str(repeat)]
 
 
 def main() -> None:
@@ -163,8 +164,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--ttft-ms", type=float, default=0.0)
     parser.add_argument("--itl-ms", type=float, default=0.0)
+    parser.add_argument("--answer-repeat", type=int, default=1, help="chat answer = ANSWER repeated N times")
     args = parser.parse_args()
-    app = FakeBackend(args.ttft_ms, args.itl_ms)
+    app = FakeBackend(args.ttft_ms, args.itl_ms, repeat=args.answer_repeat)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False, lifespan="on")
 
 

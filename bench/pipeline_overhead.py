@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import profiling
-from bench.common import RESULTS_DIR, print_table, summarize, write_result
+from bench.common import RESULTS_DIR, apply_quick, print_table, summarize, write_result
 from bench.corpus import build_corpus
 from bench.fake_backends import ANSWER
 from bench.loadgen import LoadResult, Sample
@@ -103,8 +103,7 @@ def main() -> None:
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args()
     if args.quick:
-        args.chunks, args.duration, args.warmup = min(args.chunks, 300), 2.0, 1.0
-        args.concurrency = [1, 4]
+        apply_quick(args, parser, chunks=300, duration=2.0, warmup=1.0, concurrency=[1, 4])
 
     corpus = build_corpus(args.chunks)
     print(f"corpus: {corpus['chunks']} chunks ({corpus['index_kind']}) in {corpus['data_dir']}", flush=True)

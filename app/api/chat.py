@@ -156,6 +156,10 @@ async def chat_completions(
         except Exception as exc:  # mid-stream failure: an OpenAI-style error event, never a traceback
             status, message, code = exception_to_error(exc)
             yield {"data": json.dumps(error_body(status, message, code))}
+        finally:
+            # On a client disconnect this runs the turn's own cleanup now (cancel generation, save the
+            # turn as interrupted) rather than whenever the generator is garbage-collected.
+            await events.aclose()
         yield {"data": "[DONE]"}
 
     return EventSourceResponse(sse(), headers={"X-Request-Id": request_id, "Cache-Control": "no-cache"}, ping=15)

@@ -320,8 +320,6 @@ ON_DOMAIN_SOURCES = ("on_domain", "alarming", "lookalike")
 def choose_thresholds(items: list[Item], unsafe_p: np.ndarray, attack_p: np.ndarray,
                       off_topic_p: np.ndarray) -> dict[str, float]:
     src = np.array([it.source for it in items])
-    is_harmful = np.isin(src, UNSAFE_SOURCES)
-    is_attack = np.isin(src, ATTACK_SOURCES)
     benign_groups = [src == s for s in BENIGN_SOURCES if s != "borderline" and (src == s).any()]
 
     def block_threshold(p: np.ndarray, allow: float) -> float:
@@ -329,8 +327,13 @@ def choose_thresholds(items: list[Item], unsafe_p: np.ndarray, attack_p: np.ndar
         worst = max(float(np.quantile(p[g], 1 - AUTO_BLOCK_BENIGN_FRR)) for g in benign_groups)
         return float(min(0.99, max(allow + 0.05, worst + 1e-6)))
 
-    unsafe_allow = float(np.clip(np.quantile(unsafe_p[is_harmful], 1 - HARMFUL_RECALL_TARGET), 0.02, 0.5))
-    attack_allow = float(np.clip(np.quantile(attack_p[is_attack], 1 - HARMFUL_RECALL_TARGET), 0.02, 0.5))
+    def allow_threshold(p: np.ndarray, sources: tuple[str, ...]) -> float:
+        # every positive source (not just the pooled set) must reach the judge band HARMFUL_RECALL_TARGET of the time
+        lows = [float(np.quantile(p[src == s], 1 - HARMFUL_RECALL_TARGET)) for s in sources if (src == s).any()]
+        return float(np.clip(min(lows), 0.02, 0.5))
+
+    unsafe_allow = allow_threshold(unsafe_p, UNSAFE_SOURCES)
+    attack_allow = allow_threshold(attack_p, ATTACK_SOURCES)
     on_domain = np.array([it.topic == "on_domain" for it in items])
     topic_t = float(np.clip(np.quantile(off_topic_p[on_domain], 1 - ON_DOMAIN_TOPIC_REFUSAL) + 1e-6, 0.3, 0.95))
     return {"unsafe_block": block_threshold(unsafe_p, unsafe_allow), "unsafe_allow": unsafe_allow,
@@ -463,7 +466,7 @@ def print_summary(report: dict[str, Any]) -> None:
 
 def report_markdown(report: dict[str, Any]) -> str:
     """The same tables as markdown (docs/guard-classifier.md quotes them)."""
-    lines = ["| source | n | unsafe head | attack head | auto-block | judge band | auto-allow |", "|---|---|---|---|---|---|---|"]
+    lines = ["| source | n | unsafe head | attack head | auto-block | judge band | auto-allow |", "|---" * 7 + "|"]
     cols = ("unsafe_head_block", "attack_head_block", "auto_block", "judge", "allow")
     for source, r in report["cv"]["safety"].items():
         lines.append(f"| {source} | {r['n']} | " + " | ".join(f"{100 * r[k]:.1f}%" for k in cols) + " |")

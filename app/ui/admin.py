@@ -177,7 +177,9 @@ def build_admin(get_state: StateGetter, settings: Settings) -> gr.Blocks:
                     status = gr.Markdown(elem_id="gc-rails-status")
                     with gr.Row():
                         file_pick = gr.Dropdown(label="File", choices=[], elem_id="gc-file", scale=3)
-                        new_name = gr.Textbox(label="New file", placeholder="topics_extra.co", scale=2, elem_id="gc-new-file")
+                        new_name = gr.Textbox(
+                            label="New file", placeholder="topics_extra.co", scale=2, elem_id="gc-new-file"
+                        )
                         add_btn = gr.Button("Add file", scale=1, elem_id="gc-add-file")
                     editor = gr.Code(language="yaml", lines=18, max_lines=40, elem_id="gc-editor", interactive=True)
                     with gr.Row():

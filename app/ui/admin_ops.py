@@ -62,7 +62,11 @@ def merge_edit(draft: Mapping[str, str], path: str | None, text: str | None) -> 
     """The draft with the editor's current text saved under the file it was showing."""
     files = dict(draft)
     if path and text is not None and path in files:
-        files[path] = text
+        original = files[path]
+        # The browser editor drops a file's final newline; that alone is not an edit.
+        if text.rstrip("\n") == original.rstrip("\n"):
+            return files
+        files[path] = text + "\n" if original.endswith("\n") and not text.endswith("\n") else text
     return files
 
 

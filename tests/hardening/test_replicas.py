@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from redis import Redis
 
 from tests.fixtures.redis import RedisProcess
 from tests.fixtures.server import free_port
@@ -186,41 +187,52 @@ def test_rails_publish_is_live_on_the_other_replica_within_a_second(replicas: tu
     assert elapsed <= 1.0, f"replica B served the new rails after {elapsed:.2f} s"
 
 
-def test_sigterm_drains_in_flight_streams_then_exits(replicas: tuple[Replica, Replica]) -> None:
-    _, b = replicas
+def test_sigterm_drains_in_flight_streams_then_exits(
+    replicas: tuple[Replica, Replica], redis_for_replicas: RedisProcess
+) -> None:
+    a, b = replicas
+    with a.client(KEYS[2]) as on_a:
+        sid = on_a.post("/api/sessions").json()["id"]
+    # Hold the session's turn lock (layout in app/sessions/redis.py) so the stream is certainly in flight
+    # when SIGTERM arrives, however fast the test LLM is; letting go later lets the turn run and stream.
+    redis = Redis.from_url(redis_for_replicas.url)
+    lock_key = f"guardchat:session:{{{sid}}}:lock"
+    assert redis.set(lock_key, "held-by-the-test", px=60_000, nx=True)
     body = {
-        "messages": [{"role": "user", "content": "Explain step by step how to set up online banking, in detail."}],
-        "max_tokens": 120,
+        "messages": [{"role": "user", "content": "Explain step by step how to set up online banking."}],
+        "max_tokens": 40,
         "stream": True,
     }
     events: list[str] = []
-    first_content = threading.Event()
     stream_error: list[BaseException] = []
 
     def stream() -> None:
         try:
-            with b.client(KEYS[2]) as client, client.stream("POST", "/v1/chat/completions", json=body) as response:
-                assert response.status_code == 200
-                for line in response.iter_lines():
-                    if line.startswith("data: "):
-                        events.append(line.removeprefix("data: "))
-                        if '"content"' in line and len(events) > 1:
-                            first_content.set()
+            with (
+                b.client(KEYS[2]) as client,
+                client.stream("POST", "/v1/chat/completions", headers={"X-Session-Id": sid}, json=body) as response,
+            ):
+                assert response.status_code == 200, response.read()
+                events.extend(
+                    line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")
+                )
         except BaseException as exc:  # reported to the test thread
             stream_error.append(exc)
-        finally:
-            first_content.set()
 
     reader = threading.Thread(target=stream, daemon=True)
     reader.start()
-    assert first_content.wait(120)
+    time.sleep(1.0)  # the request is in flight, waiting for the session
     signalled_at = time.monotonic()
     b.process.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
-    with b.client(KEYS[2]) as client:
-        refused = client.get("/v1/models")
-        assert_openai_error(refused, 503, "shutting_down")
-        assert client.get("/readyz").status_code == 503
+    time.sleep(0.5)
+    try:
+        with b.client(KEYS[2]) as client:
+            assert_openai_error(client.get("/v1/models"), 503, "shutting_down")
+            assert client.get("/readyz").status_code == 503
+        assert b.process.poll() is None, "exited with a request in flight"
+    finally:
+        redis.delete(lock_key)
+        redis.close()
     reader.join(GRACE_S + 10)
     assert not stream_error, stream_error
     assert events and events[-1] == "[DONE]", events[-3:]
@@ -229,6 +241,9 @@ def test_sigterm_drains_in_flight_streams_then_exits(replicas: tuple[Replica, Re
     b.process.wait(timeout=GRACE_S + 15)
     assert time.monotonic() - signalled_at < GRACE_S + 15
     assert b.process.returncode in (0, -signal.SIGTERM)
+    with a.client(KEYS[2]) as on_a:  # the drained turn was saved
+        turns = on_a.get(f"/api/sessions/{sid}").json()["turns"]
+    assert [t["status"] for t in turns] == ["ok"]
 
 
 def test_logs_hold_no_secrets_or_prompts(replicas: tuple[Replica, Replica]) -> None:
