@@ -12,11 +12,14 @@ def _headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
-def _stream_turn(client: httpx.Client, messages: list[dict[str, str]], session_id: str | None, console: Console) -> tuple[str, dict]:
+def _stream_turn(
+    client: httpx.Client, messages: list[dict[str, str]], session_id: str | None, console: Console
+) -> tuple[str, dict]:
     body: dict = {"model": "guardchat", "messages": messages, "stream": True}
     if session_id:
         body["session_id"] = session_id
-    answer, meta = [], {}
+    answer: list[str] = []
+    meta: dict = {}
     with client.stream("POST", "/v1/chat/completions", json=body) as resp:
         if resp.status_code != 200:
             resp.read()
@@ -60,7 +63,9 @@ def run_terminal_chat(url: str, *, api_key: str | None = None, stateless: bool =
                 return
             if not text.strip():
                 continue
-            messages = [{"role": "user", "content": text}] if session_id else [*history, {"role": "user", "content": text}]
+            messages = (
+                [{"role": "user", "content": text}] if session_id else [*history, {"role": "user", "content": text}]
+            )
             console.print("[bold green]bot>[/bold green] ", end="")
             try:
                 answer, meta = _stream_turn(client, messages, session_id, console)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+
+if TYPE_CHECKING:
+    from app.settings import Settings
 
 os.environ.setdefault("NEMO_GUARDRAILS_NO_USAGE_STATS", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -26,10 +28,10 @@ app.add_typer(guard_app, name="guard")
 app.add_typer(eval_app, name="eval")
 
 
-def _settings(**overrides: object):  # type: ignore[no-untyped-def]
+def _settings(**overrides: Any) -> Settings:
     from app.settings import Settings
 
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    return Settings.model_validate({k: v for k, v in overrides.items() if v is not None})
 
 
 @app.command()
@@ -88,13 +90,16 @@ def ingest(
 ) -> None:
     """Ingest md/txt/html/pdf into the FAISS index (incremental, safe to interrupt)."""
     from app.rag.embedder import get_embedder
-    from app.rag.ingest import index_exists, ingest as run_ingest
+    from app.rag.ingest import index_exists
+    from app.rag.ingest import ingest as run_ingest
 
     settings = _settings()
     if if_missing and index_exists(settings):
         typer.echo(f"index present in {settings.index_dir}; skipping")
         return
-    report = run_ingest(list(paths or [settings.knowledge_dir]), settings, embedder=get_embedder(), delete=list(delete or []))
+    report = run_ingest(
+        list(paths or [settings.knowledge_dir]), settings, embedder=get_embedder(), delete=list(delete or [])
+    )
     typer.echo(report.summary())
     if report.errors:
         raise typer.Exit(1)
@@ -142,7 +147,9 @@ def eval_safety(
 
 @eval_app.command("rag")
 def eval_rag_cmd(
-    tasks: Annotated[Path, typer.Option(help="JSONL tasks with gold document ids")] = Path("tests/data/rag_tasks.jsonl"),
+    tasks: Annotated[Path, typer.Option(help="JSONL tasks with gold document ids")] = Path(
+        "tests/data/rag_tasks.jsonl"
+    ),
     k: Annotated[int, typer.Option()] = 5,
     out: Annotated[Path, typer.Option(help="Report directory")] = Path("eval-report"),
 ) -> None:
@@ -161,4 +168,4 @@ def main() -> None:  # pragma: no cover
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

@@ -38,15 +38,19 @@ async def build_state(settings: Settings) -> AppState:
     from app.sessions.factory import build_session_store
 
     if settings.guard_fail_open:
-        log.warning("!" * 72 + "\nGUARDCHAT_GUARD_FAIL_OPEN is set: turns are ALLOWED when a guard cannot run. "
-                    "Development only — never in production.\n" + "!" * 72)
+        log.warning(
+            "!" * 72 + "\nGUARDCHAT_GUARD_FAIL_OPEN is set: turns are ALLOWED when a guard cannot run. "
+            "Development only — never in production.\n" + "!" * 72
+        )
     llm, embedded_server = build_chat_backend(settings)
     store = build_session_store(settings)
     embedder = get_embedder()
     detector = Detector.load()
     retriever = build_retriever(settings, embedder, detector)
     grounding = build_grounding(embedder)
-    guard = build_guard(settings.rails_dir, settings, llm=llm, embedder=embedder, detector=detector, grounding=grounding)
+    guard = build_guard(
+        settings.rails_dir, settings, llm=llm, embedder=embedder, detector=detector, grounding=grounding
+    )
     state = AppState(
         settings=settings,
         llm=llm,
@@ -138,7 +142,13 @@ def create_app(settings: Settings | None = None, state_factory: StateFactory | N
     )
     install_error_handlers(app)
     for router in (
-        chat.router, checks.router, search.router, sessions.router, knowledge.router, admin.router, health.router
+        chat.router,
+        checks.router,
+        search.router,
+        sessions.router,
+        knowledge.router,
+        admin.router,
+        health.router,
     ):
         app.include_router(router)
     if settings.ui_enabled:

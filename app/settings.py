@@ -26,7 +26,9 @@ class Settings(BaseSettings):
 
     # --- chat LLM ---
     llm_backend: Literal["embedded", "openai", "trtllm"] = "embedded"
-    llm_url: str | None = Field(default=None, description="Base URL of the OpenAI-compatible server, e.g. http://gpu:8000/v1")
+    llm_url: str | None = Field(
+        default=None, description="Base URL of the OpenAI-compatible server, e.g. http://gpu:8000/v1"
+    )
     llm_model: str | None = None
     llm_api_key: SecretStr | None = None
     llm_timeout_s: float = 120.0
@@ -34,7 +36,9 @@ class Settings(BaseSettings):
     llm_max_retries: int = 2
     llm_max_tokens: int = 512
     llm_temperature: float = 0.2
-    lora_adapters: list[str] = Field(default_factory=list, description="Allow-list of adapter names a request may select")
+    lora_adapters: list[str] = Field(
+        default_factory=list, description="Allow-list of adapter names a request may select"
+    )
 
     # --- embedded model (llama.cpp in-process) ---
     embedded_model: EmbeddedModelName = "qwen2.5-1.5b"
@@ -62,7 +66,9 @@ class Settings(BaseSettings):
     guard_model: str | None = None
     guard_api_key: SecretStr | None = None
     guard_timeout_s: float = 10.0
-    guard_fail_open: bool = Field(default=False, description="Development only: let turns through when a guard cannot run")
+    guard_fail_open: bool = Field(
+        default=False, description="Development only: let turns through when a guard cannot run"
+    )
     output_rails_chunk_chars: int = 200
     output_rails_context_chars: int = 400
 
@@ -81,8 +87,12 @@ class Settings(BaseSettings):
     rag_bm25_weight: float = 1.0  # weight of the keyword list in reciprocal-rank fusion
 
     # --- auth and limits ---
-    api_keys: list[SecretStr] = Field(default_factory=list, description="Chat API keys; empty = no auth (loopback only)")
-    admin_token: SecretStr | None = Field(default=None, description="Admin token; generated and printed once when unset")
+    api_keys: list[SecretStr] = Field(
+        default_factory=list, description="Chat API keys; empty = no auth (loopback only)"
+    )
+    admin_token: SecretStr | None = Field(
+        default=None, description="Admin token; generated and printed once when unset"
+    )
     rate_limit: str | None = Field(default=None, description="Per-key rate limit, e.g. '60/minute'")
     cors_origins: list[str] = Field(default_factory=list)
     docs_enabled: bool = True
@@ -95,6 +105,9 @@ class Settings(BaseSettings):
 
     # --- UI ---
     ui_enabled: bool = True
+    ui_secret: SecretStr | None = Field(
+        default=None, description="Key for the browser-kept session id; set it so chats survive restarts"
+    )
 
     @property
     def models_dir(self) -> Path:

@@ -55,7 +55,7 @@ def machine_info() -> dict[str, Any]:
         "nproc": os.cpu_count(),
         "cpu": cpu,
         "ram_gib": round(mem_gib, 1),
-        "loadavg_1m_at_start": round(os.getloadavg()[0], 2),
+        "loadavg_1m_when_written": round(os.getloadavg()[0], 2),
         "python": platform.python_version(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

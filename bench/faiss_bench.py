@@ -51,28 +51,30 @@ def queries_for(vectors: np.ndarray, n: int, seed: int = 1) -> np.ndarray:
     return np.ascontiguousarray(q, dtype=np.float32)
 
 
-def bench_size(n: int, n_queries: int, ef_search: list[int]) -> list[dict[str, Any]]:
-    from app.rag.index import build_faiss_index, index_kind, measure_recall
+def bench_size(n: int, n_queries: int, ef_search: list[int], exact_max: int | None = None) -> list[dict[str, Any]]:
+    """`exact_max` defaults to the project's switch-over size (flat below, HNSW above)."""
+    from app.rag.index import EXACT_MAX_VECTORS, build_faiss_index, index_kind, measure_recall
 
     vectors = synthetic_vectors(n)
     started = time.perf_counter()
-    index = build_faiss_index(vectors)
+    index = build_faiss_index(vectors, exact_max=EXACT_MAX_VECTORS if exact_max is None else exact_max)
     build_s = time.perf_counter() - started
     queries = queries_for(vectors, n_queries)
-    rows = []
+    rows: list[dict[str, Any]] = []
     settings = ef_search if index_kind(index) == "hnsw" else [0]
     for ef in settings:
         if ef:
-            index.hnsw.efSearch = ef
+            index.hnsw.efSearch = ef  # type: ignore[attr-defined]  (an IndexHNSWFlat here)
         latencies = []
         for q in queries:  # one query at a time, like a turn
             t = time.perf_counter()
             index.search(q.reshape(1, -1), 10)
             latencies.append((time.perf_counter() - t) * 1000)
         recall = measure_recall(index, vectors, queries[: min(200, n_queries)], k=10)
+        latency = summarize(latencies)
         rows.append({"vectors": n, "kind": index_kind(index), "ef_search": ef or None, "build_s": round(build_s, 1),
-                     "latency_ms": summarize(latencies), "recall_at_10": round(recall, 4)})
-        print(f"{n:>9} {index_kind(index):5} ef={ef or '-':>4} p50={rows[-1]['latency_ms']['p50']:.3f} ms "
+                     "latency_ms": latency, "recall_at_10": round(recall, 4)})
+        print(f"{n:>9} {index_kind(index):5} ef={ef or '-':>4} p50={latency['p50']:.3f} ms "
               f"recall@10={recall:.3f} (build {build_s:.1f}s)", flush=True)
     del index, vectors
     return rows

@@ -116,7 +116,7 @@ async def chat_completions(
             headers={"X-Request-Id": request_id},
         )
 
-    events = runner.events(turn)
+    events = runner.events(turn)  # an async generator: closed explicitly below
     # Pull the first event before answering, so errors that happen before any output (unknown session,
     # backend down, bad input) get a real HTTP status instead of an error inside a 200 stream.
     try:
@@ -159,7 +159,7 @@ async def chat_completions(
         finally:
             # On a client disconnect this runs the turn's own cleanup now (cancel generation, save the
             # turn as interrupted) rather than whenever the generator is garbage-collected.
-            await events.aclose()
+            await events.aclose()  # type: ignore[attr-defined]
         yield {"data": "[DONE]"}
 
     return EventSourceResponse(sse(), headers={"X-Request-Id": request_id, "Cache-Control": "no-cache"}, ping=15)

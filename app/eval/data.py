@@ -106,7 +106,7 @@ def expand_templates(rows: list[EvalRow]) -> list[EvalRow]:
             request = pool[used % len(pool)]
             used += 1
             row = EvalRow(
-                text=_TEMPLATE_SLOT.sub(lambda _m, req=request: req, row.text),
+                text=_TEMPLATE_SLOT.sub(request.replace("\\", "\\\\"), row.text),
                 label="jailbreak" if row.label == "jailbreak_template" else row.label,
                 expected=row.expected,
                 category=row.category,

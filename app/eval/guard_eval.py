@@ -35,9 +35,8 @@ class Outcome:
 
 
 def _as_rows(rows: list[EvalRow] | list[dict[str, Any]]) -> list[EvalRow]:
-    if rows and isinstance(rows[0], dict):
-        return normalize_rows(rows)  # type: ignore[arg-type]
-    return list(rows)  # type: ignore[arg-type]
+    dicts = [r for r in rows if isinstance(r, dict)]
+    return normalize_rows(dicts) + [r for r in rows if isinstance(r, EvalRow)]
 
 
 async def check_in_process(guard: Any, embedder: Any, rows: list[EvalRow], batch: int = 64) -> list[Outcome]:

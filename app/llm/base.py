@@ -64,7 +64,9 @@ class ChatBackend(Protocol):
 
     model_name: str
 
-    async def complete(self, messages: list[dict[str, str]], options: GenerationOptions | None = None) -> Completion: ...
+    async def complete(
+        self, messages: list[dict[str, str]], options: GenerationOptions | None = None
+    ) -> Completion: ...
 
     def stream(
         self,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -47,7 +47,7 @@ def tracing_enabled() -> bool:
 
 
 @contextmanager
-def request_span(scope: dict[str, Any]) -> Iterator[Any]:
+def request_span(scope: MutableMapping[str, Any]) -> Iterator[Any]:
     if _tracer is None:
         yield None
         return

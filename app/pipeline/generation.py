@@ -27,7 +27,9 @@ class SpeculativeGeneration:
         self._usage_seen = False
 
     @classmethod
-    def start(cls, llm: ChatBackend, messages: list[dict[str, str]], options: GenerationOptions) -> SpeculativeGeneration:
+    def start(
+        cls, llm: ChatBackend, messages: list[dict[str, str]], options: GenerationOptions
+    ) -> SpeculativeGeneration:
         gen = cls(llm, messages, options)
         gen._task = asyncio.create_task(gen._pump())
         return gen

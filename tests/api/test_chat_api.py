@@ -109,8 +109,11 @@ def test_session_history_and_feedback(live_server: LiveServer) -> None:
     with live_server.client() as c:
         sid = c.post("/api/sessions").json()["id"]
         for q in (BENIGN, "And how do I raise it?"):
-            r = c.post("/v1/chat/completions", json={"model": "x", "messages": [{"role": "user", "content": q}]},
-                       headers={"X-Session-Id": sid})
+            r = c.post(
+                "/v1/chat/completions",
+                json={"model": "x", "messages": [{"role": "user", "content": q}]},
+                headers={"X-Session-Id": sid},
+            )
             assert r.status_code == 200, r.text
             assert r.json()["guardchat"]["session_id"] == sid
         hist = c.get(f"/api/sessions/{sid}").json()
@@ -128,8 +131,11 @@ def test_llm_unreachable_is_503_and_history_untouched(base_settings) -> None:  #
     dead = base_settings.model_copy(update={"llm_url": f"http://127.0.0.1:{free_port()}/v1", "llm_max_retries": 0})
     with LiveServer(dead) as server, server.client() as c:
         sid = c.post("/api/sessions").json()["id"]
-        r = c.post("/v1/chat/completions", json={"model": "x", "messages": [{"role": "user", "content": BENIGN}]},
-                   headers={"X-Session-Id": sid})
+        r = c.post(
+            "/v1/chat/completions",
+            json={"model": "x", "messages": [{"role": "user", "content": BENIGN}]},
+            headers={"X-Session-Id": sid},
+        )
         assert r.status_code == 503, r.text
         assert r.json()["error"]["code"] in ("llm_unavailable", "guard_unavailable")
         assert c.get(f"/api/sessions/{sid}").json()["turns"] == []
@@ -169,6 +175,9 @@ def test_checks_endpoint(live_server: LiveServer) -> None:
 
 def test_unknown_adapter_header_400(live_server: LiveServer) -> None:
     with live_server.client() as c:
-        r = c.post("/v1/chat/completions", json={"model": "x", "messages": [{"role": "user", "content": BENIGN}]},
-                   headers={"X-Adapter": "evil"})
+        r = c.post(
+            "/v1/chat/completions",
+            json={"model": "x", "messages": [{"role": "user", "content": BENIGN}]},
+            headers={"X-Adapter": "evil"},
+        )
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_adapter"

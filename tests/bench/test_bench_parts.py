@@ -129,18 +129,11 @@ async def test_batching_embedder_from_event_loop_threads(embedder) -> None:  # t
 
 
 def test_faiss_bench_measures_recall_on_both_index_kinds() -> None:
-    from app.rag import index as index_module
     from bench.faiss_bench import bench_size
 
     flat = bench_size(1000, 20, [96])
     assert flat[0]["kind"] == "flat" and flat[0]["recall_at_10"] == 1.0
-    original = index_module.EXACT_MAX_VECTORS
-    try:
-        index_module.build_faiss_index.__defaults__ = None  # keyword-only default lives in __kwdefaults__
-        index_module.build_faiss_index.__kwdefaults__ = {"exact_max": 500}
-        hnsw = bench_size(1000, 20, [8, 64])
-    finally:
-        index_module.build_faiss_index.__kwdefaults__ = {"exact_max": original}
+    hnsw = bench_size(1000, 20, [8, 64], exact_max=500)
     assert [r["kind"] for r in hnsw] == ["hnsw", "hnsw"]
     assert 0.0 < hnsw[0]["recall_at_10"] <= hnsw[1]["recall_at_10"] <= 1.0
 
