@@ -64,7 +64,7 @@ def bench_size(n: int, n_queries: int, ef_search: list[int], exact_max: int | No
     settings = ef_search if index_kind(index) == "hnsw" else [0]
     for ef in settings:
         if ef:
-            index.hnsw.efSearch = ef  # type: ignore[attr-defined]  (an IndexHNSWFlat here)
+            index.hnsw.efSearch = ef  # type: ignore[attr-defined]
         latencies = []
         for q in queries:  # one query at a time, like a turn
             t = time.perf_counter()

@@ -11,7 +11,7 @@ from fastapi import APIRouter
 from app.api.deps import StateDep
 from app.api.errors import APIError
 from app.api.schemas import CheckRequest
-from app.api.security import check_message_limits, check_text_limit  # hardening (issue 6)
+from app.api.security import check_characters, check_message_limits, check_text_limit  # hardening (issue 6)
 
 router = APIRouter(tags=["checks"])
 
@@ -21,6 +21,7 @@ async def checks(body: CheckRequest, state: StateDep) -> dict[str, Any]:
     # Hardening (issue 6): the same size limits as a chat turn (413 naming the limit).
     check_message_limits(body.messages or [], state.settings)
     check_text_limit(len(body.input or ""), state.settings, "input")
+    check_characters(body.input or "", "input")
     if body.messages:
         try:
             messages = [{"role": m.role, "content": m.text()} for m in body.messages if m.role in ("user", "assistant")]

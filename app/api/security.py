@@ -176,8 +176,26 @@ def check_message_limits(messages: Sequence[Any], settings: Settings) -> None:
     for index, message in enumerate(messages):
         content = getattr(message, "content", None)
         check_text_limit(_content_chars(content), settings, f"messages[{index}]")
-        if "\x00" in str(content or ""):  # never legitimate text; some backends truncate at it
-            raise APIError(400, f"messages[{index}] contains a NUL character.", "invalid_characters")
+        check_characters(_content_text(content), f"messages[{index}]")
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, list):
+        return "".join(str(part.get("text", "")) if isinstance(part, dict) else "" for part in content)
+    return str(content or "")
+
+
+def check_characters(text: str, field: str) -> None:
+    """400 for text no model should see: NUL (some backends truncate at it) and lone surrogates (JSON allows
+    the escape, UTF-8 cannot encode it, and the tokenizers raise on it)."""
+    if "\x00" in text:
+        raise APIError(400, f"{field} contains a NUL character.", "invalid_characters")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(
+            400, f"{field} contains an unpaired surrogate (invalid Unicode).", "invalid_characters"
+        ) from None
 
 
 def check_text_limit(chars: int, settings: Settings, field: str) -> None:

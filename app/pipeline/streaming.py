@@ -53,9 +53,14 @@ async def hold_back(
     *,
     chunk_chars: int,
     context_chars: int,
+    first_chunk_chars: int = 40,
 ) -> AsyncIterator[StreamEvent]:
+    """`first_chunk_chars`: the first window is small so the first token reaches the user early; each
+    following window doubles up to `chunk_chars` (fewer checks once the user is already reading).
+    Every window is still checked, with its preceding context, before it is released."""
     if chunk_chars <= 0:
         raise ValueError("chunk_chars must be positive")
+    window = max(1, min(first_chunk_chars, chunk_chars))
     released = ""
     pending = ""
     full = ""
@@ -71,9 +76,10 @@ async def hold_back(
                 continue
             full += delta
             pending += delta
-            while len(pending) >= chunk_chars:
-                end = _cut(pending, chunk_chars)
+            while len(pending) >= window:
+                end = _cut(pending, window)
                 chunk, pending = pending[:end], pending[end:]
+                window = min(window * 2, chunk_chars)
                 last_decision = await check_chunk(chunk)
                 if not last_decision.allowed:
                     await _close(deltas)

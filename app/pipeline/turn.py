@@ -185,6 +185,7 @@ class TurnRunner:
         try:
             sources, retrieval_trace = await self._retrieve(query, query_vec, timer)
             trace["retrieval"] = retrieval_trace
+            self._prime_grounding(sources)
             use_rag = settings.rag_enabled and st.retriever is not None
             with timer.stage("prompt"):
                 messages, sources = self._build_messages(user_text, history, sources, texts, use_rag)
@@ -327,6 +328,13 @@ class TurnRunner:
             "chunks": [{"id": c.id, "document_id": c.document_id, "score": round(c.score, 4)} for c in chunks],
             "dropped": dropped,
         }
+
+    def _prime_grounding(self, sources: list[Chunk]) -> None:
+        """Hands the groundedness rail the vectors the index already holds for these chunks."""
+        grounding = self.state.extras.get("grounding")
+        embeddings_for = getattr(self.state.retriever, "embeddings_for", None)
+        if sources and grounding is not None and hasattr(grounding, "prime") and embeddings_for is not None:
+            grounding.prime([c.content for c in sources], embeddings_for(sources))
 
     def _build_messages(
         self,

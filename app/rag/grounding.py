@@ -14,6 +14,7 @@ import asyncio
 import logging
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Literal
 
@@ -175,3 +176,44 @@ def make_llm_judge(llm: ChatBackend, *, max_context_chars: int = 4000) -> Ground
 
 def _ms(started: float) -> float:
     return (time.perf_counter() - started) * 1e3
+
+
+class CachedGroundingCheck:
+    """The groundedness output rail as the guard calls it: `(answer, context_texts) -> RailResult`.
+
+    It flags (never blocks) by default: a cheap embedding test, no extra LLM call. Context vectors are
+    cached by text and primed by the pipeline with the vectors the index already stores, so retrieved
+    text is not embedded again for each output window."""
+
+    def __init__(self, embedder: Embedder, *, threshold: float = DEFAULT_THRESHOLD, max_cached: int = 4096) -> None:
+        self.embedder = embedder
+        self.threshold = threshold
+        self.max_cached = max_cached
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def prime(self, texts: list[str], vectors: np.ndarray | None) -> None:
+        if vectors is None or len(vectors) != len(texts):
+            return
+        for text, vec in zip(texts, vectors, strict=True):
+            self._cache[text] = np.asarray(vec, dtype=np.float32)
+            self._cache.move_to_end(text)
+        self._trim()
+
+    def _trim(self) -> None:
+        while len(self._cache) > self.max_cached:
+            self._cache.popitem(last=False)
+
+    def vectors_for(self, texts: list[str]) -> np.ndarray:
+        missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        if missing:
+            for text, vec in zip(missing, self.embedder.embed(missing), strict=True):
+                self._cache[text] = vec
+            self._trim()
+        return np.stack([self._cache[t] for t in texts])
+
+    async def __call__(self, answer: str, context: list[str]) -> RailResult:
+        chunks = [Chunk(id=str(i), document_id="", source="", title="", content=t) for i, t in enumerate(context)]
+        vectors = await asyncio.to_thread(self.vectors_for, context) if context else None
+        return await acheck_groundedness(
+            answer, chunks, self.embedder, threshold=self.threshold, action="flag", chunk_embeddings=vectors
+        )

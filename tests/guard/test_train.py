@@ -30,8 +30,8 @@ def eval_dir() -> Path:
 def two_runs(eval_dir: Path, embedder, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
     cache = tmp_path_factory.mktemp("cache") / "emb.npz"
     out_a, out_b = tmp_path_factory.mktemp("a"), tmp_path_factory.mktemp("b")
-    report = train(eval_dir, out_a, seed=7, folds=3, embedder=embedder, max_per_source=12, cache_path=cache)
-    train(eval_dir, out_b, seed=7, folds=3, embedder=embedder, max_per_source=12, cache_path=cache)
+    report = train(eval_dir, out_a, seed=7, folds=3, embedder=embedder, max_per_source=8, cache_path=cache)
+    train(eval_dir, out_b, seed=7, folds=3, embedder=embedder, max_per_source=8, cache_path=cache)
     return out_a, out_b, report
 
 
