@@ -125,10 +125,9 @@ def guard_train(
     seed: Annotated[int, typer.Option()] = 1234,
 ) -> None:
     """Train the MiniLM safety/attack/topic classifier (reproducible with a fixed seed)."""
-    from app.guard.train import train
+    from app.guard.train import print_summary, train
 
-    report = train(eval_dir, out, seed=seed)
-    typer.echo(json.dumps(report.get("summary", report), indent=2, default=str)[:20000])
+    print_summary(train(eval_dir, out, seed=seed))
 
 
 @eval_app.command("safety")

@@ -35,7 +35,8 @@ from app.guard.detector import (
 TRAINING_DATA_DIR = Path(__file__).resolve().parent / "training_data"
 CATEGORY_LABELS = list(LLAMA_GUARD_CATEGORIES)
 C_REG = 4.0
-HARMFUL_RECALL_TARGET = 0.98  # share of harmful/attack prompts that must reach at least the judge band
+HARMFUL_RECALL_TARGET = 0.98  # share of each harmful source that must reach at least the judge band
+ATTACK_RECALL_TARGET = 0.95  # the same for each attack source (short injections sit close to benign look-alikes)
 AUTO_BLOCK_BENIGN_FRR = 0.01  # benign share we accept blocking without the judge
 ON_DOMAIN_TOPIC_REFUSAL = 0.03
 WRAPS_PER_TEMPLATE = 2
@@ -209,7 +210,7 @@ def wrap_templates(items: list[Item], fold: np.ndarray, rng: random.Random) -> t
         if it.slot_text is None or not SLOT.search(it.slot_text) or not pool:
             continue
         for request in rng.sample(pool, min(WRAPS_PER_TEMPLATE, len(pool))):
-            text = SLOT.sub(lambda _m, r=request.text: r, it.slot_text)
+            text = request.text.join(SLOT.split(it.slot_text))  # no regex escapes in the request
             wrapped.append(Item(text, "wrapped", 1, 1, categories=request.categories, payload=request.text))
             wrapped_fold.append(int(f))
     return wrapped, wrapped_fold
@@ -327,13 +328,13 @@ def choose_thresholds(items: list[Item], unsafe_p: np.ndarray, attack_p: np.ndar
         worst = max(float(np.quantile(p[g], 1 - AUTO_BLOCK_BENIGN_FRR)) for g in benign_groups)
         return float(min(0.99, max(allow + 0.05, worst + 1e-6)))
 
-    def allow_threshold(p: np.ndarray, sources: tuple[str, ...]) -> float:
-        # every positive source (not just the pooled set) must reach the judge band HARMFUL_RECALL_TARGET of the time
-        lows = [float(np.quantile(p[src == s], 1 - HARMFUL_RECALL_TARGET)) for s in sources if (src == s).any()]
+    def allow_threshold(p: np.ndarray, sources: tuple[str, ...], recall: float) -> float:
+        # every positive source (not just the pooled set) must reach the judge band `recall` of the time
+        lows = [float(np.quantile(p[src == s], 1 - recall)) for s in sources if (src == s).any()]
         return float(np.clip(min(lows), 0.02, 0.5))
 
-    unsafe_allow = allow_threshold(unsafe_p, UNSAFE_SOURCES)
-    attack_allow = allow_threshold(attack_p, ATTACK_SOURCES)
+    unsafe_allow = allow_threshold(unsafe_p, UNSAFE_SOURCES, HARMFUL_RECALL_TARGET)
+    attack_allow = allow_threshold(attack_p, ATTACK_SOURCES, ATTACK_RECALL_TARGET)
     on_domain = np.array([it.topic == "on_domain" for it in items])
     topic_t = float(np.clip(np.quantile(off_topic_p[on_domain], 1 - ON_DOMAIN_TOPIC_REFUSAL) + 1e-6, 0.3, 0.95))
     return {"unsafe_block": block_threshold(unsafe_p, unsafe_allow), "unsafe_allow": unsafe_allow,
@@ -354,7 +355,7 @@ def cv_report(items: list[Item], unsafe_p: np.ndarray, attack_p: np.ndarray, off
         rows[s] = {"n": int(g.sum()), "unsafe_head_block": float(u_block[g].mean()),
                    "attack_head_block": float(a_block[g].mean()), "auto_block": float(block[g].mean()),
                    "judge": float((~block & ~allow)[g].mean()), "allow": float(allow[g].mean())}
-    topic_rows = {}
+    topic_rows: dict[str, Any] = {}
     for s in ("advice", "off_topic", "general", "chitchat", "unanswerable", *ON_DOMAIN_SOURCES):
         wanted = ("on_domain",) if s in ON_DOMAIN_SOURCES else tuple(TOPIC_LABELS)  # general look-alikes are off-topic
         g = (src == s) & np.array([it.topic in wanted for it in items])
@@ -417,7 +418,8 @@ def train(eval_dir: Path, out_dir: Path, *, seed: int = 1234, folds: int = 5, em
     final["unsafe_cal"], final["attack_cal"] = cal["unsafe"], cal["attack"]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(out_dir / f"{WEIGHTS_STEM}.npz", **{k: v.astype(np.float32) for k, v in final.items()})
+    arrays = {k: v.astype(np.float32) for k, v in final.items()}
+    np.savez_compressed(out_dir / f"{WEIGHTS_STEM}.npz", **arrays)  # type: ignore[arg-type]
     data_files = sorted(Path(eval_dir).glob("*.jsonl")) + sorted(TRAINING_DATA_DIR.glob("*.jsonl"))
     meta = {
         "thresholds": thresholds,

@@ -243,7 +243,7 @@ def test_sigterm_drains_in_flight_streams_then_exits(
     assert b.process.returncode in (0, -signal.SIGTERM)
     with a.client(KEYS[2]) as on_a:  # the drained turn was saved
         turns = on_a.get(f"/api/sessions/{sid}").json()["turns"]
-    assert [t["status"] for t in turns] == ["ok"]
+    assert len(turns) == 1 and turns[0]["status"] in ("ok", "blocked")  # complete (the rails may refuse SmolLM2)
 
 
 def test_logs_hold_no_secrets_or_prompts(replicas: tuple[Replica, Replica]) -> None:
