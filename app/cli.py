@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+
+from app.eval.cli import eval_app
 
 if TYPE_CHECKING:
     from app.settings import Settings
@@ -21,7 +22,6 @@ app = typer.Typer(help="guardchat: a guardrailed RAG chat server.", no_args_is_h
 model_app = typer.Typer(help="Embedded model weights.", no_args_is_help=True)
 rails_app = typer.Typer(help="Rails configuration.", no_args_is_help=True)
 guard_app = typer.Typer(help="The embedded safety classifier.", no_args_is_help=True)
-eval_app = typer.Typer(help="Evaluations.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(rails_app, name="rails")
 app.add_typer(guard_app, name="guard")
@@ -50,7 +50,7 @@ def serve(
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s),
     )
 
 
@@ -128,38 +128,6 @@ def guard_train(
     from app.guard.train import print_summary, train
 
     print_summary(train(eval_dir, out, seed=seed))
-
-
-@eval_app.command("safety")
-def eval_safety(
-    data: Annotated[list[Path], typer.Option("--data", help="JSONL with text + label")],
-    server: Annotated[str | None, typer.Option(help="Evaluate a running server through /v1/checks")] = None,
-    out: Annotated[Path, typer.Option(help="Report directory")] = Path("eval-report"),
-    limit: Annotated[int | None, typer.Option(help="Rows per file")] = None,
-) -> None:
-    """Block rate / false-refusal rate per category and rail, and guard latency."""
-    from app.guard.evaluate import run_safety_eval
-
-    report = run_safety_eval(data, _settings(), server=server, out_dir=out, limit=limit)
-    typer.echo(report.get("markdown", json.dumps(report, indent=2, default=str)))
-
-
-@eval_app.command("rag")
-def eval_rag_cmd(
-    tasks: Annotated[Path, typer.Option(help="JSONL tasks with gold document ids")] = Path(
-        "tests/data/rag_tasks.jsonl"
-    ),
-    k: Annotated[int, typer.Option()] = 5,
-    out: Annotated[Path, typer.Option(help="Report directory")] = Path("eval-report"),
-) -> None:
-    """Retrieval recall@k and MRR (hybrid vs dense), abstention on unanswerable questions."""
-    from app.rag.embedder import get_embedder
-    from app.rag.eval import eval_rag
-
-    report = eval_rag(tasks, _settings(), embedder=get_embedder(), k=k)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "rag.json").write_text(json.dumps(report, indent=2, default=str))
-    typer.echo(json.dumps(report, indent=2, default=str))
 
 
 def main() -> None:  # pragma: no cover

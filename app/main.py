@@ -133,6 +133,11 @@ def create_app(settings: Settings | None = None, state_factory: StateFactory | N
         health.router,
     ):
         app.include_router(router)
+    from app.api.security import install_security
+    from app.observability import install_observability
+
+    install_security(app, settings)  # auth, limits, CORS, security headers, SIGTERM drain
+    install_observability(app, settings)  # request ids, JSON logs, /metrics
     if settings.ui_enabled:
         from app.ui import mount_ui
 

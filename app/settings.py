@@ -23,6 +23,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "info"
+    log_format: Literal["json", "text"] = "json"
+    metrics_enabled: bool = True
+    otel_enabled: bool = False  # needs the [otel] extra
 
     # --- chat LLM ---
     llm_backend: Literal["embedded", "openai", "trtllm"] = "embedded"

@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 
 from app.api.deps import StateDep
 from app.api.errors import APIError
+from app.api.security import check_characters
 
 router = APIRouter(tags=["knowledge"])
 
@@ -41,6 +42,7 @@ async def search(body: SearchRequest, state: StateDep) -> SearchResponse:
     if retriever is None or not state.settings.rag_enabled:
         raise APIError(503, "Retrieval is disabled on this server.", "retrieval_disabled")
     query = body.query.strip()
+    check_characters(query, "query")  # lone surrogates / NUL would crash the tokenizer (500)
     if not query:
         raise APIError(400, "The query is empty.", "invalid_request")
     k = body.k or state.settings.rag_top_k

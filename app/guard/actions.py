@@ -82,7 +82,8 @@ def build_actions(
         turn = _turn()
         if turn.embedding is None:
             return outcome(RailResult("attack", "error", detail="guard_error: no query embedding"))
-        return outcome(cascade.attack(turn.embedding, turn.scores))
+        conversation = conversation_from_messages(turn.messages)
+        return outcome(await cascade.attack(turn.embedding, turn.scores, conversation))
 
     async def guardchat_check_topic() -> str:
         turn = _turn()

@@ -25,7 +25,7 @@ import numpy as np
 import app.guard  # noqa: F401  (NeMo telemetry opt-out)
 from app.guard.actions import GroundingCheck, TurnContext, build_actions, current_turn
 from app.guard.base import AssistantTexts, GuardDecision, RailResult
-from app.guard.cascade import IntentMatcher, SafetyCascade, Thresholds, score_in_thread
+from app.guard.cascade import ATTACK_CATEGORY, IntentMatcher, SafetyCascade, Thresholds, score_in_thread
 from app.guard.llama_guard import LlamaGuardClient
 from app.guard.loader import LoadedConfig, load_config
 from app.llm.base import ChatBackend
@@ -219,6 +219,12 @@ def build_guard(
         attack_matcher=IntentMatcher(section.attack, loaded.user_examples, embedder),
         topic_labels=dict(section.topic.detector_labels),
         safety_matcher=IntentMatcher(section.safety, loaded.user_examples, embedder),
+        attack_judge=LlamaGuardClient(
+            judge_backend,
+            [ATTACK_CATEGORY],
+            timeout_s=settings.guard_timeout_s,
+            use_grammar=settings.guard_backend != "openai",
+        ),
     )
     if settings.guard_fail_open:
         log.warning("GUARD FAIL-OPEN IS ON: turns pass when a safety check cannot run. Never use this in production.")

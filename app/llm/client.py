@@ -35,6 +35,7 @@ from app.llm.base import (
     LLMUnavailable,
     Usage,
 )
+from app.observability.context import current_request_id
 
 log = logging.getLogger(__name__)
 
@@ -202,9 +203,9 @@ class OpenAICompatClient:
             log.warning("the embedded llama.cpp backend has no LoRA adapters; ignoring adapter %r", name)
 
     def _headers(self, options: GenerationOptions | None) -> dict[str, str]:
-        if options is not None and options.request_id:
-            return {"X-Request-Id": options.request_id}
-        return {}
+        # The turn's request id travels to every backend call (also the guard's), for log correlation.
+        rid = (options.request_id if options is not None else None) or current_request_id.get()
+        return {"X-Request-Id": rid} if rid else {}
 
     # ------------------------------------------------------------ transport
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from app.guard.base import AssistantTexts, GuardDecision, RailResult
 from app.llm.base import GenerationOptions
+from app.observability import observe_turn
 from app.pipeline.generation import SpeculativeGeneration
 from app.pipeline.streaming import Finished, Released, hold_back
 from app.rag.base import Chunk
@@ -136,6 +137,8 @@ class TurnRunner:
         store = self.state.store
         if req.session_id is None:
             async for ev in self._turn(req, prior, user_text, None):
+                if isinstance(ev, Done):
+                    observe_turn(ev.result)
                 yield ev
             return
         if await store.get(req.session_id) is None:
@@ -145,6 +148,8 @@ class TurnRunner:
         # One turn at a time per session: the lock spans load → save so turns never interleave.
         async with store.lock(req.session_id):
             async for ev in self._turn(req, prior, user_text, req.session_id):
+                if isinstance(ev, Done):
+                    observe_turn(ev.result)
                 yield ev
 
     async def _turn(
@@ -284,6 +289,8 @@ class TurnRunner:
             result.finish_reason = generation.finish_reason or "stop"
         result.prompt_tokens = generation.prompt_tokens
         result.completion_tokens = generation.completion_tokens
+        trace["prompt_tokens"] = result.prompt_tokens
+        trace["completion_tokens"] = result.completion_tokens
         await self._save(session_id, user_text, result, timer)
         yield Done(result)
 

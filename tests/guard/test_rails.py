@@ -79,7 +79,7 @@ async def test_embedded_judge_answers_under_the_grammar(embedder, embedded_judge
     """Force every text into the uncertain band so that stage 2 (the embedded LLM) decides."""
     files = {p.relative_to(RAILS_DIR).as_posix(): p.read_text() for p in RAILS_DIR.rglob("*.*")}
     files["config.yml"] = files["config.yml"].replace(
-        "  thresholds: {}", "  thresholds: {unsafe_allow: 0.0, unsafe_block: 1.01}"
+        "  thresholds:\n", "  thresholds:\n    unsafe_allow: 0.0\n    unsafe_block: 1.01\n"
     )
     guard = await asyncio.to_thread(
         build_guard, files, Settings(guard_timeout_s=60), llm=embedded_judge, embedder=embedder, detector=detector

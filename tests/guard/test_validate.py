@@ -69,16 +69,17 @@ async def test_semantic_errors_point_at_the_key(embedder, detector) -> None:
     files["config.yml"] = files["config.yml"].replace(
         "    S14: {name: Code Interpreter Abuse}", "    X14: {name: Oops}"
     )
-    files["config.yml"] = files["config.yml"].replace("  thresholds: {}", "  thresholds: {unsafe_blok: 0.5}")
+    files["config.yml"] = files["config.yml"].replace("  thresholds:\n", "  thresholds:\n    unsafe_blok: 0.5\n")
     report = await _validate(files, embedder, detector)
     lines = files["config.yml"].splitlines()
     by_message = {e.message.split(":")[0]: e for e in report.errors}
     assert by_message["guardchat.llama_guard_categories"].line == next(
         i for i, line in enumerate(lines, 1) if "llama_guard_categories:" in line
     )
-    assert by_message["guardchat.thresholds"].line == next(
-        i for i, line in enumerate(lines, 1) if "unsafe_blok" in line
-    )
+    # The mapping that holds the bad key (block style) or the key's own line (flow style).
+    bad_key_line = next(i for i, line in enumerate(lines, 1) if "unsafe_blok" in line)
+    assert by_message["guardchat.thresholds"].line in (bad_key_line - 1, bad_key_line)
+    assert lines[by_message["guardchat.thresholds"].line - 1].strip().startswith(("thresholds:", "unsafe_blok"))
 
 
 async def test_references_and_unknown_actions_are_reported(embedder, detector) -> None:
