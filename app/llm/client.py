@@ -235,7 +235,9 @@ class OpenAICompatClient:
                     response = await self._http.send(request, stream=True)
         except httpx.TimeoutException as exc:
             raise LLMTimeout(self._redact(f"LLM backend at {self.base_url} timed out ({type(exc).__name__})")) from exc
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, OSError, AttributeError) as exc:
+            # AttributeError/OSError: the transport itself can fail oddly on a refused connection (seen with
+            # uvloop + anyio: a socket closed under httpcore). The backend is unreachable either way.
             raise LLMUnavailable(
                 self._redact(f"cannot reach LLM backend at {self.base_url} ({type(exc).__name__}: {exc})")
             ) from exc

@@ -82,13 +82,16 @@ def test_eval_rag_small_corpus_with_generation(tmp_path: Path, embedder: MiniLME
 
 
 @pytest.mark.slow
-def test_recall_on_the_demo_knowledge_base(embedder: MiniLMEmbedder, request: pytest.FixtureRequest) -> None:
+def test_recall_on_the_demo_knowledge_base(
+    embedder: MiniLMEmbedder, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     tasks = PROJECT_ROOT / "tests" / "data" / "rag_tasks.jsonl"
     knowledge = PROJECT_ROOT / "knowledge"
     if not tasks.exists() or not any(knowledge.glob("*.md")):
         pytest.fail("tests/data/rag_tasks.jsonl and knowledge/*.md are part of the repo")
     # The index is cached between runs: ingest is incremental, so later runs only hash the files.
-    cache_dir = Path(request.config.cache.mkdir("rag-demo-index"))
+    cache = getattr(request.config, "cache", None)  # absent under `-p no:cacheprovider`
+    cache_dir = Path(cache.mkdir("rag-demo-index")) if cache is not None else tmp_path_factory.mktemp("rag-demo")
     settings = make_settings(cache_dir).model_copy(update={"knowledge_dir": knowledge, "rag_score_threshold": 0.3})
     report = eval_rag(tasks, settings, embedder=embedder, k=5, unanswerable_path=None)
     assert report["answerable_tasks"] >= 30
