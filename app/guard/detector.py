@@ -25,24 +25,11 @@ from typing import Any
 
 import numpy as np
 
+from app.guard.llama_guard import DEFAULT_CATEGORIES
 from app.rag.base import Embedder
 
-LLAMA_GUARD_CATEGORIES = {
-    "S1": "Violent Crimes",
-    "S2": "Non-Violent Crimes",
-    "S3": "Sex-Related Crimes",
-    "S4": "Child Sexual Exploitation",
-    "S5": "Defamation",
-    "S6": "Specialized Advice",
-    "S7": "Privacy",
-    "S8": "Intellectual Property",
-    "S9": "Indiscriminate Weapons",
-    "S10": "Hate",
-    "S11": "Suicide & Self-Harm",
-    "S12": "Sexual Content",
-    "S13": "Elections",
-    "S14": "Code Interpreter Abuse",
-}
+# Llama Guard 3's hazard taxonomy, one definition shared with the prompt builder.
+LLAMA_GUARD_CATEGORIES = DEFAULT_CATEGORIES
 TOPIC_LABELS = ("on_domain", "investment_advice", "legal_advice", "tax_advice", "off_topic")
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 WEIGHTS_STEM = "detector"

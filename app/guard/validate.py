@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 import yaml
 
-from app.guard.loader import TESTS_DIR, RailsConfigError, read_rails_files, yaml_line
+from app.guard.loader import TESTS_DIR, ConfigProblem, RailsConfigError, read_rails_files, yaml_line
 from app.llm.base import ChatBackend, Completion, GenerationOptions, LLMUnavailable
 from app.rag.base import Embedder
 from app.settings import Settings
@@ -38,15 +38,8 @@ RAIL_NAMES = ("safety_input", "attack", "topic", "safety_output", "groundedness"
 _BUILTIN_ACTIONS = {"utter"}
 
 
-@dataclass
-class ValidationError:
-    file: str | None
-    line: int | None
-    message: str
-
-    def __str__(self) -> str:
-        where = f"{self.file}:{self.line}" if self.file and self.line else (self.file or "rails")
-        return f"{where}: {self.message}"
+# A validation error is a config problem: (file, line, message), printed as `file:line: message`.
+ValidationError = ConfigProblem
 
 
 @dataclass
