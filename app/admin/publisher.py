@@ -179,6 +179,18 @@ class RailsPublisher:
         finally:
             await _close_guard(guard)
 
+    async def eval_draft(self, files: Mapping[str, Any], rows: list[Any], kind: str = "safety") -> dict[str, Any]:
+        """Measures a draft config on labelled rows (block and false-refusal rates per rail and
+        category) before it is published; publishes nothing."""
+        from app.eval import eval_guard
+
+        guard = await self._validated_guard(files, run_tests=False)
+        try:
+            report: dict[str, Any] = await eval_guard(guard, self._embedder, rows, kind=kind)
+            return report
+        finally:
+            await _close_guard(guard)
+
     # --- following the store (all replicas) -------------------------------------------------------
 
     async def sync(self) -> bool:

@@ -102,6 +102,10 @@ def build_admin(get_state: StateGetter, settings: Settings) -> gr.Blocks:
         files = ops.merge_edit(files, path, text)
         return files, await ops.try_draft(get_state(), files, message, answer)
 
+    async def evaluate(files: dict[str, str], path: str | None, text: str, dataset: str) -> tuple[Any, ...]:
+        files = ops.merge_edit(files, path, text)
+        return files, await ops.eval_draft(get_state(), files, dataset)
+
     async def publish(base: int, files: dict[str, str], path: str | None, text: str, message: str) -> tuple[Any, ...]:
         files = ops.merge_edit(files, path, text)
         number, status = await ops.publish(get_state(), base, files, message)
@@ -190,6 +194,12 @@ def build_admin(get_state: StateGetter, settings: Settings) -> gr.Blocks:
                         try_answer = gr.Textbox(label="Assistant answer (optional, runs the output rails)")
                         try_btn = gr.Button("Try it", elem_id="gc-try")
                         try_result = gr.Markdown(elem_id="gc-try-result")
+                    with gr.Accordion("Evaluate the draft on a labelled dataset (nothing is published)", open=False):
+                        eval_pick = gr.Dropdown(
+                            label="Dataset", choices=list(ops.EVAL_DATASETS), elem_id="gc-eval-dataset"
+                        )
+                        eval_btn = gr.Button("Run evaluation", elem_id="gc-eval")
+                        eval_result = gr.Markdown(elem_id="gc-eval-result")
                     with gr.Row():
                         publish_message = gr.Textbox(label="Publish message", scale=4, elem_id="gc-publish-message")
                         publish_btn = gr.Button("Publish", variant="primary", scale=1, elem_id="gc-publish")
@@ -239,6 +249,9 @@ def build_admin(get_state: StateGetter, settings: Settings) -> gr.Blocks:
         try_btn.click(
             guarded(2)(try_it), [token, draft, current_file, editor, try_message, try_answer], [draft, try_result],
             **private,
+        )
+        eval_btn.click(
+            guarded(2)(evaluate), [token, draft, current_file, editor, eval_pick], [draft, eval_result], **private
         )
         publish_btn.click(
             guarded(4)(publish), [token, base_version, draft, current_file, editor, publish_message],

@@ -158,8 +158,9 @@ async def publish(state: AppState, base_version: int, files: Mapping[str, str], 
     """Returns (the live version now, a status line). Nothing changes when validation fails."""
     publisher = publisher_of(state)
     try:
-        version = await publisher.publish(base_version, files, message.strip() or "Edited in the admin console",
-                                          CONSOLE_AUTHOR)
+        version = await publisher.publish(
+            base_version, files, message.strip() or "Edited in the admin console", CONSOLE_AUTHOR
+        )
     except RailsInvalid as exc:
         return base_version, "Not published.\n\n" + outcome_markdown(exc.outcome.errors, exc.outcome.tests)
     return version.number, f"✅ Published version **{version.number}**; the chat uses it from the next turn."
@@ -195,3 +196,26 @@ async def version_diff(state: AppState, number: int) -> str:
         version = await store.get(number)
         return "".join(f"+++ v{number}/{path}\n" + text for path, text in sorted(version.files.items()))
     return await store.diff(number - 1, number) or "(no changes)"
+
+
+# Datasets an admin can evaluate a draft against (our own labelled sets, shipped with the package).
+EVAL_DATASETS = {
+    "topic (on-domain vs off-topic/advice)": ("topic", "topic_dev.jsonl"),
+    "safety smoke set": ("safety", "safety_smoke.jsonl"),
+}
+
+
+async def eval_draft(state: AppState, files: Mapping[str, str], dataset: str) -> str:
+    """Runs the draft's input rails over a labelled dataset and renders the report (nothing is published)."""
+    from app.eval import render_guard_markdown
+    from app.eval.data import TOPIC_DATA, load_rows
+
+    if dataset not in EVAL_DATASETS:
+        return "Pick a dataset."
+    kind, filename = EVAL_DATASETS[dataset]
+    rows = load_rows([TOPIC_DATA.parent / filename])
+    try:
+        report = await publisher_of(state).eval_draft(files, rows, kind=kind)
+    except RailsInvalid as exc:
+        return outcome_markdown(exc.outcome.errors, exc.outcome.tests)
+    return render_guard_markdown(report)

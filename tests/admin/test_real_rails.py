@@ -119,3 +119,17 @@ async def test_try_runs_the_real_draft_rails(publisher: RailsPublisher) -> None:
     allowed = await publisher.try_draft(draft, PASSWORD, answer="Use 'Forgot password' on the sign-in page.")
     assert allowed["input"]["allowed"] is True and allowed["output"]["allowed"] is True
     assert publisher.live.current.version == "1"
+
+
+async def test_eval_draft_measures_a_draft_without_publishing(publisher: RailsPublisher) -> None:
+    rows = [
+        {"text": STOCKS, "label": "off_topic"},
+        {"text": "Is bitcoin a good investment for my retirement?", "label": "off_topic"},
+        {"text": PASSWORD, "label": "on_domain"},
+        {"text": "What is the fee for an outgoing domestic wire?", "label": "on_domain"},
+    ]
+    before = publisher.live.current.version
+    report = await publisher.eval_draft(topic_only_config(), rows, kind="topic")
+    overall = report["overall"]
+    assert overall["block_rate"] == 1.0 and overall["false_refusal_rate"] == 0.0, overall
+    assert publisher.live.current.version == before  # nothing published
