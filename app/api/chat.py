@@ -38,7 +38,9 @@ def _pick_adapter(state: AppState, body: ChatCompletionRequest, header: str | No
     return None
 
 
-def _turn_request(state: AppState, body: ChatCompletionRequest, session_id: str | None, adapter: str | None, request_id: str) -> TurnRequest:
+def _turn_request(
+    state: AppState, body: ChatCompletionRequest, session_id: str | None, adapter: str | None, request_id: str
+) -> TurnRequest:
     if not body.messages:
         raise APIError(400, "`messages` must not be empty.", "empty_messages")
     try:
@@ -49,7 +51,10 @@ def _turn_request(state: AppState, body: ChatCompletionRequest, session_id: str 
     return TurnRequest(
         messages=messages,
         session_id=session_id,
-        max_tokens=min(body.max_completion_tokens or body.max_tokens or state.settings.llm_max_tokens, state.settings.llm_max_tokens),
+        max_tokens=min(
+            body.max_completion_tokens or body.max_tokens or state.settings.llm_max_tokens,
+            state.settings.llm_max_tokens,
+        ),
         temperature=body.temperature,
         top_p=body.top_p,
         stop=stop,

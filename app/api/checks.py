@@ -42,8 +42,14 @@ async def checks(body: CheckRequest, state: StateDep) -> dict[str, Any]:
         "blocked_by": decision.blocked_by,
         "refusal": decision.refusal if not decision.allowed else None,
         "rails": [
-            {"name": r.name, "verdict": r.verdict, "categories": r.categories, "score": r.score,
-             "latency_ms": round(r.latency_ms, 3), "detail": r.detail}
+            {
+                "name": r.name,
+                "verdict": r.verdict,
+                "categories": r.categories,
+                "score": r.score,
+                "latency_ms": round(r.latency_ms, 3),
+                "detail": r.detail,
+            }
             for r in decision.rails
         ],
         "latency_ms": round((time.perf_counter() - start) * 1000, 3),

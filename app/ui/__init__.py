@@ -32,7 +32,7 @@ def _ui_mounts_last(app: FastAPI, ui_mounts: list[Any]) -> None:
     routes = app.router.routes
     ours = [r for r in routes if any(r is m for m in ui_mounts)]
     rest = [r for r in routes if not any(r is m for m in ui_mounts)]
-    ours.sort(key=lambda r: r.path == "", reverse=False)  # Mount("/") has path ""; it goes last
+    ours.sort(key=lambda r: getattr(r, "path", "") == "", reverse=False)  # Mount("/") has path ""; it goes last
     routes[:] = rest + ours
 
 

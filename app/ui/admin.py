@@ -69,7 +69,8 @@ def build_admin(get_state: StateGetter, settings: Settings) -> gr.Blocks:
     # --- rails -------------------------------------------------------------------------------------
 
     def editor_for(files: dict[str, str], path: str | None) -> Any:
-        return gr.Code(value=files.get(path or "", ""), language=ops.code_language(path or ""), label=path or "file")
+        language: Any = ops.code_language(path or "")  # one of gr.Code's language literals, or None
+        return gr.Code(value=files.get(path or "", ""), language=language, label=path or "file")
 
     async def reload_live() -> tuple[Any, ...]:
         number, files = await ops.load_live(get_state())

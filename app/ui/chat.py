@@ -89,7 +89,7 @@ def build_chat(get_state: StateGetter, *, browser_secret: str | None = None) -> 
             shown: list[ChatMessage] = [{"role": "assistant", "content": error_markdown(user_error_text(exc))}]
             return shown, shown, session_id, [None], _stored(session_id), session_label(session_id)
         messages, turn_ids = history_messages(turns)
-        chatbot = gr.Chatbot(value=messages, feedback_value=feedback_values(turns))
+        chatbot = gr.Chatbot(value=messages, feedback_value=feedback_values(turns))  # type: ignore[arg-type]
         return chatbot, messages, session_id, turn_ids, _stored(session_id), session_label(session_id)
 
     async def respond(

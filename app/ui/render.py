@@ -174,7 +174,8 @@ def history_messages(turns: Iterable[Mapping[str, Any]]) -> tuple[list[ChatMessa
 def feedback_values(turns: Iterable[Mapping[str, Any]]) -> list[str | None]:
     """The Chatbot's `feedback_value` (one entry per assistant message) from the stored feedback."""
     names = {1: "Like", -1: "Dislike"}
-    return [names.get(turn.get("feedback")) if isinstance(turn.get("feedback"), int) else None for turn in turns]
+    values = [turn.get("feedback") for turn in turns]
+    return [names.get(v) if isinstance(v, int) else None for v in values]
 
 
 def feedback_score(liked: bool | str) -> int:
