@@ -235,9 +235,12 @@ class TurnRunner:
             return
 
         context_texts = [c.content for c in sources]
+        grounding = self.state.extras.get("grounding")
 
         async def check(window: str) -> GuardDecision:
-            return await guard.check_output(conversation, window, context_texts)
+            # Windows get the safety output rails only. Groundedness (which flags, never blocks) runs once
+            # on the whole answer below: per window it re-embedded every sentence (bench/pipeline_overhead).
+            return await guard.check_output(conversation, window, None if grounding is not None else context_texts)
 
         released: list[str] = []
         final: Finished | None = None
@@ -284,6 +287,10 @@ class TurnRunner:
             trace["blocked_by"] = final.decision.blocked_by
         else:
             answer = final.full_text
+            if grounding is not None and context_texts:
+                with timer.stage("groundedness"):
+                    rail_results = [r for r in rail_results if r.name != "groundedness"]
+                    rail_results.append(await grounding(answer, context_texts))
             citations = self._citations(answer, sources) if sources else []
             result = self._result(answer, False, session_id, turn_id, rail_results, citations, timer, trace, t_start)
             result.finish_reason = generation.finish_reason or "stop"
