@@ -60,6 +60,7 @@ def _turn_request(
         stop=stop,
         adapter=adapter,
         request_id=request_id,
+        stream=body.stream,
     )
 
 

@@ -46,6 +46,7 @@ class TurnRequest:
     stop: list[str] | None = None
     adapter: str | None = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    stream: bool = True  # False: nobody watches tokens arrive, so output rails check full-size windows
 
 
 @dataclass
@@ -252,6 +253,7 @@ class TurnRunner:
                 check,
                 chunk_chars=guard.output_chunk_chars,
                 context_chars=guard.output_context_chars,
+                first_chunk_chars=40 if req.stream else guard.output_chunk_chars,
             ):
                 if isinstance(event, Released):
                     if first_token_at is None:
