@@ -220,8 +220,10 @@ class SafetyCascade:
             score = max(score, scores.off_topic)
             spec = self.topic_matcher.spec
             # An admin's on-domain example that clearly matches wins over the classifier ("my 1099-INT form").
+            # The bar is 0.1 above the match threshold: "Translate 'good morning'" is 0.51 from the greeting
+            # example "Good morning" and must stay off-topic; "my 1099-INT in online banking" is 0.65 on-domain.
             allowed_by_example = (
-                match.allowed_similarity >= spec.min_similarity
+                match.allowed_similarity >= spec.min_similarity + 0.1
                 and match.allowed_similarity - match.similarity >= spec.margin
             )
             if intent is None and scores.off_topic >= self.thresholds.off_topic_block and not allowed_by_example:
