@@ -262,7 +262,9 @@ def test_nothing_lost_when_redis_dies_under_load(rig: Rig) -> None:
     failed = [o for outs in outcomes.values() for o in outs if o.status != 200]
     assert failed, "the outage did not hit any request; the test proved nothing"
     for o in failed:
-        assert (o.status, o.code) == (503, "store_unavailable"), o
+        # 503 while Redis is down; 409 when a turn queued behind a lock holder that the crash orphaned
+        # gave up waiting. Both are clean, retryable refusals that must leave no trace (checked below).
+        assert (o.status, o.code) in ((503, "store_unavailable"), (409, "session_busy")), o
 
     with rig.client() as client:
         for sid in sessions:
