@@ -113,6 +113,11 @@ class Settings(BaseSettings):
     )
 
     @property
+    def lora_adapter_names(self) -> list[str]:
+        """Allowed adapter names (entries are "name" or "name=path")."""
+        return [entry.split("=", 1)[0] for entry in self.lora_adapters]
+
+    @property
     def models_dir(self) -> Path:
         return self.data_dir / "models"
 

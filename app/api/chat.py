@@ -28,7 +28,7 @@ def _model_name(state: AppState) -> str:
 
 def _pick_adapter(state: AppState, body: ChatCompletionRequest, header: str | None) -> str | None:
     """An adapter is chosen by the `X-Adapter` header or by naming it as `model`, from the allow-list."""
-    allowed = {a.split("=", 1)[0] for a in state.settings.lora_adapters}
+    allowed = set(state.settings.lora_adapter_names)
     if header:
         if header not in allowed:
             raise APIError(400, f"Unknown adapter {header!r}; allowed: {sorted(allowed) or 'none'}.", "invalid_adapter")

@@ -45,7 +45,7 @@ async def readyz(state: StateDep) -> dict[str, Any] | JSONResponse:
 @router.get("/v1/models")
 async def models(state: StateDep) -> dict[str, Any]:
     name = getattr(state.llm, "model_name", None) or state.settings.llm_model or "guardchat"
-    ids = [name] + [a.split("=", 1)[0] for a in state.settings.lora_adapters]
+    ids = [name, *state.settings.lora_adapter_names]
     return {
         "object": "list",
         "data": [{"id": i, "object": "model", "created": 0, "owned_by": "guardchat"} for i in ids],
