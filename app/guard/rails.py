@@ -5,11 +5,14 @@ LLMRails engine with our actions registered, the Llama Guard prompt categories a
 embedded topic/attack examples. A turn only sets its context and asks NeMo to run the input or
 the output rails (`check_async`, which runs nothing else: no dialog rails, no LLM call of its own).
 
-Why LLMRails and not NeMo's faster IORails engine: in 0.24.1 IORails serves only the rails of its
-built-in manifest catalog (nemoguardrails/library/*/rail.py); a flow calling a custom action makes
-`IORails.unsupported_reason` refuse the config. Our rails are custom actions (detector cascade,
-strict Llama Guard parsing), so LLMRails runs them, with `rails.input.parallel` honoured. Its
-overhead is a few milliseconds per check.
+Engines. NeMo's fast IORails engine cannot run our rails: in 0.24.1 it serves only the rails of its
+built-in manifest catalog (nemoguardrails/library/*/rail.py), and a flow calling a custom action makes
+`IORails.unsupported_reason` refuse the config. NeMo's LLMRails runs them (with `rails.input.parallel`
+honoured) but interprets Colang per event, ≈ 5–7 ms per check even with instant actions. So, as
+IORails does for its catalog, `app/guard/compiled.py` compiles the input/output rail flows once, from
+NeMo's own parse of the Colang, and a turn runs them as plain awaited actions (`rails_engine=compiled`,
+the default). A config using Colang outside that subset runs on LLMRails (logged at load), and
+`rails_engine=nemo` forces LLMRails everywhere. Both engines run the same actions and refusals.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import app.guard  # noqa: F401  (NeMo telemetry opt-out)
 from app.guard.actions import GroundingCheck, TurnContext, build_actions, current_turn
 from app.guard.base import AssistantTexts, GuardDecision, RailResult
 from app.guard.cascade import ATTACK_CATEGORY, IntentMatcher, SafetyCascade, Thresholds, score_in_thread
+from app.guard.compiled import CompiledRails, compile_rails
 from app.guard.llama_guard import LlamaGuardClient
 from app.guard.loader import LoadedConfig, load_config
 from app.llm.base import ChatBackend
@@ -75,8 +79,14 @@ class RailsGuard:
         self._detector = detector
         self._owned_clients = owned_clients or []
         self._rails = LLMRails(loaded.rails_config)
-        for name, action in build_actions(cascade, fail_open=self.fail_open, grounding=grounding).items():
+        actions = build_actions(cascade, fail_open=self.fail_open, grounding=grounding)
+        for name, action in actions.items():
             self._rails.register_action(action, name)
+        self.compiled: CompiledRails | None = None
+        if settings.rails_engine == "compiled":
+            self.compiled, why_not = compile_rails(loaded.rails_config, dict(actions))
+            if self.compiled is None:
+                log.info("rails run on NeMo LLMRails: the config cannot be compiled (%s)", why_not)
         rails_cfg = loaded.rails_config.rails
         self.has_input_rails = bool(rails_cfg.input.flows)
         self.has_output_rails = bool(rails_cfg.output.flows)
@@ -129,8 +139,14 @@ class RailsGuard:
         started = time.perf_counter()
         token = current_turn.set(turn)
         try:
-            rail_type = RailType.INPUT if direction == "input" else RailType.OUTPUT
-            result = await self._rails.check_async(nemo_messages, rail_types=[rail_type])
+            if self.compiled is not None:
+                outcome = await self.compiled.run(direction)
+                blocked = outcome is not None
+                flow, content = (outcome.flow, outcome.message) if outcome else ("", None)
+            else:
+                rail_type = RailType.INPUT if direction == "input" else RailType.OUTPUT
+                result = await self._rails.check_async(nemo_messages, rail_types=[rail_type])
+                blocked, flow, content = result.status == RailStatus.BLOCKED, result.rail or "", result.content
         except Exception as exc:
             log.exception("%s rails failed", direction)
             return self._failed(f"{direction}_rails", exc, started, turn.results)
@@ -138,14 +154,13 @@ class RailsGuard:
             current_turn.reset(token)
         rails = turn.results
         errors = [r for r in rails if r.verdict == "error"]
-        if result.status == RailStatus.BLOCKED:
-            flow = result.rail or ""
+        if blocked:
             blocked_by = FLOW_RAILS.get(flow, flow)
             # NeMo utters "internal error" for an action that raised; the user gets our guard-error text.
             failed = any(r.name == blocked_by and r.verdict == "error" for r in rails) or not any(
                 r.name == blocked_by for r in rails
             )
-            refusal = self.texts.guard_error if failed else (result.content or self.texts.refusal)
+            refusal = self.texts.guard_error if failed else (content or self.texts.refusal)
             if failed and not any(r.name == blocked_by for r in rails):
                 rails.append(RailResult(blocked_by, "error", detail=f"guard_error: rail {flow!r} failed"))
             return GuardDecision(False, rails, blocked_by, refusal)

