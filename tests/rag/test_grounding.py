@@ -73,3 +73,36 @@ async def test_judge_is_asked_only_for_low_scores(embedder: MiniLMEmbedder, judg
     low = await acheck_groundedness(UNSUPPORTED, CHUNKS, embedder, threshold=0.35, judge=judge)
     assert len(asked) == 1 and any("cruise" in s for s in asked[0])
     assert low.verdict == ("allow" if judge_says else "flag")
+
+
+class _CountingEmbedder:
+    """The real embedder, counting the texts it is asked to embed."""
+
+    def __init__(self, inner: MiniLMEmbedder) -> None:
+        self.inner, self.dim, self.texts = inner, inner.dim, 0
+
+    def embed(self, texts: list[str]):  # type: ignore[no-untyped-def]
+        self.texts += len(texts)
+        return self.inner.embed(texts)
+
+
+def test_sentences_restating_the_sources_need_no_embedding(embedder: MiniLMEmbedder) -> None:
+    counting = _CountingEmbedder(embedder)
+    answer = "Outgoing domestic wire transfers cost $25 each [1]. You can lock your debit card in the mobile app [2]."
+    result = check_groundedness(answer, CHUNKS, counting, threshold=0.35)
+    assert result.verdict == "allow" and counting.texts == 0
+    assert "2 by wording" in (result.detail or "")
+    # The invented sentence is not waved through by wording: it is embedded, and flagged.
+    flagged = check_groundedness(UNSUPPORTED, CHUNKS, counting, threshold=0.35)
+    assert flagged.verdict == "flag" and counting.texts >= 1
+
+
+def test_a_number_missing_from_the_sources_is_never_supported_by_wording() -> None:
+    from app.rag.grounding import _content_tokens, lexically_supported
+
+    sources = set().union(*(_content_tokens(c.content) for c in CHUNKS))
+    assert lexically_supported("Outgoing domestic wire transfers cost $25 each.", sources)
+    assert not lexically_supported("Outgoing domestic wire transfers cost $45 each.", sources)
+    assert not lexically_supported("Outgoing domestic wire transfers are free for premier customers.", sources)
+    assert not lexically_supported("You can't lock your debit card in the mobile app.", sources)
+    assert not lexically_supported("You can never lock your debit card in the mobile app.", sources)
