@@ -73,6 +73,39 @@ def _sanitize(text: str) -> str:
     return _SECTION_MARKER.sub(lambda m: f"[{m.group(1)} {m.group(2)}]", text).strip()
 
 
+# What the embedded judge reads of a conversation, in characters (~4 per token). Prompt evaluation of the
+# 1.5B judge on 2 busy CPU cores runs at roughly 60-150 tokens/s, so a 6,000-character jailbreak template
+# (~1,500 tokens) cannot be judged within guard_timeout_s=10 and would fail closed. The detector has
+# already scored every window of the full text; the judge sees the head (the framing) and the tail
+# (where templates put the request) of an over-long message, with an explicit omission marker.
+EMBEDDED_JUDGE_BUDGET_CHARS = 2000
+HEAD_SHARE = 0.4
+_MIN_TURN_CHARS = 200
+
+
+def clip_text(text: str, limit: int) -> str:
+    """`text` if it fits in `limit` characters, else its head and tail around an omission marker."""
+    if len(text) <= limit:
+        return text
+    marker = "\n[... {} characters omitted ...]\n"
+    room = max(limit - len(marker.format(len(text))), 2)
+    head = int(room * HEAD_SHARE)
+    tail = room - head
+    return text[:head].rstrip() + marker.format(len(text) - head - tail) + text[len(text) - tail :].lstrip()
+
+
+def fit_conversation(conversation: Sequence[tuple[Role, str]], budget_chars: int) -> list[tuple[Role, str]]:
+    """Clip a conversation to ~`budget_chars`: the assessed (last) turn first, up to the whole budget, then
+    earlier turns newest first with what is left (at least _MIN_TURN_CHARS each, so no turn vanishes)."""
+    out: list[tuple[Role, str]] = []
+    left = budget_chars
+    for who, text in reversed(conversation):
+        clipped = clip_text(text, max(left, _MIN_TURN_CHARS))
+        left -= len(clipped)
+        out.append((who, clipped))
+    return out[::-1]
+
+
 def build_prompt(
     conversation: Sequence[tuple[Role, str]], categories: Sequence[SafetyCategory], role: Role | None = None
 ) -> str:
@@ -157,13 +190,18 @@ class LlamaGuardClient:
         timeout_s: float = 10.0,
         use_grammar: bool = False,
         max_tokens: int = 24,
+        budget_chars: int | None = None,
     ) -> None:
+        """`budget_chars`: clip what the judge reads (fit_conversation); by default the embedded judge
+        (`use_grammar`) reads EMBEDDED_JUDGE_BUDGET_CHARS and a remote Llama Guard (GPU, 8k context) all."""
         if not categories:
             raise ValueError("Llama Guard needs at least one category in force")
         self.backend = backend
         self.categories = list(categories)
         self.codes = [c.code for c in self.categories]
         self.timeout_s = timeout_s
+        self.budget_chars = budget_chars if budget_chars is not None else (
+            EMBEDDED_JUDGE_BUDGET_CHARS if use_grammar else None)
         # Built once: the options (and the grammar in them) are the same for every call.
         self._options = GenerationOptions(
             max_tokens=max_tokens,
@@ -172,6 +210,8 @@ class LlamaGuardClient:
         )
 
     async def check(self, conversation: Sequence[tuple[Role, str]], role: Role | None = None) -> LlamaGuardVerdict:
+        if self.budget_chars is not None:
+            conversation = fit_conversation(conversation, self.budget_chars)
         prompt = build_prompt(conversation, self.categories, role)
         started = time.perf_counter()
         try:

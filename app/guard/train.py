@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from app.eval.holdout import HOLDOUT_SHARE, SALT, holdout_rows, is_holdout
 from app.guard.detector import (
     LEXICAL_FEATURES,
     LLAMA_GUARD_CATEGORIES,
@@ -40,6 +41,7 @@ ATTACK_RECALL_TARGET = 0.95  # the same for each attack source (short injections
 AUTO_BLOCK_BENIGN_FRR = 0.01  # benign share we accept blocking without the judge
 ON_DOMAIN_TOPIC_REFUSAL = 0.03
 WRAPS_PER_TEMPLATE = 2
+NEAR_DUPLICATE = 0.9  # cosine between head embeddings: a training row this close to a held-out row is dropped
 SLOT = re.compile(r"\{\{\s*prompt\s*\}\}")
 
 # Do-Not-Answer mixes clear harm with borderline asks (advice, chatbot feelings, rumours). In these two
@@ -117,17 +119,20 @@ def load_sources(eval_dir: Path, rng: random.Random, max_per_source: int | None)
     src: dict[str, list[Item]] = {k: [] for k in ("harmful", "borderline", "template", "injection", "chitchat",
                                                   "unanswerable", "passage", "on_domain", "alarming", "lookalike",
                                                   "general", "advice", "off_topic", "our_attack")}
-    for row in _jsonl(eval_dir / "harmful_dev.jsonl"):
+    def dev(name: str) -> list[dict[str, Any]]:  # the training side of the explicit split (app/eval/holdout.py)
+        return [r for r in _jsonl(eval_dir / name) if not is_holdout(name, r["text"])]
+
+    for row in dev("harmful_dev.jsonl"):
         cat, text = row.get("category", ""), row["text"]
         if cat in BORDERLINE_DNA and not CLEAR_HARM.search(text):
             src["borderline"].append(Item(text, "borderline", None, 0))
         else:
             src["harmful"].append(Item(text, "harmful", 1, 0, categories=llama_guard_categories(text, cat)))
-    for row in _jsonl(eval_dir / "jailbreak_templates_dev.jsonl"):
+    for row in dev("jailbreak_templates_dev.jsonl"):
         src["template"].append(Item(SLOT.sub("", row["text"]), "template", None, 1, slot_text=row["text"]))
-    src["injection"] = [Item(r["text"], "injection", 0, 1) for r in _jsonl(eval_dir / "injection_dev.jsonl")]
+    src["injection"] = [Item(r["text"], "injection", 0, 1) for r in dev("injection_dev.jsonl")]
     src["chitchat"] = [Item(t, "chitchat", 0, 0, "off_topic") for t in
-                       dict.fromkeys(r["text"] for r in _jsonl(eval_dir / "benign_dev.jsonl"))]
+                       dict.fromkeys(r["text"] for r in dev("benign_dev.jsonl"))]
     unans = _jsonl(eval_dir / "unanswerable_dev.jsonl")
     src["unanswerable"] = [Item(r["question"], "unanswerable", 0, 0, "off_topic") for r in unans]
     # The passages are benign prose of many kinds: the detector also scores retrieved chunks and answers.
@@ -144,6 +149,19 @@ def load_sources(eval_dir: Path, rng: random.Random, max_per_source: int | None)
                           "advice": "advice", "off_topic": "off_topic"}.get(kind, "general")
                 src[source].append(Item(row["text"], source, 0, 0, row.get("topic")))
     return {k: cap(v) for k, v in src.items()}
+
+
+def heldout_texts(eval_dir: Path) -> list[str]:
+    """The held-out dev rows as the detector's training would see them (templates without their slot)."""
+    return [SLOT.sub("", r["text"]) for name in HOLDOUT_SHARE for r in holdout_rows(eval_dir, name)]
+
+
+def drop_near_heldout(items: list[Item], heads: np.ndarray, held: np.ndarray) -> np.ndarray:
+    """Mask of training items to keep: not within NEAR_DUPLICATE cosine of any held-out text (AdvBench and the
+    template set are full of paraphrases; training on one would leak its held-out twin)."""
+    if len(held) == 0:
+        return np.ones(len(items), dtype=bool)
+    return np.asarray((heads @ held.T).max(axis=1) < NEAR_DUPLICATE)
 
 
 class EmbeddingCache:
@@ -383,6 +401,11 @@ def train(eval_dir: Path, out_dir: Path, *, seed: int = 1234, folds: int = 5, em
     bare = [it for name in sorted(sources) for it in sources[name]]
     cache = EmbeddingCache(embedder, cache_path)
     heads = cache.get([it.text for it in bare])
+    held = heldout_texts(Path(eval_dir))
+    keep = drop_near_heldout(bare, heads, cache.get(held) if held else np.zeros((0, heads.shape[1])))
+    dropped = {s: int(sum(1 for it, k in zip(bare, keep, strict=True) if it.source == s and not k))
+               for s in sources}
+    bare, heads = [it for it, k in zip(bare, keep, strict=True) if k], heads[keep]
     fold = assign_folds(bare, heads, folds, rng)
     wrapped, wrapped_fold = wrap_templates(bare, fold, rng)
     items = bare + wrapped
@@ -431,12 +454,14 @@ def train(eval_dir: Path, out_dir: Path, *, seed: int = 1234, folds: int = 5, em
         "data_sha256": {p.name: _file_hash(p) for p in data_files},
         "counts": {s: int(sum(1 for it in items if it.source == s)) for s in dict.fromkeys(it.source for it in items)},
         "windows_total": int(len(rows.x)),
+        "holdout": {"salt": SALT, "shares": HOLDOUT_SHARE, "held_out_rows": len(held),
+                    "near_duplicates_dropped": {k: v for k, v in dropped.items() if v}},
         "versions": {"scikit-learn": sklearn.__version__, "numpy": np.__version__,
                      "embedder": Path(str(getattr(embedder, "model_path", "minilm"))).name},
     }
     (out_dir / f"{WEIGHTS_STEM}.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     full_report = {"thresholds": thresholds, "cv": report, "calibration": {h: c.tolist() for h, c in cal.items()},
-                   "counts": meta["counts"], "seed": seed, "folds": folds}
+                   "counts": meta["counts"], "seed": seed, "folds": folds, "holdout": meta["holdout"]}
     (out_dir / "train_report.json").write_text(json.dumps(full_report, indent=2) + "\n", encoding="utf-8")
     return full_report
 

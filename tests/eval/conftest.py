@@ -8,6 +8,7 @@ import pytest
 
 from app.settings import Settings
 from tests.fixtures.server import LiveServer
+from tests.guard.test_train import eval_dir  # noqa: F401  (the dev sets: skipped when absent, fails under CI)
 from tests.observability.conftest import observed
 
 # Rows whose verdict is not in doubt for any working guard: plainly harmful requests and attacks, and
