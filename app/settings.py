@@ -76,6 +76,9 @@ class Settings(BaseSettings):
         default=False, description="Development only: let turns through when a guard cannot run"
     )
     output_rails_chunk_chars: int = 200
+    # Streaming only: the first hold-back window; 1 = the first token alone, so TTFT pays one output check and
+    # no extra generation. Then 40 chars, doubling up to output_rails_chunk_chars. Every window is checked.
+    output_rails_first_chunk_chars: int = Field(default=1, ge=1)
     output_rails_context_chars: int = 400
 
     # --- retrieval ---

@@ -30,6 +30,10 @@ class Finished:
 
 StreamEvent = Released | Finished
 
+# After the first window, windows restart at this size and double up to `chunk_chars`: the reader is
+# already reading, and fewer, larger windows mean fewer guard calls.
+SECOND_WINDOW_CHARS = 40
+
 
 def _cut(buffer: str, chunk_chars: int) -> int:
     """Where to end the next chunk of a buffer at least `chunk_chars` long: after the last
@@ -55,8 +59,8 @@ async def hold_back(
     context_chars: int,
     first_chunk_chars: int = 40,
 ) -> AsyncIterator[StreamEvent]:
-    """`first_chunk_chars`: the first window is small so the first token reaches the user early; each
-    following window doubles up to `chunk_chars` (fewer checks once the user is already reading).
+    """`first_chunk_chars`: the first window is small (1 = the first delta alone) so the first token reaches
+    the user after one output check; the next is SECOND_WINDOW_CHARS and they double up to `chunk_chars`.
     Every window is still checked, with its preceding context, before it is released."""
     if chunk_chars <= 0:
         raise ValueError("chunk_chars must be positive")
@@ -77,9 +81,10 @@ async def hold_back(
             full += delta
             pending += delta
             while len(pending) >= window:
-                end = _cut(pending, window)
+                # The first window takes whole deltas (never "Y" of "You"); later ones cut on whitespace.
+                end = len(pending) if not released and len(pending) <= chunk_chars else _cut(pending, window)
                 chunk, pending = pending[:end], pending[end:]
-                window = min(window * 2, chunk_chars)
+                window = min(max(window * 2, SECOND_WINDOW_CHARS), chunk_chars)
                 last_decision = await check_chunk(chunk)
                 if not last_decision.allowed:
                     await _close(deltas)

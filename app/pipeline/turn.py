@@ -253,7 +253,7 @@ class TurnRunner:
                 check,
                 chunk_chars=guard.output_chunk_chars,
                 context_chars=guard.output_context_chars,
-                first_chunk_chars=40 if req.stream else guard.output_chunk_chars,
+                first_chunk_chars=settings.output_rails_first_chunk_chars if req.stream else guard.output_chunk_chars,
             ):
                 if isinstance(event, Released):
                     if first_token_at is None:

@@ -68,8 +68,8 @@ async def test_everything_passes_in_checked_chunks() -> None:
     assert len(check.windows) == len(released)  # every released chunk was checked, the partial last one too
     for i, chunk in enumerate(released):
         assert len(chunk) <= 50
-        if i < len(released) - 1:
-            assert chunk.endswith(" ")  # cut on whitespace
+        if 0 < i < len(released) - 1:
+            assert chunk.endswith(" ")  # cut on whitespace (the first window takes whole deltas)
         preceding = "".join(released[:i])[-30:]
         assert check.windows[i] == preceding + chunk  # the chunk plus exactly context_chars before it
 
@@ -119,3 +119,18 @@ async def test_long_words_are_cut_at_chunk_size() -> None:
 async def test_invalid_chunk_size() -> None:
     with pytest.raises(ValueError):
         await anext(hold_back(Generator("x").deltas(), Checker(), chunk_chars=0, context_chars=0))
+
+
+async def test_the_first_window_is_the_first_delta_then_windows_grow() -> None:
+    from app.pipeline.streaming import SECOND_WINDOW_CHARS
+
+    text = "You can dispute a card payment in the app under Cards, then Dispute, within sixty days. " * 4
+    gen, check = Generator(text, delta=5), Checker()
+    released: list[str] = []
+    async for event in hold_back(gen.deltas(), check, chunk_chars=100, context_chars=30, first_chunk_chars=1):
+        if isinstance(event, Released):
+            released.append(event.text)
+    assert released[0] == text[:5]  # the first delta alone, whole: the first token waits for one check only
+    assert "".join(released) == text
+    assert all(len(chunk) >= SECOND_WINDOW_CHARS - 10 for chunk in released[1:-1])  # then few, larger windows
+    assert len(check.windows) == len(released) <= 8
