@@ -30,6 +30,7 @@ from app.guard.actions import GroundingCheck, TurnContext, build_actions, curren
 from app.guard.base import AssistantTexts, GuardDecision, RailResult
 from app.guard.cascade import ATTACK_CATEGORY, IntentMatcher, SafetyCascade, Thresholds, score_in_thread
 from app.guard.compiled import CompiledRails, compile_rails
+from app.guard.detector import text_windows
 from app.guard.llama_guard import LlamaGuardClient
 from app.guard.loader import LoadedConfig, load_config
 from app.llm.base import ChatBackend
@@ -38,7 +39,7 @@ from app.rag.embedder import bundled_model_path
 from app.settings import Settings
 
 if TYPE_CHECKING:
-    from app.guard.detector import Detector
+    from app.guard.detector import Detector, DetectorScores
 
 log = logging.getLogger(__name__)
 
@@ -108,13 +109,17 @@ class RailsGuard:
         try:
             if embedding is None:  # callers normally pass the turn's one embedding
                 embedding = (await asyncio.to_thread(self._embedder.embed, [user_text]))[0]
-            scores = (
-                await score_in_thread(self._detector, user_text, self._embedder, embedding) if self._detector else None
-            )
+            scores = await self._score(user_text, embedding) if self._detector else None
         except Exception as exc:
             return self._failed("input_rails", exc, started)
         turn = TurnContext(messages=list(messages), embedding=embedding, scores=scores)
         return await self._run(turn, [{"role": "user", "content": user_text}], "input")
+
+    async def _score(self, text: str, embedding: np.ndarray) -> DetectorScores:
+        assert self._detector is not None
+        if len(text_windows(text)) == 1:  # nothing left to embed: ~0.1 ms, not worth a thread hop
+            return self._detector.score(text, self._embedder, embedding)
+        return await score_in_thread(self._detector, text, self._embedder, embedding)
 
     async def check_output(
         self, messages: list[dict[str, str]], answer: str, context: list[str] | None = None

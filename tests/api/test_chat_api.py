@@ -60,7 +60,7 @@ def test_raw_sse_wire_format(live_server: LiveServer) -> None:
     assert datas[-1] == "[DONE]"
     payloads = [json.loads(d) for d in datas[:-1]]
     assert all(p["object"] == "chat.completion.chunk" for p in payloads)
-    assert payloads[-1]["guardchat"]["blocked"] is False
+    assert payloads[-1]["guardchat"]["blocked"] is False, payloads[-1]["guardchat"]
 
 
 def test_models_and_health(live_server: LiveServer) -> None:
