@@ -51,10 +51,9 @@ class Guard(Protocol):
     texts: AssistantTexts
     output_chunk_chars: int
     output_context_chars: int
+    grounding_blocks: bool  # the config blocks ungrounded answers: windows must be checked with the context
 
-    async def check_input(
-        self, messages: list[dict[str, str]], embedding: np.ndarray | None = None
-    ) -> GuardDecision:
+    async def check_input(self, messages: list[dict[str, str]], embedding: np.ndarray | None = None) -> GuardDecision:
         """`messages` is the conversation ending with the new user message.
         `embedding` is the turn's one MiniLM query embedding (of the last user message)."""
         ...
@@ -63,5 +62,11 @@ class Guard(Protocol):
         self, messages: list[dict[str, str]], answer: str, context: list[str] | None = None
     ) -> GuardDecision:
         """Checks the answer so far (or a hold-back window of it). `context` is the retrieved text,
-        for the groundedness rail."""
+        for the groundedness rail (given per window only when that rail blocks: `grounding_blocks`)."""
+        ...
+
+    async def check_groundedness(
+        self, messages: list[dict[str, str]], answer: str, context: list[str]
+    ) -> GuardDecision:
+        """Only the groundedness rail, once on the whole answer (when it flags rather than blocks)."""
         ...

@@ -157,10 +157,13 @@ class CompiledRails:
     input_parallel: bool
     output_parallel: bool
 
-    async def run(self, direction: str) -> FlowOutcome | None:
-        """Runs the input or output rails; returns the blocking flow's outcome, or None when all pass.
-        An action that raises propagates (the guard turns it into a guard_error refusal)."""
+    async def run(self, direction: str, only: set[str] | None = None) -> FlowOutcome | None:
+        """Runs the input or output rails (or `only` the named flows of them); returns the blocking flow's
+        outcome, or None when all pass. An action that raises propagates (the guard turns it into a
+        guard_error refusal)."""
         flows = self.input_flows if direction == "input" else self.output_flows
+        if only is not None:
+            flows = [(name, steps) for name, steps in flows if name in only]
         parallel = self.input_parallel if direction == "input" else self.output_parallel
         if not parallel or len(flows) < 2:
             for name, steps in flows:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -64,6 +64,18 @@ class IntentRailSpec(BaseModel):
     categories: dict[str, str] = Field(default_factory=dict)
 
 
+class GroundednessSpec(BaseModel):
+    """The groundedness output rail: what an answer not supported by the retrieved text gets."""
+
+    model_config = ConfigDict(extra="forbid")
+    # flag: recorded in the trace, the answer stands; block: the answer is replaced by the "I don't know"
+    # text (checked per hold-back window while streaming, so no unsupported text is shown).
+    action: Literal["flag", "block"] = "flag"
+    threshold: float = Field(default=0.35, ge=0, le=1)  # best cosine of a claim sentence to any chunk
+    # With action=block, ask the chat LLM to confirm before blocking (only for low-similarity answers).
+    judge: bool = True
+
+
 class GuardchatSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
     llama_guard_categories: dict[str, CategorySpec] = Field(
@@ -73,6 +85,7 @@ class GuardchatSection(BaseModel):
     topic: IntentRailSpec = Field(default_factory=lambda: IntentRailSpec())
     attack: IntentRailSpec = Field(default_factory=lambda: IntentRailSpec())
     safety: IntentRailSpec = Field(default_factory=lambda: IntentRailSpec())
+    groundedness: GroundednessSpec = Field(default_factory=lambda: GroundednessSpec())
 
     @field_validator("llama_guard_categories")
     @classmethod

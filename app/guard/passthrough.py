@@ -14,6 +14,7 @@ class PassThroughGuard:
         self.texts = texts or AssistantTexts()
         self.output_chunk_chars = output_chunk_chars
         self.output_context_chars = output_context_chars
+        self.grounding_blocks = False
 
     async def check_input(self, messages: list[dict[str, str]], embedding: np.ndarray | None = None) -> GuardDecision:
         return GuardDecision(
@@ -26,3 +27,8 @@ class PassThroughGuard:
         return GuardDecision(
             allowed=True, rails=[RailResult("passthrough", "skip", detail="no output rails configured")]
         )
+
+    async def check_groundedness(
+        self, messages: list[dict[str, str]], answer: str, context: list[str]
+    ) -> GuardDecision:
+        return GuardDecision(allowed=True, rails=[])

@@ -18,6 +18,7 @@ the default). A config using Colang outside that subset runs on LLMRails (logged
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ from app.guard.cascade import ATTACK_CATEGORY, IntentMatcher, SafetyCascade, Thr
 from app.guard.compiled import CompiledRails, compile_rails
 from app.guard.detector import text_windows
 from app.guard.llama_guard import LlamaGuardClient
-from app.guard.loader import LoadedConfig, load_config
+from app.guard.loader import GroundednessSpec, LoadedConfig, load_config
 from app.llm.base import ChatBackend
 from app.rag.base import Embedder
 from app.rag.embedder import bundled_model_path
@@ -83,6 +84,7 @@ class RailsGuard:
         actions = build_actions(cascade, fail_open=self.fail_open, grounding=grounding)
         for name, action in actions.items():
             self._rails.register_action(action, name)
+        self.grounding_blocks = loaded.section.groundedness.action == "block"
         self.compiled: CompiledRails | None = None
         if settings.rails_engine == "compiled":
             self.compiled, why_not = compile_rails(loaded.rails_config, dict(actions))
@@ -138,14 +140,29 @@ class RailsGuard:
         nemo_messages = [{"role": "user", "content": user_text}, {"role": "assistant", "content": answer}]
         return await self._run(turn, nemo_messages, "output")
 
-    async def _run(self, turn: TurnContext, nemo_messages: list[dict[str, str]], direction: str) -> GuardDecision:
+    async def check_groundedness(
+        self, messages: list[dict[str, str]], answer: str, context: list[str]
+    ) -> GuardDecision:
+        """Only the groundedness flow(s), once on the final answer. (On the NeMo engine, which cannot run one
+        output flow alone, all output rails run again on the answer.)"""
+        flows = {flow for flow, rail in FLOW_RAILS.items() if rail == "groundedness"}
+        if not self.has_output_rails or not flows & set(self.loaded.rails_config.rails.output.flows):
+            return GuardDecision(allowed=True)
+        user_text = next((m.get("content") or "" for m in reversed(messages) if m.get("role") == "user"), "")
+        turn = TurnContext(messages=list(messages), answer=answer, context=context)
+        nemo_messages = [{"role": "user", "content": user_text}, {"role": "assistant", "content": answer}]
+        return await self._run(turn, nemo_messages, "output", only=flows)
+
+    async def _run(
+        self, turn: TurnContext, nemo_messages: list[dict[str, str]], direction: str, only: set[str] | None = None
+    ) -> GuardDecision:
         from nemoguardrails.rails.llm.options import RailStatus, RailType
 
         started = time.perf_counter()
         token = current_turn.set(turn)
         try:
             if self.compiled is not None:
-                outcome = await self.compiled.run(direction)
+                outcome = await self.compiled.run(direction, only)
                 blocked = outcome is not None
                 flow, content = (outcome.flow, outcome.message) if outcome else ("", None)
             else:
@@ -246,6 +263,8 @@ def build_guard(
             use_grammar=settings.guard_backend != "openai",
         ),
     )
+    if grounding is not None:
+        grounding = _bind_grounding_policy(grounding, section.groundedness, llm)
     if settings.guard_fail_open:
         log.warning("GUARD FAIL-OPEN IS ON: turns pass when a safety check cannot run. Never use this in production.")
     return RailsGuard(
@@ -257,3 +276,14 @@ def build_guard(
         grounding=grounding,
         owned_clients=owned,
     )
+
+
+def _bind_grounding_policy(grounding: GroundingCheck, spec: GroundednessSpec, llm: ChatBackend) -> GroundingCheck:
+    """The server's grounding check with this config's threshold and action. The LLM judge is consulted only
+    when it can change what the user sees: before blocking an answer whose sentences scored low."""
+    from app.rag.grounding import CachedGroundingCheck, make_llm_judge
+
+    if not isinstance(grounding, CachedGroundingCheck):
+        return grounding
+    judge = make_llm_judge(llm) if spec.judge and spec.action == "block" else None
+    return functools.partial(grounding, threshold=spec.threshold, action=spec.action, judge=judge)

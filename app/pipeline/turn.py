@@ -236,12 +236,12 @@ class TurnRunner:
             return
 
         context_texts = [c.content for c in sources]
-        grounding = self.state.extras.get("grounding")
+        # A groundedness rail that only flags runs once on the whole answer (below); one that blocks must see
+        # every window before it is shown, so the windows then carry the retrieved context.
+        window_context = context_texts if guard.grounding_blocks else None
 
         async def check(window: str) -> GuardDecision:
-            # Windows get the safety output rails only. Groundedness (which flags, never blocks) runs once
-            # on the whole answer below: per window it re-embedded every sentence (bench/pipeline_overhead).
-            return await guard.check_output(conversation, window, None if grounding is not None else context_texts)
+            return await guard.check_output(conversation, window, window_context)
 
         released: list[str] = []
         final: Finished | None = None
@@ -279,20 +279,24 @@ class TurnRunner:
             timer.timings["first_token"] = (first_token_at - t_start) * 1000
         assert final is not None
         rail_results += final.decision.rails
-        if not final.decision.allowed:
-            refusal = final.decision.refusal or texts.refusal
+        blocking: GuardDecision | None = None if final.decision.allowed else final.decision
+        shown = final.released_text
+        if blocking is None and context_texts and not guard.grounding_blocks:
+            with timer.stage("groundedness"):
+                grounded = await guard.check_groundedness(conversation, final.full_text, context_texts)
+            rail_results = [r for r in rail_results if r.name != "groundedness"] + grounded.rails
+            if not grounded.allowed:  # a flagging rail never blocks: only a guard error (fail closed) gets here
+                blocking, shown = grounded, final.full_text
+        if blocking is not None:
+            refusal = blocking.refusal or texts.refusal
             # What the user already saw passed the rails; the refusal ends the stream.
             yield Delta(("\n\n" if released else "") + refusal)
-            answer = final.released_text + ("\n\n" if released else "") + refusal
+            answer = shown + ("\n\n" if released else "") + refusal
             result = self._result(answer, True, session_id, turn_id, rail_results, [], timer, trace, t_start)
             result.status = "blocked"
-            trace["blocked_by"] = final.decision.blocked_by
+            trace["blocked_by"] = blocking.blocked_by
         else:
             answer = final.full_text
-            if grounding is not None and context_texts:
-                with timer.stage("groundedness"):
-                    rail_results = [r for r in rail_results if r.name != "groundedness"]
-                    rail_results.append(await grounding(answer, context_texts))
             citations = self._citations(answer, sources) if sources else []
             result = self._result(answer, False, session_id, turn_id, rail_results, citations, timer, trace, t_start)
             result.finish_reason = generation.finish_reason or "stop"

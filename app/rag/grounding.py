@@ -219,7 +219,7 @@ def _ms(started: float) -> float:
 class CachedGroundingCheck:
     """The groundedness output rail as the guard calls it: `(answer, context_texts) -> RailResult`.
 
-    It flags (never blocks) by default: a cheap embedding test, no extra LLM call. Context vectors are
+    It flags (never blocks) by default: a cheap wording/embedding test, no extra LLM call. Context vectors are
     cached by text and primed by the pipeline with the vectors the index already stores, so retrieved
     text is not embedded again for each output window."""
 
@@ -249,9 +249,24 @@ class CachedGroundingCheck:
             self._trim()
         return np.stack([self._cache[t] for t in texts])
 
-    async def __call__(self, answer: str, context: list[str]) -> RailResult:
+    async def __call__(
+        self,
+        answer: str,
+        context: list[str],
+        *,
+        threshold: float | None = None,
+        action: Literal["flag", "block"] = "flag",
+        judge: GroundednessJudge | None = None,
+    ) -> RailResult:
+        """`threshold`, `action` and `judge` come from the rails config (RailsGuard binds them)."""
         chunks = [Chunk(id=str(i), document_id="", source="", title="", content=t) for i, t in enumerate(context)]
         vectors = await asyncio.to_thread(self.vectors_for, context) if context else None
         return await acheck_groundedness(
-            answer, chunks, self.embedder, threshold=self.threshold, action="flag", chunk_embeddings=vectors
+            answer,
+            chunks,
+            self.embedder,
+            threshold=self.threshold if threshold is None else threshold,
+            action=action,
+            chunk_embeddings=vectors,
+            judge=judge,
         )
