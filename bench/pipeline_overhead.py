@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--variants", default="plain,batching", help="guardchat variants: plain,batching")
     parser.add_argument("--skip-nemo", action="store_true")
+    parser.add_argument("--workers", type=int, default=1, help="guardchat uvicorn worker processes")
     parser.add_argument("--profile", action="store_true", help="py-spy record guardchat at the highest concurrency")
     parser.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"))
     parser.add_argument("--quick", action="store_true", help="tiny corpus and short runs (smoke test)")
@@ -117,7 +118,9 @@ def main() -> None:
         }
         for variant in [v for v in args.variants.split(",") if v]:
             name = "guardchat" + (" + batching embedder" if variant == "batching" else "")
-            server = start_guardchat(guardchat_env(backends, corpus, args.redis_url), batching=variant == "batching")
+            server = start_guardchat(
+                guardchat_env(backends, corpus, args.redis_url), batching=variant == "batching", workers=args.workers
+            )
             try:
                 setups[name] = {}
                 for c in args.concurrency:

@@ -19,7 +19,15 @@ def main() -> None:
     parser.add_argument("--batching", action="store_true", help="wrap the embedder in BatchingEmbedder")
     parser.add_argument("--loop", default="auto")
     parser.add_argument("--http", default="auto")
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (sessions must be in Redis)")
     args = parser.parse_args()
+
+    if args.workers > 1:  # separate processes: each builds its own state from the GUARDCHAT_* environment
+        uvicorn.run(
+            "app.main:create_app", factory=True, workers=args.workers, host="127.0.0.1", port=args.port,
+            log_level="warning", access_log=False, loop=args.loop, http=args.http, lifespan="on",
+        )
+        return
 
     if args.batching:
         import app.rag.embedder as embedder_module
