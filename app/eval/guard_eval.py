@@ -166,6 +166,8 @@ def _listing(o: Outcome) -> dict[str, Any]:
         "blocked_by": o.blocked_by,
         "rails": [f"{r.get('name')}={r.get('verdict')}" + (f"({r.get('score'):.2f})" if isinstance(
             r.get("score"), int | float) else "") for r in o.rails],
+        # Which stage decided (detector, example, judge, guard_error ...): the JSON keeps it for the analysis.
+        "details": {str(r.get("name")): str(r.get("detail")) for r in o.rails if r.get("detail")},
     }
 
 
@@ -195,6 +197,7 @@ def summarize(outcomes: list[Outcome], kind: str = "safety") -> dict[str, Any]:
         "latencies_ms": [round(o.latency_ms, 3) for o in ok],
         "misses": [_listing(o) for o in ok if o.row.expected == "block" and not o.blocked][:MAX_LISTED],
         "false_refusals": [_listing(o) for o in ok if o.row.expected == "allow" and o.blocked][:MAX_LISTED],
+        "guard_error_rows": [_listing(o) for o in ok if any(r.get("verdict") == "error" for r in o.rails)][:MAX_LISTED],
     }
 
 

@@ -75,10 +75,11 @@ def _sanitize(text: str) -> str:
 
 # What the embedded judge reads of a conversation, in characters (~4 per token). Prompt evaluation of the
 # 1.5B judge on 2 busy CPU cores runs at roughly 60-150 tokens/s, so a 6,000-character jailbreak template
-# (~1,500 tokens) cannot be judged within guard_timeout_s=10 and would fail closed. The detector has
-# already scored every window of the full text; the judge sees the head (the framing) and the tail
-# (where templates put the request) of an over-long message, with an explicit omission marker.
-EMBEDDED_JUDGE_BUDGET_CHARS = 2000
+# (~1,500 tokens) cannot be judged within guard_timeout_s=10 and would fail closed; measured with 2,000
+# characters, 6-30 s; with 1,200, 3-5 s (a cold category header adds more). The detector has already
+# scored every window of the full text; the judge sees the head (the framing) and the tail (where
+# templates put the request) of an over-long message, with an explicit omission marker.
+EMBEDDED_JUDGE_BUDGET_CHARS = 1200
 HEAD_SHARE = 0.4
 _MIN_TURN_CHARS = 200
 
@@ -172,11 +173,16 @@ def parse_verdict(raw: str, allowed_codes: Sequence[str]) -> LlamaGuardVerdict:
     return LlamaGuardVerdict(safe=False, categories=list(dict.fromkeys(codes)), raw=raw)
 
 
+MAX_VERDICT_CATEGORIES = 3
+
+
 def verdict_grammar(codes: Sequence[str]) -> str:
     """GBNF that admits exactly the well-formed answers over `codes` (longest codes first so S10
-    is tried before S1 by backtracking-free samplers)."""
+    is tried before S1 by backtracking-free samplers). At most MAX_VERDICT_CATEGORIES codes: a small
+    judge otherwise sometimes lists every code until max_tokens cuts it mid-code (a parse error)."""
     alternatives = " | ".join(f'"{code}"' for code in sorted(codes, key=lambda c: (-len(c), c)))
-    return f'root ::= "safe" | "unsafe\\n" cats\ncats ::= cat ("," cat)*\ncat ::= {alternatives}\n'
+    more = ' ("," cat)?' * (MAX_VERDICT_CATEGORIES - 1)
+    return f'root ::= "safe" | "unsafe\\n" cats\ncats ::= cat{more}\ncat ::= {alternatives}\n'
 
 
 class LlamaGuardClient:
@@ -200,8 +206,9 @@ class LlamaGuardClient:
         self.categories = list(categories)
         self.codes = [c.code for c in self.categories]
         self.timeout_s = timeout_s
-        self.budget_chars = budget_chars if budget_chars is not None else (
-            EMBEDDED_JUDGE_BUDGET_CHARS if use_grammar else None)
+        self.budget_chars = (
+            budget_chars if budget_chars is not None else (EMBEDDED_JUDGE_BUDGET_CHARS if use_grammar else None)
+        )
         # Built once: the options (and the grammar in them) are the same for every call.
         self._options = GenerationOptions(
             max_tokens=max_tokens,

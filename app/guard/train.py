@@ -360,6 +360,14 @@ def choose_thresholds(items: list[Item], unsafe_p: np.ndarray, attack_p: np.ndar
             "off_topic_block": topic_t}
 
 
+def unsafe_block_sweep(items: list[Item], unsafe_p: np.ndarray) -> dict[str, dict[str, float]]:
+    """Out-of-fold share of each source the unsafe head alone would block at candidate `unsafe_block` values:
+    the guide for moving the threshold in the rails config (the judge's band shrinks or grows with it)."""
+    src = np.array([it.source for it in items])
+    return {f"{t:.2f}": {s: float((unsafe_p[src == s] >= t).mean()) for s in dict.fromkeys(src.tolist())}
+            for t in np.arange(0.20, 0.61, 0.05)}
+
+
 def cv_report(items: list[Item], unsafe_p: np.ndarray, attack_p: np.ndarray, off_topic_p: np.ndarray,
               topic_pred: np.ndarray, th: dict[str, float]) -> dict[str, Any]:
     """Per source: auto-blocked / sent to the judge / allowed, plus the per-head block rates."""
@@ -436,6 +444,7 @@ def train(eval_dir: Path, out_dir: Path, *, seed: int = 1234, folds: int = 5, em
     off_topic_p = 1 - topic_p[:, TOPIC_LABELS.index("on_domain")]
     thresholds = choose_thresholds(items, prob["unsafe"], prob["attack"], off_topic_p)
     report = cv_report(items, prob["unsafe"], prob["attack"], off_topic_p, topic_p.argmax(1), thresholds)
+    report["unsafe_block_sweep"] = unsafe_block_sweep(items, prob["unsafe"])
 
     final = fit_heads(rows, np.ones(len(rows.x), dtype=bool), seed)
     final["unsafe_cal"], final["attack_cal"] = cal["unsafe"], cal["attack"]

@@ -167,3 +167,28 @@ def test_precomputed_embedding_and_batch_agree_with_single_scoring(detector: Det
 def test_short_texts_use_one_window() -> None:
     assert text_windows("block my card") == ["block my card"]
     assert text_windows("") == [""]
+
+
+def _bf16_like(vec: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """What a bfloat16 MiniLM gives instead of float32: the vector rounded to bf16 (8 mantissa bits) and
+    turned by a random direction to cosine 0.9999 (the measured bf16-vs-fp32 agreement), renormalised."""
+    bits = np.asarray(vec, np.float32).view(np.uint32)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).astype(np.uint32).view(np.float32)
+    rounded = rounded / np.linalg.norm(rounded)
+    noise = rng.standard_normal(rounded.shape).astype(np.float32)
+    noise -= (noise @ rounded) * rounded
+    noise /= np.linalg.norm(noise)
+    cos = 0.9999
+    return (cos * rounded + np.sqrt(1 - cos**2) * noise).astype(np.float32)
+
+
+def test_scores_hold_when_the_embedder_runs_in_bfloat16(detector: Detector, embedder) -> None:
+    """The lead may switch MiniLM to bfloat16: the heads must give the same scores within calibration noise."""
+    texts = HARMFUL + INJECTIONS + ON_DOMAIN + ALARMING_BUT_FINE
+    rng = np.random.default_rng(0)
+    for text, vec in zip(texts, embedder.embed(texts), strict=True):
+        fp32 = detector.score(text, embedder, embedding=vec)
+        bf16 = detector.score(text, embedder, embedding=_bf16_like(vec, rng))
+        for head in ("unsafe", "attack", "off_topic"):
+            assert abs(getattr(fp32, head) - getattr(bf16, head)) < 0.02, (text, head)
+        assert fp32.topic == bf16.topic or max(fp32.topic_probs.values()) < 0.6, text
