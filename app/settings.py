@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     guard_model: str | None = None
     guard_api_key: SecretStr | None = None
     guard_timeout_s: float = 10.0
+    # The embedded (CPU) judge reads at most this much of a conversation (head and tail of an over-long
+    # message): a long jailbreak template otherwise takes 6-30 s to judge. A remote Llama Guard reads all.
+    guard_judge_max_chars: int = Field(default=1200, ge=200)
     guard_fail_open: bool = Field(
         default=False, description="Development only: let turns through when a guard cannot run"
     )

@@ -246,6 +246,7 @@ def build_guard(
         loaded.categories,
         timeout_s=settings.guard_timeout_s,
         use_grammar=settings.guard_backend != "openai",
+        budget_chars=settings.guard_judge_max_chars if settings.guard_backend != "openai" else None,
     )
     cascade = SafetyCascade(
         mode=settings.guard_backend,
@@ -261,6 +262,7 @@ def build_guard(
             [ATTACK_CATEGORY],
             timeout_s=settings.guard_timeout_s,
             use_grammar=settings.guard_backend != "openai",
+            budget_chars=settings.guard_judge_max_chars if settings.guard_backend != "openai" else None,
         ),
     )
     if grounding is not None:

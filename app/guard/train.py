@@ -400,10 +400,10 @@ def train(eval_dir: Path, out_dir: Path, *, seed: int = 1234, folds: int = 5, em
     `max_per_source` subsamples every source (tests); `cache_path` keeps MiniLM vectors between runs."""
     import sklearn
 
-    if embedder is None:
-        from app.rag.embedder import get_embedder
+    if embedder is None:  # fp32 PyTorch: the same vectors on every machine (bf16 exists on some CPUs only)
+        from app.rag.embedder import MiniLMEmbedder
 
-        embedder = get_embedder()
+        embedder = MiniLMEmbedder(precision="float32")
     rng = random.Random(seed)
     sources = load_sources(Path(eval_dir), rng, max_per_source)
     bare = [it for name in sorted(sources) for it in sources[name]]
