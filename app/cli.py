@@ -125,7 +125,8 @@ def guard_train(
     seed: Annotated[int, typer.Option()] = 1234,
 ) -> None:
     """Train the MiniLM safety/attack/topic classifier (reproducible with a fixed seed)."""
-    from app.guard.train import print_summary, train
+    from app.guard.train import train
+    from app.guard.train_report import print_summary
 
     print_summary(train(eval_dir, out, seed=seed))
 

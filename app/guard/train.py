@@ -360,40 +360,6 @@ def choose_thresholds(items: list[Item], unsafe_p: np.ndarray, attack_p: np.ndar
             "off_topic_block": topic_t}
 
 
-def unsafe_block_sweep(items: list[Item], unsafe_p: np.ndarray) -> dict[str, dict[str, float]]:
-    """Out-of-fold share of each source the unsafe head alone would block at candidate `unsafe_block` values:
-    the guide for moving the threshold in the rails config (the judge's band shrinks or grows with it)."""
-    src = np.array([it.source for it in items])
-    return {f"{t:.2f}": {s: float((unsafe_p[src == s] >= t).mean()) for s in dict.fromkeys(src.tolist())}
-            for t in np.arange(0.20, 0.61, 0.05)}
-
-
-def cv_report(items: list[Item], unsafe_p: np.ndarray, attack_p: np.ndarray, off_topic_p: np.ndarray,
-              topic_pred: np.ndarray, th: dict[str, float]) -> dict[str, Any]:
-    """Per source: auto-blocked / sent to the judge / allowed, plus the per-head block rates."""
-    src = np.array([it.source for it in items])
-    u_block, a_block = unsafe_p >= th["unsafe_block"], attack_p >= th["attack_block"]
-    block = u_block | a_block
-    allow = (unsafe_p < th["unsafe_allow"]) & (attack_p < th["attack_allow"])
-    rows = {}
-    for s in dict.fromkeys(src.tolist()):
-        g = src == s
-        rows[s] = {"n": int(g.sum()), "unsafe_head_block": float(u_block[g].mean()),
-                   "attack_head_block": float(a_block[g].mean()), "auto_block": float(block[g].mean()),
-                   "judge": float((~block & ~allow)[g].mean()), "allow": float(allow[g].mean())}
-    topic_rows: dict[str, Any] = {}
-    for s in ("advice", "off_topic", "general", "chitchat", "unanswerable", *ON_DOMAIN_SOURCES):
-        wanted = ("on_domain",) if s in ON_DOMAIN_SOURCES else tuple(TOPIC_LABELS)  # general look-alikes are off-topic
-        g = (src == s) & np.array([it.topic in wanted for it in items])
-        if g.any():
-            refused = off_topic_p[g] >= th["off_topic_block"]
-            topic_rows[s] = {"n": int(g.sum()), "topic_refusal": float(refused.mean())}
-    advice = np.array([it.topic in ("investment_advice", "legal_advice", "tax_advice") for it in items])
-    topic_rows["advice_class_accuracy"] = float(
-        np.mean([TOPIC_LABELS[k] == it.topic for k, it, a in zip(topic_pred, items, advice, strict=True) if a]))
-    return {"safety": rows, "topic": topic_rows}
-
-
 def train(eval_dir: Path, out_dir: Path, *, seed: int = 1234, folds: int = 5, embedder: Any = None,
           max_per_source: int | None = None, cache_path: Path | None = None) -> dict[str, Any]:
     """Cross-validate, choose thresholds, fit on all data, write detector.npz/.json + report json to `out_dir`.
@@ -443,6 +409,8 @@ def train(eval_dir: Path, out_dir: Path, *, seed: int = 1234, folds: int = 5, em
     topic_p /= topic_p.sum(1, keepdims=True)
     off_topic_p = 1 - topic_p[:, TOPIC_LABELS.index("on_domain")]
     thresholds = choose_thresholds(items, prob["unsafe"], prob["attack"], off_topic_p)
+    from app.guard.train_report import cv_report, unsafe_block_sweep  # it imports this module's constants
+
     report = cv_report(items, prob["unsafe"], prob["attack"], off_topic_p, topic_p.argmax(1), thresholds)
     report["unsafe_block_sweep"] = unsafe_block_sweep(items, prob["unsafe"])
 
@@ -475,44 +443,6 @@ def train(eval_dir: Path, out_dir: Path, *, seed: int = 1234, folds: int = 5, em
     return full_report
 
 
-def print_summary(report: dict[str, Any]) -> None:
-    """The CV table the CLI prints (rates at the chosen thresholds; 'judge' = uncertain band)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    table = Table(title=f"Guard classifier, {report['folds']}-fold grouped CV (out-of-fold)")
-    for col in ("source", "n", "unsafe head", "attack head", "auto-block", "judge band", "auto-allow"):
-        table.add_column(col, justify="right" if col != "source" else "left")
-    for source, r in report["cv"]["safety"].items():
-        cols = ("unsafe_head_block", "attack_head_block", "auto_block", "judge", "allow")
-        table.add_row(source, str(r["n"]), *(f"{100 * r[k]:.1f}%" for k in cols))
-    console.print(table)
-    topic = Table(title="Topic rail (refused = off_topic >= off_topic_block)")
-    topic.add_column("source")
-    topic.add_column("n", justify="right")
-    topic.add_column("refused", justify="right")
-    for source, r in report["cv"]["topic"].items():
-        if isinstance(r, dict):
-            topic.add_row(source, str(r["n"]), f"{100 * r['topic_refusal']:.1f}%")
-    console.print(topic)
-    console.print(f"advice sub-class accuracy: {100 * report['cv']['topic']['advice_class_accuracy']:.1f}%")
-    console.print("thresholds: " + ", ".join(f"{k}={v:.3f}" for k, v in report["thresholds"].items()))
-
-
-def report_markdown(report: dict[str, Any]) -> str:
-    """The same tables as markdown (docs/guard-classifier.md quotes them)."""
-    lines = ["| source | n | unsafe head | attack head | auto-block | judge band | auto-allow |", "|---" * 7 + "|"]
-    cols = ("unsafe_head_block", "attack_head_block", "auto_block", "judge", "allow")
-    for source, r in report["cv"]["safety"].items():
-        lines.append(f"| {source} | {r['n']} | " + " | ".join(f"{100 * r[k]:.1f}%" for k in cols) + " |")
-    lines += ["", "| topic rail: source | n | refused |", "|---|---|---|"]
-    for source, r in report["cv"]["topic"].items():
-        if isinstance(r, dict):
-            lines.append(f"| {source} | {r['n']} | {100 * r['topic_refusal']:.1f}% |")
-    return "\n".join(lines) + "\n"
-
-
 def main() -> None:
     import argparse
 
@@ -524,6 +454,8 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--cache", type=Path, default=root / "data" / "cache" / "guard_embeddings.npz")
     args = parser.parse_args()
+    from app.guard.train_report import print_summary
+
     print_summary(train(args.eval_dir, args.out, seed=args.seed, folds=args.folds, cache_path=args.cache))
 
 

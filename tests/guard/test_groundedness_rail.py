@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 from app.guard.rails import build_guard
@@ -20,11 +21,12 @@ INVENTED = "Every new customer also receives a free cruise to the Bahamas with t
 
 
 def _files(groundedness: str | None) -> dict[str, str]:
+    """The shipped config, with its `guardchat.groundedness` block replaced by `groundedness` (a YAML flow map)."""
     files = {p.relative_to(RAILS_DIR).as_posix(): p.read_text() for p in RAILS_DIR.rglob("*.*")}
     if groundedness is not None:
-        files["config.yml"] = files["config.yml"].replace(
-            "guardchat:\n", f"guardchat:\n  groundedness: {groundedness}\n", 1
-        )
+        shipped = re.search(r"\n  groundedness:\n(?:    .*\n?)+", files["config.yml"])
+        assert shipped, "the shipped config.yml has a guardchat.groundedness block"
+        files["config.yml"] = files["config.yml"].replace(shipped.group(0), f"\n  groundedness: {groundedness}\n")
     return files
 
 
