@@ -95,6 +95,10 @@ class InjectionChunkFilter:
                 self._cache.put(chunk.id, verdict)
         return [self._cache.get(c.id) or FilterVerdict(False, "rail_error") for c in chunks]
 
+    def is_cached(self, chunks: list[Chunk]) -> bool:
+        """True when every chunk already has a verdict: the call is then microseconds, no thread needed."""
+        return all(self._cache.get(c.id) is not None for c in chunks)
+
     def _score(self, chunks: list[Chunk]) -> list[FilterVerdict]:
         pattern_verdicts = self.patterns(chunks) if self.patterns else [FilterVerdict(True)] * len(chunks)
         stored = self.embeddings_for(chunks) if self.embeddings_for else None

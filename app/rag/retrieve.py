@@ -209,7 +209,11 @@ class HybridRetriever:
         result = RetrievalResult(candidates[:k], [], timings)
         if self.chunk_filter and candidates:
             filter_started = time.perf_counter()
-            result.chunks, result.dropped = await asyncio.to_thread(self._apply_filter, candidates, k)
+            is_cached = getattr(self.chunk_filter, "is_cached", None)
+            if is_cached is not None and is_cached(candidates):  # verdicts known: skip the thread hop
+                result.chunks, result.dropped = self._apply_filter(candidates, k)
+            else:
+                result.chunks, result.dropped = await asyncio.to_thread(self._apply_filter, candidates, k)
             timings["filter_ms"] = (time.perf_counter() - filter_started) * 1e3
         timings["total_ms"] = (time.perf_counter() - started) * 1e3
         return result
