@@ -93,8 +93,9 @@ def get_embedder(threads: int = 0) -> Embedder:
             return OpenVINOMiniLM(
                 bundled_model_path(), settings.data_dir / "cache" / "openvino", precision=precision, threads=threads
             )
-        except OpenVINOUnavailable as exc:
+        except Exception as exc:  # "auto": anything OpenVINO cannot do (no telemetry opt-out, read-only cache)
             if settings.embed_engine == "openvino":
                 raise
-            log.warning("MiniLM runs on PyTorch: %s", exc)
+            reason = str(exc) if isinstance(exc, OpenVINOUnavailable) else f"OpenVINO failed: {exc!r}"
+            log.warning("MiniLM runs on PyTorch: %s", reason)
     return MiniLMEmbedder(precision=precision)

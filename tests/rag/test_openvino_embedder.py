@@ -45,3 +45,17 @@ def test_importing_openvino_records_the_telemetry_opt_out_first(tmp_path: Path) 
     env = {**os.environ, "HOME": str(tmp_path)}
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300, cwd=Path(__file__).parents[2])
     assert (tmp_path / "intel" / "openvino_telemetry").read_text() == "0"
+
+
+def test_auto_falls_back_to_pytorch_when_openvino_cannot_cache_its_graph(tmp_path: Path) -> None:
+    """A read-only DATA_DIR (the IR cannot be written) must not stop the server: "auto" uses PyTorch."""
+    code = (
+        "from app.rag.embedder import get_embedder, MiniLMEmbedder;"
+        "e = get_embedder(threads=1); assert isinstance(e, MiniLMEmbedder), type(e);"
+        "assert e.embed(['hello']).shape == (1, 384)"
+    )
+    data_dir = tmp_path / "data"
+    (data_dir / "cache").mkdir(parents=True)
+    (data_dir / "cache" / "openvino").write_text("not a directory")  # conversion cannot create its cache dir
+    env = {**os.environ, "GUARDCHAT_DATA_DIR": str(data_dir), "GUARDCHAT_EMBED_ENGINE": "auto"}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300, cwd=Path(__file__).parents[2])
