@@ -50,7 +50,7 @@ async def build_state(settings: Settings) -> AppState:
 
     torch.set_num_threads(1)
     # Concurrent turns' query embeddings share one forward pass; alone, a turn runs at once.
-    embedder = BatchingEmbedder(get_embedder(threads=1))
+    embedder = BatchingEmbedder(get_embedder(threads=settings.embed_threads))
     detector = Detector.load()
     retriever = build_retriever(settings, embedder, detector)
     grounding = build_grounding(embedder)
