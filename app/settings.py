@@ -98,7 +98,7 @@ class Settings(BaseSettings):
     # MiniLM runtime: "auto" = OpenVINO when installed (same vectors, ~2-3x faster on CPU), else PyTorch.
     embed_engine: Literal["auto", "openvino", "torch"] = "auto"
     # OpenVINO threads for the server's MiniLM (0 = all cores). Measured on 2 cores (docs/benchmarks.md): 2 threads
-    # cut a turn from ~24 to ~15-19 ms p50 at concurrency 1 and cost ~7% of turns/s at concurrency 32 (1 thread).
+    # cut a turn from ~24 to ~19-21 ms p50 at concurrency 1, for ~8% fewer turns/s at concurrency 32 than 1 thread.
     embed_threads: int = Field(default=2, ge=0)
     rag_chunk_chars: int = 900
     rag_chunk_overlap: int = 120
