@@ -58,7 +58,7 @@ def _turn() -> TurnContext:
         raise RuntimeError("guardchat actions run only inside RailsGuard") from exc
 
 
-def _last_user(messages: list[dict[str, str]]) -> str:
+def last_user_text(messages: list[dict[str, str]]) -> str:
     return next((m.get("content") or "" for m in reversed(messages) if m.get("role") == "user"), "")
 
 
@@ -99,7 +99,7 @@ def build_actions(
     async def guardchat_check_output_safety() -> str:
         turn = _turn()
         # Only the user's question gives the answer its context; earlier turns were checked already.
-        conversation = [("User", _last_user(turn.messages)), ("Agent", turn.answer or "")]
+        conversation = [("User", last_user_text(turn.messages)), ("Agent", turn.answer or "")]
         return outcome(await cascade.safety("safety_output", conversation, "Agent", turn.scores))  # type: ignore[arg-type]
 
     async def guardchat_check_groundedness() -> str:

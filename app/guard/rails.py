@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 import app.guard  # noqa: F401  (NeMo telemetry opt-out)
-from app.guard.actions import GroundingCheck, TurnContext, build_actions, current_turn
+from app.guard.actions import GroundingCheck, TurnContext, build_actions, current_turn, last_user_text
 from app.guard.base import AssistantTexts, GuardDecision, RailResult
 from app.guard.cascade import ATTACK_CATEGORY, IntentMatcher, SafetyCascade, Thresholds, score_in_thread
 from app.guard.compiled import CompiledRails, compile_rails
@@ -106,7 +106,7 @@ class RailsGuard:
     async def check_input(self, messages: list[dict[str, str]], embedding: np.ndarray | None = None) -> GuardDecision:
         if not self.has_input_rails:
             return GuardDecision(allowed=True)
-        user_text = next((m.get("content") or "" for m in reversed(messages) if m.get("role") == "user"), "")
+        user_text = last_user_text(messages)
         started = time.perf_counter()
         try:
             if embedding is None:  # callers normally pass the turn's one embedding
@@ -128,7 +128,6 @@ class RailsGuard:
     ) -> GuardDecision:
         if not self.has_output_rails:
             return GuardDecision(allowed=True)
-        user_text = next((m.get("content") or "" for m in reversed(messages) if m.get("role") == "user"), "")
         started = time.perf_counter()
         scores = None
         if self.mode == "embedded" and self._detector is not None and answer.strip():
@@ -136,9 +135,7 @@ class RailsGuard:
                 scores = await score_in_thread(self._detector, answer, self._embedder, None)
             except Exception as exc:
                 return self._failed("output_rails", exc, started)
-        turn = TurnContext(messages=list(messages), answer=answer, context=context, scores=scores)
-        nemo_messages = [{"role": "user", "content": user_text}, {"role": "assistant", "content": answer}]
-        return await self._run(turn, nemo_messages, "output")
+        return await self._run_output(messages, answer, context, scores)
 
     async def check_groundedness(
         self, messages: list[dict[str, str]], answer: str, context: list[str]
@@ -148,10 +145,22 @@ class RailsGuard:
         flows = {flow for flow, rail in FLOW_RAILS.items() if rail == "groundedness"}
         if not self.has_output_rails or not flows & set(self.loaded.rails_config.rails.output.flows):
             return GuardDecision(allowed=True)
-        user_text = next((m.get("content") or "" for m in reversed(messages) if m.get("role") == "user"), "")
-        turn = TurnContext(messages=list(messages), answer=answer, context=context)
-        nemo_messages = [{"role": "user", "content": user_text}, {"role": "assistant", "content": answer}]
-        return await self._run(turn, nemo_messages, "output", only=flows)
+        return await self._run_output(messages, answer, context, None, only=flows)
+
+    async def _run_output(
+        self,
+        messages: list[dict[str, str]],
+        answer: str,
+        context: list[str] | None,
+        scores: DetectorScores | None,
+        only: set[str] | None = None,
+    ) -> GuardDecision:
+        turn = TurnContext(messages=list(messages), answer=answer, context=context, scores=scores)
+        nemo_messages = [
+            {"role": "user", "content": last_user_text(messages)},
+            {"role": "assistant", "content": answer},
+        ]
+        return await self._run(turn, nemo_messages, "output", only=only)
 
     async def _run(
         self, turn: TurnContext, nemo_messages: list[dict[str, str]], direction: str, only: set[str] | None = None
@@ -241,12 +250,15 @@ def build_guard(
         owned.append(judge_backend)
     else:
         judge_backend = llm
+    # The embedded (CPU) judge decodes under a grammar and reads a bounded slice; a remote Llama Guard reads all.
+    embedded_judge = settings.guard_backend != "openai"
+    judge_budget = settings.guard_judge_max_chars if embedded_judge else None
     judge = LlamaGuardClient(
         judge_backend,
         loaded.categories,
         timeout_s=settings.guard_timeout_s,
-        use_grammar=settings.guard_backend != "openai",
-        budget_chars=settings.guard_judge_max_chars if settings.guard_backend != "openai" else None,
+        use_grammar=embedded_judge,
+        budget_chars=judge_budget,
     )
     cascade = SafetyCascade(
         mode=settings.guard_backend,
@@ -261,8 +273,8 @@ def build_guard(
             judge_backend,
             [ATTACK_CATEGORY],
             timeout_s=settings.guard_timeout_s,
-            use_grammar=settings.guard_backend != "openai",
-            budget_chars=settings.guard_judge_max_chars if settings.guard_backend != "openai" else None,
+            use_grammar=embedded_judge,
+            budget_chars=judge_budget,
         ),
     )
     if grounding is not None:

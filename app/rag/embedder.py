@@ -81,7 +81,7 @@ class MiniLMEmbedder:
 @lru_cache(maxsize=2)
 def get_embedder(threads: int = 0) -> Embedder:
     """The process's MiniLM, per settings: OpenVINO when available ("auto"), else PyTorch. `threads` (0 = all
-    cores) is for OpenVINO; the server asks for 1 (short queries, throughput from batching), the CLI for all."""
+    cores) is for OpenVINO; the server passes GUARDCHAT_EMBED_THREADS, the CLI uses all cores."""
     from app.settings import get_settings
 
     settings = get_settings()
