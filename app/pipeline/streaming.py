@@ -58,10 +58,13 @@ async def hold_back(
     chunk_chars: int,
     context_chars: int,
     first_chunk_chars: int = 40,
+    on_generated: Callable[[str], None] | None = None,
 ) -> AsyncIterator[StreamEvent]:
     """`first_chunk_chars`: the first window is small (1 = the first delta alone) so the first token reaches
     the user after one output check; the next is SECOND_WINDOW_CHARS and they double up to `chunk_chars`.
-    Every window is still checked, with its preceding context, before it is released."""
+    Every window is still checked, with its preceding context, before it is released.
+    `on_generated(full_text)` is called once when generation has ended without a block, before the last
+    window's check: work on the whole answer (the groundedness flag) can then overlap that check."""
     if chunk_chars <= 0:
         raise ValueError("chunk_chars must be positive")
     window = max(1, min(first_chunk_chars, chunk_chars))
@@ -92,6 +95,8 @@ async def hold_back(
                     return
                 released += chunk
                 yield Released(chunk)
+        if on_generated is not None:
+            on_generated(full)
         if pending:
             last_decision = await check_chunk(pending)
             if not last_decision.allowed:

@@ -123,6 +123,16 @@ def _history_messages(turns: list[Turn], limit: int) -> list[dict[str, str]]:
     return out
 
 
+def _cancel(task: asyncio.Task[Any] | None) -> None:
+    """Drops a side task whose result is no longer wanted (its exception too, so asyncio does not log it)."""
+    if task is None:
+        return
+    if not task.done():
+        task.cancel()
+    elif not task.cancelled():
+        task.exception()
+
+
 class TurnRunner:
     def __init__(self, state: AppState) -> None:
         self.state = state
@@ -243,6 +253,15 @@ class TurnRunner:
         async def check(window: str) -> GuardDecision:
             return await guard.check_output(conversation, window, window_context)
 
+        # A flagging groundedness rail reads the whole answer; it starts as soon as generation ends, so its
+        # MiniLM pass overlaps the last window's safety check instead of following it.
+        grounding: asyncio.Task[GuardDecision] | None = None
+
+        def start_grounding(full_text: str) -> None:
+            nonlocal grounding
+            if context_texts and not guard.grounding_blocks:
+                grounding = asyncio.create_task(guard.check_groundedness(conversation, full_text, context_texts))
+
         released: list[str] = []
         final: Finished | None = None
         first_token_at: float | None = None
@@ -254,6 +273,7 @@ class TurnRunner:
                 chunk_chars=guard.output_chunk_chars,
                 context_chars=guard.output_context_chars,
                 first_chunk_chars=settings.output_rails_first_chunk_chars if req.stream else guard.output_chunk_chars,
+                on_generated=start_grounding,
             ):
                 if isinstance(event, Released):
                     if first_token_at is None:
@@ -264,6 +284,7 @@ class TurnRunner:
                     final = event
         except (asyncio.CancelledError, GeneratorExit):
             # The client went away mid-stream: stop generating, keep what was shown, mark it interrupted.
+            _cancel(grounding)
             await generation.cancel()
             partial = "".join(released)
             result = self._result(partial, False, session_id, turn_id, rail_results, [], timer, trace, t_start)
@@ -272,6 +293,7 @@ class TurnRunner:
             await asyncio.shield(self._save(session_id, user_text, result, timer))
             raise
         except BaseException:
+            _cancel(grounding)
             await generation.cancel()
             raise
         timer.timings["generate"] = (time.perf_counter() - gen_start) * 1000
@@ -281,9 +303,11 @@ class TurnRunner:
         rail_results += final.decision.rails
         blocking: GuardDecision | None = None if final.decision.allowed else final.decision
         shown = final.released_text
-        if blocking is None and context_texts and not guard.grounding_blocks:
-            with timer.stage("groundedness"):
-                grounded = await guard.check_groundedness(conversation, final.full_text, context_texts)
+        if blocking is not None:
+            _cancel(grounding)
+        elif grounding is not None:
+            with timer.stage("groundedness"):  # only what is left of it after the last window's check
+                grounded = await grounding
             rail_results = [r for r in rail_results if r.name != "groundedness"] + grounded.rails
             if not grounded.allowed:  # a flagging rail never blocks: only a guard error (fail closed) gets here
                 blocking, shown = grounded, final.full_text

@@ -19,6 +19,7 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -93,6 +94,24 @@ def claim_sentences(answer: str, idk_text: str = DEFAULT_IDK) -> list[str]:
     return sentences
 
 
+@dataclass
+class _WordingPass:
+    """The cheap first step: the claims, and which of them the sources do not support by wording."""
+
+    sentences: list[str]
+    to_embed: list[int]
+
+
+def _wording_pass(answer: str, chunks: list[Chunk], idk_text: str) -> _WordingPass:
+    sentences = claim_sentences(answer, idk_text)
+    if not sentences or not chunks:
+        return _WordingPass(sentences, list(range(len(sentences))))
+    source_tokens = set().union(*(_content_tokens(f"{c.title} {c.content}") for c in chunks))
+    return _WordingPass(
+        sentences, [i for i, sentence in enumerate(sentences) if not lexically_supported(sentence, source_tokens)]
+    )
+
+
 def check_groundedness(
     answer: str,
     chunks: list[Chunk],
@@ -102,11 +121,13 @@ def check_groundedness(
     action: Literal["flag", "block"] = "flag",
     chunk_embeddings: np.ndarray | None = None,
     idk_text: str = DEFAULT_IDK,
+    wording: _WordingPass | None = None,
 ) -> RailResult:
     """`chunk_embeddings` (rows aligned with `chunks`, e.g. `HybridRetriever.embeddings_for(chunks)`)
     avoids re-embedding; without it the chunks are embedded here."""
     started = time.perf_counter()
-    sentences = claim_sentences(answer, idk_text)
+    wording = wording or _wording_pass(answer, chunks, idk_text)
+    sentences = wording.sentences
     if not sentences:
         return RailResult(RAIL_NAME, "allow", score=1.0, latency_ms=_ms(started), detail="no claims to check")
     if not chunks:
@@ -117,9 +138,8 @@ def check_groundedness(
             latency_ms=_ms(started),
             detail=f"{len(sentences)} claim(s) and no retrieved sources",
         )
-    source_tokens = set().union(*(_content_tokens(f"{c.title} {c.content}") for c in chunks))
     best = np.ones(len(sentences), dtype=np.float32)  # lexically supported sentences count as 1.0
-    to_embed = [i for i, sentence in enumerate(sentences) if not lexically_supported(sentence, source_tokens)]
+    to_embed = wording.to_embed
     if to_embed:
         if chunk_embeddings is None or len(chunk_embeddings) != len(chunks):
             chunk_embeddings = embedder.embed([search_text(c.to_dict()) for c in chunks])
@@ -162,23 +182,28 @@ async def acheck_groundedness(
     judge: GroundednessJudge | None = None,
     idk_text: str = DEFAULT_IDK,
 ) -> RailResult:
-    """The embedding check off the event loop, then the judge only when it failed."""
+    """The embedding check off the event loop (inline when the wording alone decides: no thread hop), then
+    the judge only when it failed."""
     started = time.perf_counter()
-    result = await asyncio.to_thread(
-        check_groundedness,
-        answer,
-        chunks,
-        embedder,
-        threshold=threshold,
-        action=action,
-        chunk_embeddings=chunk_embeddings,
-        idk_text=idk_text,
-    )
+    wording = _wording_pass(answer, chunks, idk_text)
+
+    def embedding_check() -> RailResult:
+        return check_groundedness(
+            answer,
+            chunks,
+            embedder,
+            threshold=threshold,
+            action=action,
+            chunk_embeddings=chunk_embeddings,
+            idk_text=idk_text,
+            wording=wording,
+        )
+
+    result = await asyncio.to_thread(embedding_check) if wording.to_embed and chunks else embedding_check()
     if result.verdict == "allow" or judge is None or not chunks:
         return result
-    sentences = claim_sentences(answer, idk_text)
     try:
-        supported = await judge(sentences, chunks)
+        supported = await judge(wording.sentences, chunks)
     except Exception as exc:  # the embedding verdict stands when the judge cannot run
         result.detail = f"{result.detail}; judge_error: {type(exc).__name__}"
         result.latency_ms = _ms(started)
@@ -241,6 +266,12 @@ class CachedGroundingCheck:
         while len(self._cache) > self.max_cached:
             self._cache.popitem(last=False)
 
+    def _cached(self, texts: list[str]) -> np.ndarray | None:
+        """The vectors when every text is cached (the pipeline primed them), else None."""
+        if not texts or any(t not in self._cache for t in texts):
+            return None
+        return np.stack([self._cache[t] for t in texts])
+
     def vectors_for(self, texts: list[str]) -> np.ndarray:
         missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
         if missing:
@@ -260,7 +291,9 @@ class CachedGroundingCheck:
     ) -> RailResult:
         """`threshold`, `action` and `judge` come from the rails config (RailsGuard binds them)."""
         chunks = [Chunk(id=str(i), document_id="", source="", title="", content=t) for i, t in enumerate(context)]
-        vectors = await asyncio.to_thread(self.vectors_for, context) if context else None
+        vectors = self._cached(context)
+        if vectors is None and context:
+            vectors = await asyncio.to_thread(self.vectors_for, context)
         return await acheck_groundedness(
             answer,
             chunks,

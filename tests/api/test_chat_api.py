@@ -27,6 +27,11 @@ def test_openai_sdk_plain(live_server: LiveServer) -> None:
     assert extra["blocked"] is False
     assert {"input_rails", "embed", "total"} <= set(extra["timings_ms"])
     assert any(r["name"] for r in extra["rails"])
+    # The knowledge base answers this question, so the answer was checked against its sources (flagging
+    # rail: never a block) and the verdict is in the response.
+    grounded = [r for r in extra["rails"] if r["name"] == "groundedness"]
+    assert len(grounded) == 1 and grounded[0]["verdict"] in ("allow", "flag"), extra["rails"]
+    assert "groundedness" in extra["timings_ms"]
 
 
 def test_openai_sdk_streaming(live_server: LiveServer) -> None:
@@ -39,6 +44,8 @@ def test_openai_sdk_streaming(live_server: LiveServer) -> None:
     last = chunks[-1]
     assert last.choices[0].finish_reason == "stop"
     assert "guardchat" in (last.model_extra or {})
+    rails = last.model_extra["guardchat"]["rails"]  # type: ignore[index]
+    assert [r["verdict"] for r in rails if r["name"] == "groundedness"] in (["allow"], ["flag"]), rails
 
 
 def test_langchain_chat_openai(live_server: LiveServer) -> None:

@@ -134,3 +134,28 @@ async def test_the_first_window_is_the_first_delta_then_windows_grow() -> None:
     assert "".join(released) == text
     assert all(len(chunk) >= SECOND_WINDOW_CHARS - 10 for chunk in released[1:-1])  # then few, larger windows
     assert len(check.windows) == len(released) <= 8
+
+
+async def test_on_generated_sees_the_whole_answer_before_the_last_window_is_checked() -> None:
+    gen, check = Generator(TEXT), Checker()
+    calls: list[tuple[str, int]] = []  # (full text, windows checked by then)
+
+    def on_generated(full: str) -> None:
+        calls.append((full, len(check.windows)))
+
+    async for _ in hold_back(gen.deltas(), check, chunk_chars=50, context_chars=30, on_generated=on_generated):
+        pass
+    assert len(calls) == 1
+    full, checked_before = calls[0]
+    assert full == TEXT
+    # The last (partial) window was still to be checked when the whole answer was handed over.
+    assert checked_before == len(check.windows) - 1
+
+
+async def test_on_generated_is_not_called_when_the_stream_is_blocked() -> None:
+    calls: list[str] = []
+    async for _ in hold_back(
+        Generator(TEXT).deltas(), Checker(banned="Freeze"), chunk_chars=50, context_chars=30, on_generated=calls.append
+    ):
+        pass
+    assert calls == []
