@@ -89,7 +89,7 @@ def ingest(
     if_missing: Annotated[bool, typer.Option(help="Only build when no index exists yet")] = False,
 ) -> None:
     """Ingest md/txt/html/pdf into the FAISS index (incremental, safe to interrupt)."""
-    from app.rag.embedder import get_embedder
+    from app.rag.embedder import get_ingest_embedder
     from app.rag.ingest import index_exists
     from app.rag.ingest import ingest as run_ingest
 
@@ -98,7 +98,7 @@ def ingest(
         typer.echo(f"index present in {settings.index_dir}; skipping")
         return
     report = run_ingest(
-        list(paths or [settings.knowledge_dir]), settings, embedder=get_embedder(), delete=list(delete or [])
+        list(paths or [settings.knowledge_dir]), settings, embedder=get_ingest_embedder(), delete=list(delete or [])
     )
     typer.echo(report.summary())
     if report.errors:

@@ -100,6 +100,9 @@ class Settings(BaseSettings):
     # OpenVINO threads for the server's MiniLM (0 = all cores). Measured on 2 cores (docs/benchmarks.md): 2 threads
     # cut a turn from ~24 to ~19-21 ms p50 at concurrency 1, for ~8% fewer turns/s at concurrency 32 than 1 thread.
     embed_threads: int = Field(default=2, ge=0)
+    # Bulk ingestion's MiniLM: "auto" = int8 (OpenVINO + NNCF, ~1.6x faster, cosine ~0.997 to fp32) when
+    # available, else the query embedder; "int8" insists; "same" = the query embedder (bf16/fp32).
+    embed_ingest_precision: Literal["auto", "int8", "same"] = "auto"
     rag_chunk_chars: int = 900
     rag_chunk_overlap: int = 120
     rag_exact_max_vectors: int = 50_000  # exact FAISS index up to this many chunks, HNSW above

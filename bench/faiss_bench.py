@@ -82,12 +82,12 @@ def bench_size(n: int, n_queries: int, ef_search: list[int], exact_max: int | No
 
 def bench_ingest(n_chunks: int) -> dict[str, Any]:
     """Real ingestion (load, chunk, MiniLM embed, FAISS + BM25, write) of a fresh synthetic corpus."""
-    from app.rag.embedder import get_embedder
+    from app.rag.embedder import get_ingest_embedder
     from app.rag.ingest import ingest
     from app.settings import Settings
     from bench.corpus import write_documents
 
-    embedder = get_embedder()
+    embedder = get_ingest_embedder()  # what `guardchat ingest` uses
     embedder.embed(["warm up"])
     with tempfile.TemporaryDirectory() as tmp:
         knowledge, data = Path(tmp) / "knowledge", Path(tmp) / "data"

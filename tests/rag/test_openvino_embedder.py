@@ -59,3 +59,37 @@ def test_auto_falls_back_to_pytorch_when_openvino_cannot_cache_its_graph(tmp_pat
     (data_dir / "cache" / "openvino").write_text("not a directory")  # conversion cannot create its cache dir
     env = {**os.environ, "GUARDCHAT_DATA_DIR": str(data_dir), "GUARDCHAT_EMBED_ENGINE": "auto"}
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300, cwd=Path(__file__).parents[2])
+
+
+def test_int8_ingestion_embedder_is_quantised_close_to_fp32_and_built_once(tmp_path: Path) -> None:
+    reference = MiniLMEmbedder(precision="float32").embed(TEXTS[:3])
+    int8 = OpenVINOMiniLM(bundled_model_path(), tmp_path, precision="int8", threads=1)
+    [ir] = list(tmp_path.glob("minilm-*-int8-*/model.xml"))
+    assert "FakeQuantize" in ir.read_text()  # really quantised, not the fp32 graph under another name
+    vectors = int8.embed(TEXTS[:3])
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    cosine = (vectors * reference).sum(axis=1)
+    assert cosine.min() > 0.98, cosine
+    # Each text is still nearest to its own fp32 vector (what retrieval needs).
+    assert ((vectors @ reference.T).argmax(axis=1) == np.arange(3)).all()
+    built = ir.stat().st_mtime_ns
+    OpenVINOMiniLM(bundled_model_path(), tmp_path, precision="int8", threads=1)
+    assert ir.stat().st_mtime_ns == built and len(list(tmp_path.glob("minilm-*/model.xml"))) == 2  # fp32 + int8
+
+
+def test_ingest_embedder_setting(tmp_path: Path) -> None:
+    """`guardchat ingest` embeds with int8 by default and with the query embedder on "same"."""
+    code = (
+        "from app.rag.embedder import get_ingest_embedder, get_embedder;"
+        "e = get_ingest_embedder(); print(type(e).__name__, getattr(e, 'precision', '?'), e is get_embedder())"
+    )
+    cwd = Path(__file__).parents[2]
+    out = {}
+    for setting in ("auto", "same"):
+        env = {**os.environ, "GUARDCHAT_DATA_DIR": str(tmp_path), "GUARDCHAT_EMBED_INGEST_PRECISION": setting}
+        run = subprocess.run(
+            [sys.executable, "-c", code], env=env, check=True, timeout=300, cwd=cwd, capture_output=True
+        )
+        out[setting] = run.stdout.decode().split()
+    assert out["auto"] == ["OpenVINOMiniLM", "int8", "False"], out
+    assert out["same"][2] == "True" and out["same"][1] != "int8", out
