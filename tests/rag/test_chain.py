@@ -40,7 +40,9 @@ def test_stable_prefix_and_numbered_sources() -> None:
     assert system.index("[1] Title 1") < system.index("[2] Title 2")
     assert one.messages[-1] == {"role": "user", "content": "And international ones?"}
     assert one.sources == chunks and not one.no_context
-    # The same chain object is an LCEL runnable.
+    # The prompt is exactly what the LCEL chain makes of the same variables.
+    assert one.messages == PROMPT_CHAIN.invoke(one.variables)
+    assert other.messages == PROMPT_CHAIN.invoke(other.variables)
     assert (
         PROMPT_CHAIN.invoke({"instructions": "x", "sources": "y", "history": [], "question": "q"})[-1]["content"] == "q"
     )
