@@ -8,31 +8,68 @@ epsilon floor, average length) and freeze the per-(chunk, term) weights into a C
 
 Scores are then identical to `BM25Okapi.get_scores` (tests check this) and a query costs
 well under a millisecond at 100k chunks.
+
+Tokens (`tokenize`, version `TOKENIZER_VERSION`): lowercase words minus English function words, stemmed
+with Snowball English ("signed checks" ~ "sign check"), plus hyphenated codes verbatim. Why the stoplist:
+documentation is written in the second person, so the words of customers' questions ("my", "does", "why")
+are rare in it and got the highest idf of all. An index built with another tokenizer version must be
+rebuilt (app/rag/index.py does it on load, app/rag/ingest.py persists it).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
+import threading
 from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import snowballstemmer
 from scipy import sparse
 
 K1 = 1.5
 B = 0.75
 EPSILON = 0.25
 
+# Bump whenever `tokenize` changes: stored matrices hold the old tokens and are rebuilt (app/rag/index.py).
+# 1: lowercase words + compounds. 2: + stoplist and Snowball stemming.
+TOKENIZER_VERSION = 2
+
 _WORD = re.compile(r"\w+")
 _COMPOUND = re.compile(r"\w+(?:[-/.]\w+)+")
+# Function words only: pronouns, auxiliaries, articles, prepositions, question words and contraction
+# leftovers ("don't" -> "don", "t"). Not a general stoplist (sklearn's drops "bill", "call", "back",
+# "amount", which are content words in a bank's help pages).
+_STOPWORD_TEXT = """
+a about above after again against am an and any are as at be because been before being below between
+both but by can could d did do does doing don down during each few for from further had has have having
+he her here hers herself him himself his how i if in into is it its itself just ll m me mine my myself
+now o of off on once only or other our ours ourselves out over own re s same she should so some such t
+than that the their theirs them themselves then there these they this those through to too under until
+up ve very was we were what when where which while who whom why will with would y you your yours
+yourself yourselves
+"""
+STOPWORDS = frozenset(_STOPWORD_TEXT.split())
+_stemmers = threading.local()  # snowballstemmer objects keep per-call state: one per thread
+
+
+@lru_cache(maxsize=200_000)
+def _stem(word: str) -> str:
+    stemmer = getattr(_stemmers, "english", None)
+    if stemmer is None:
+        stemmer = _stemmers.english = snowballstemmer.stemmer("english")
+    stem: str = stemmer.stemWord(word)
+    return stem
 
 
 def tokenize(text: str) -> list[str]:
-    """Lowercase words; hyphenated codes ("LX-4471") also count as one token, so an exact code match
-    outweighs matching its parts separately."""
+    """Stemmed lowercase words without function words; hyphenated codes ("LX-4471") also count as one
+    unstemmed token, so an exact code match outweighs matching its parts separately."""
     lowered = text.lower()
-    return _WORD.findall(lowered) + _COMPOUND.findall(lowered)
+    return [_stem(w) for w in _WORD.findall(lowered) if w not in STOPWORDS] + _COMPOUND.findall(lowered)
 
 
 class Bm25Matrix:
@@ -76,6 +113,24 @@ class Bm25Matrix:
         if not cols or self.n_docs == 0:
             return np.zeros(self.n_docs, dtype=np.float32)
         return np.asarray(self.weights[:, cols].sum(axis=1), dtype=np.float32).ravel()
+
+    def coverage(self, query: str, row: int) -> float:
+        """The share of the query's information (idf mass of its distinct terms) that chunk `row` contains.
+        Terms missing from the whole corpus weigh the most, so an off-topic question that shares a few
+        common words with a chunk scores low. Uses the CSC structure directly (a few microseconds)."""
+        terms = set(tokenize(query))
+        if not terms or not 0 <= row < self.n_docs:
+            return 0.0
+        indptr, indices = self.weights.indptr, self.weights.indices
+        total = found = 0.0
+        for term in terms:
+            col = self.vocabulary.get(term)
+            df = 0 if col is None else int(indptr[col + 1] - indptr[col])
+            idf = math.log(1 + self.n_docs / max(df, 0.5))
+            total += idf
+            if col is not None and bool(np.any(indices[indptr[col] : indptr[col + 1]] == row)):
+                found += idf
+        return found / total
 
     def top(self, query: str, n: int) -> list[tuple[int, float]]:
         scores = self.scores(query)

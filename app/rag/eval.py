@@ -3,8 +3,8 @@
 Tasks file (JSONL): {"question", "gold_document_ids": [...], "answer_contains": [...], "unanswerable": bool}.
 
 Reports, for the answerable tasks: hit rate@k ("recall@k": a gold document among the top k chunks),
-gold coverage, MRR, for the hybrid retriever as deployed (threshold on) and for plain dense search
-(the comparison that shows the hybrid gain); for unanswerable tasks and off-domain questions, the
+recall@1, gold coverage, MRR, for the hybrid retriever as deployed (threshold on), plain dense search
+(the comparison that shows the hybrid gain) and plain BM25; for unanswerable tasks and off-domain questions, the
 retrieval-level abstention rate (nothing above the threshold); a threshold sweep to tune
 `rag_score_threshold`; and with an `llm`, generation metrics: citation validity/precision, answer
 accuracy and the "I don't know" rate. Call it from synchronous code (the CLI): it runs its own event loop,
@@ -41,15 +41,21 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def _rank_metrics(ranked: list[list[Chunk]], golds: list[set[str]], k: int) -> dict[str, float]:
-    hits, coverage, reciprocal = [], [], []
+    hits, firsts, coverage, reciprocal = [], [], [], []
     for chunks, gold in zip(ranked, golds, strict=True):
         docs = [c.document_id for c in chunks[:k]]
         hits.append(float(any(d in gold for d in docs)))
+        firsts.append(float(bool(docs) and docs[0] in gold))
         coverage.append(len(gold & set(docs)) / len(gold))
         first = next((i for i, d in enumerate(docs) if d in gold), None)
         reciprocal.append(0.0 if first is None else 1.0 / (first + 1))
     n = max(len(ranked), 1)
-    return {f"recall@{k}": sum(hits) / n, "gold_coverage": sum(coverage) / n, "mrr": sum(reciprocal) / n}
+    return {
+        "recall@1": sum(firsts) / n,
+        f"recall@{k}": sum(hits) / n,
+        "gold_coverage": sum(coverage) / n,
+        "mrr": sum(reciprocal) / n,
+    }
 
 
 def eval_rag(
@@ -81,6 +87,7 @@ def eval_rag(
         hybrid.append(chunks)
         search_ms.append(timings.get("search_ms", 0.0))
     dense = [retriever.dense_search(vec, k) for vec in answer_vecs]
+    keyword = [retriever.keyword_search(t["question"], k) for t in answerable]
     report: dict[str, Any] = {
         "k": k,
         "threshold": settings.rag_score_threshold,
@@ -88,6 +95,7 @@ def eval_rag(
         "unanswerable_tasks": len(unanswerable),
         "hybrid": _rank_metrics(hybrid, golds, k),
         "dense": _rank_metrics(dense, golds, k),
+        "bm25": _rank_metrics(keyword, golds, k),
         "search_p50_ms": statistics.median(search_ms) if search_ms else 0.0,
         "misses": [
             t["question"]

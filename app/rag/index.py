@@ -30,7 +30,8 @@ from typing import Any
 import faiss
 import numpy as np
 
-from app.rag.bm25 import Bm25Matrix
+from app.rag.bm25 import TOKENIZER_VERSION, Bm25Matrix
+from app.rag.chunking import search_text
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ class IndexSnapshot:
     bm25: Bm25Matrix
     manifest: dict[str, Any] = field(default_factory=dict)
     row_of: dict[str, int] = field(default_factory=dict)
+    bm25_rebuilt: bool = False  # the stored BM25 used another tokenizer: rebuilt in memory, not yet on disk
 
     @classmethod
     def empty(cls, dim: int = 384) -> IndexSnapshot:
@@ -156,11 +158,25 @@ def _load_version(directory: Path, version: str, *, ef_search: int, gpu: bool) -
         index.hnsw.efSearch = ef_search
     if gpu:
         index = maybe_to_gpu(index)
-    bm25 = Bm25Matrix.load(directory)
+    # Versions written before the tokenizer was versioned have no key: they used tokenizer 1.
+    stale = manifest.get("bm25_tokenizer", 1) != TOKENIZER_VERSION
+    if stale:
+        # Query tokens must match the stored ones (a stemmed query finds nothing in an unstemmed matrix),
+        # so rebuild from the docstore; the next ingest writes it to disk (app/rag/ingest.py).
+        log.warning(
+            "index version %s has BM25 tokenizer %s, not %s: rebuilding it in memory; run "
+            "`guardchat ingest` to store it",
+            version,
+            manifest.get("bm25_tokenizer", 1),
+            TOKENIZER_VERSION,
+        )
+        bm25 = Bm25Matrix.build([search_text(c) for c in chunks])
+    else:
+        bm25 = Bm25Matrix.load(directory)
     if not (len(chunks) == embeddings.shape[0] == index.ntotal == bm25.n_docs):
         raise ValueError(f"index version {version} is inconsistent: sizes differ")
     row_of = {chunk["id"]: row for row, chunk in enumerate(chunks)}
-    return IndexSnapshot(version, chunks, embeddings, index, bm25, manifest, row_of)
+    return IndexSnapshot(version, chunks, embeddings, index, bm25, manifest, row_of, bm25_rebuilt=stale)
 
 
 def _fsync_write(path: Path, data: bytes) -> None:
@@ -192,7 +208,13 @@ def write_version(
         lines = "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in chunks)
         _fsync_write(tmp / "chunks.jsonl", lines.encode("utf-8"))
         bm25.save(tmp)
-        manifest = {**manifest, "version": version, "count": len(chunks), "index_kind": index_kind(index)}
+        manifest = {
+            **manifest,
+            "version": version,
+            "count": len(chunks),
+            "index_kind": index_kind(index),
+            "bm25_tokenizer": TOKENIZER_VERSION,  # bm25 is always built with the running code's tokenizer
+        }
         _fsync_write(tmp / "manifest.json", json.dumps(manifest, indent=1, ensure_ascii=False).encode("utf-8"))
         tmp.rename(versions / version)
     except BaseException:

@@ -189,7 +189,8 @@ def ingest(
 
         stale = _stale_documents(documents, directories, files) if prune else []
         removed = _resolve_deletes(delete, [*delete_ids, *stale], documents, knowledge_dir, pending, report)
-        if pending or removed:
+        # A BM25 matrix from an older tokenizer (rebuilt in memory on load) is stored even if nothing changed.
+        if pending or removed or snapshot.bm25_rebuilt:
             _write_new_version(snapshot, documents, pending, removed, settings, embedder, progress, report)
         else:
             report.version = snapshot.version

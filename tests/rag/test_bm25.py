@@ -35,3 +35,39 @@ def test_save_load_roundtrip(tmp_path) -> None:
     matrix.save(tmp_path)
     loaded = Bm25Matrix.load(tmp_path)
     np.testing.assert_allclose(loaded.scores("international wires"), matrix.scores("international wires"))
+
+
+def test_tokenize_drops_function_words_stems_and_keeps_codes_verbatim() -> None:
+    assert tokenize("Why does my card say these checks were signed?") == ["card", "say", "check", "sign"]
+    tokens = tokenize("What does LX-4471 mean for Transfers")
+    assert tokens[-1] == "lx-4471"  # the code as one unstemmed token, after its parts
+    assert {"lx", "4471", "mean", "transfer"} <= set(tokens) and "what" not in tokens and "does" not in tokens
+
+
+def test_question_wording_does_not_outweigh_the_content_word() -> None:
+    # Help pages speak to "you"; customers ask "how much does my ...". Before the stoplist, "does" and "my"
+    # (rare in help text, hence a high idf) pulled the chatty page above the one about wires.
+    texts = [
+        "Outgoing wires cost $25 each.",
+        "Why does my statement look different? It does not matter where my account was opened.",
+        "Savings accounts pay interest monthly.",
+        "Cards can be locked in the app.",
+    ]
+    matrix = Bm25Matrix.build(texts)
+    assert matrix.top("how much does my wire cost", 1)[0][0] == 0
+
+
+def test_inflected_forms_match() -> None:
+    matrix = Bm25Matrix.build(["Sign the back of each check before you deposit it.", *TEXTS[:4]])
+    assert matrix.top("someone signed my checks", 1)[0][0] == 0
+    assert matrix.top("deposited", 1)[0][0] == 0
+
+
+def test_coverage_is_the_share_of_query_idf_a_chunk_holds() -> None:
+    matrix = Bm25Matrix.build(TEXTS)
+    assert matrix.coverage("international wires", 1) == 1.0
+    partial = matrix.coverage("international wires", 0)  # "wires" only: the rarer "international" is missing
+    assert 0.0 < partial < 0.5
+    # A word the corpus never uses weighs more than any known word, so it pulls coverage down hardest.
+    assert matrix.coverage("international zeppelin", 1) < 0.5 < matrix.coverage("international wires", 1)
+    assert matrix.coverage("the what", 1) == 0.0 and matrix.coverage("wires", 99) == 0.0

@@ -10,7 +10,7 @@ from app.rag.base import Chunk
 from app.rag.embedder import MiniLMEmbedder
 from app.rag.filters import FilterVerdict, InjectionChunkFilter, PatternChunkFilter
 from app.rag.ingest import ingest
-from app.rag.retrieve import HybridRetriever, RetrievalResult
+from app.rag.retrieve import CHUNK_FLOOR, KEYWORD_GATE_MARGIN, HybridRetriever, RetrievalResult
 from app.settings import Settings
 from tests.rag.conftest import CORPUS, make_settings, write_corpus
 
@@ -158,3 +158,41 @@ async def test_search_is_fast_and_concurrent_safe(indexed: Settings, embedder: M
     assert sorted(durations)[15] < 0.02
     results = await asyncio.gather(*(retriever.retrieve("replacement card", vector, 2) for _ in range(8)))
     assert all(r and r[0].document_id == "cards" for r in results)
+
+
+def test_keyword_gate_admits_a_keyword_query_just_under_the_threshold(
+    indexed: Settings, embedder: MiniLMEmbedder
+) -> None:
+    # Thresholds are set relative to each query's own best cosine, so the test holds for any MiniLM build.
+    retriever = HybridRetriever(indexed)
+    vector = _embed(embedder, "Saver Plus")
+    best = retriever.dense_search(vector, 1)[0].score
+    chunks, _ = retriever.search("Saver Plus", vector, 4, threshold=best + 0.05)
+    assert chunks and chunks[0].document_id == "savings" and chunks[0].extra["gate"] == "keyword"
+    assert all(c.extra.get("gate") == "keyword" for c in chunks)
+    # Too far under the threshold: keyword evidence alone is not enough.
+    assert retriever.search("Saver Plus", vector, 4, threshold=best + KEYWORD_GATE_MARGIN + 0.01)[0] == []
+    # Just under the threshold but the best keyword hit holds little of the query: nothing.
+    question = "Who won the savings world cup in 1998?"
+    vector = _embed(embedder, question)
+    best = retriever.dense_search(vector, 1)[0].score
+    assert retriever.search(question, vector, 4, threshold=best + 0.05)[0] == []
+
+
+def test_on_topic_query_keeps_chunks_between_floor_and_threshold(tmp_path: Path, embedder: MiniLMEmbedder) -> None:
+    question = "how much does an outgoing wire cost"
+    vector = _embed(embedder, question)
+    settings = make_settings(tmp_path)
+    write_corpus(settings.knowledge_dir, {**CORPUS, **ERRORS})
+    ingest([settings.knowledge_dir], settings, embedder=embedder, progress=False)
+    retriever = HybridRetriever(settings)
+    ranked = retriever.dense_search(vector, 10)
+    threshold = ranked[0].score - 1e-4  # only the best chunk reaches the threshold itself
+    chunks, _ = retriever.search(question, vector, 6, threshold=threshold)
+    below = [c for c in chunks if c.score < threshold]
+    assert chunks[0].score >= threshold and below  # the query passed, so lower-cosine chunks may follow
+    assert all(c.score >= CHUNK_FLOOR for c in chunks)
+    # A floor above the threshold: the threshold rules every chunk (rag_chunk_floor is read with getattr).
+    strict = settings.model_copy(update={"rag_chunk_floor": 1.0})
+    only, _ = HybridRetriever(strict).search(question, vector, 6, threshold=threshold)
+    assert only and all(c.score >= threshold for c in only)
