@@ -90,11 +90,11 @@ def ingest(
 ) -> None:
     """Ingest md/txt/html/pdf into the FAISS index (incremental, safe to interrupt)."""
     from app.rag.embedder import get_ingest_embedder
-    from app.rag.ingest import index_exists
+    from app.rag.ingest import index_is_current
     from app.rag.ingest import ingest as run_ingest
 
     settings = _settings()
-    if if_missing and index_exists(settings):
+    if if_missing and index_is_current(settings):
         typer.echo(f"index present in {settings.index_dir}; skipping")
         return
     report = run_ingest(

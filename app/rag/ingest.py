@@ -9,6 +9,7 @@ version live: nothing is visible until `write_version` swaps the CURRENT pointer
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -20,9 +21,10 @@ import numpy as np
 from tqdm import tqdm
 
 from app.rag.base import Embedder
-from app.rag.bm25 import Bm25Matrix
+from app.rag.bm25 import TOKENIZER_VERSION, Bm25Matrix
 from app.rag.chunking import chunk_document, chunk_params, document_identity, search_text
 from app.rag.index import (
+    VERSIONS_DIR,
     build_faiss_index,
     collect_garbage,
     current_version,
@@ -130,6 +132,19 @@ def discover_files(directory: Path) -> list[Path]:
 
 def index_exists(settings: Any) -> bool:
     return current_version(settings.index_dir) is not None
+
+
+def index_is_current(settings: Any) -> bool:
+    """An index exists and its stored BM25 matrix was built by today's tokenizer (an older one would be
+    rebuilt in memory at every server start until an ingest stores it)."""
+    version = current_version(settings.index_dir)
+    if version is None:
+        return False
+    try:
+        manifest = json.loads((settings.index_dir / VERSIONS_DIR / version / "manifest.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return False
+    return bool(manifest.get("bm25_tokenizer", 1) == TOKENIZER_VERSION)
 
 
 def expand_paths(paths: Sequence[Path]) -> tuple[list[Path], list[Path]]:

@@ -15,7 +15,7 @@ from app.rag.bm25 import EPSILON, K1, TOKENIZER_VERSION, B, Bm25Matrix
 from app.rag.chunking import search_text
 from app.rag.embedder import MiniLMEmbedder
 from app.rag.index import VERSIONS_DIR, current_version, load_snapshot
-from app.rag.ingest import ingest
+from app.rag.ingest import index_is_current, ingest
 from app.rag.retrieve import HybridRetriever
 from tests.rag.conftest import make_settings, write_corpus
 
@@ -55,12 +55,13 @@ def test_stale_bm25_is_rebuilt_on_load_and_stored_by_the_next_ingest(tmp_path: P
     directory = settings.index_dir / VERSIONS_DIR / version
     assert json.loads((directory / "manifest.json").read_text())["bm25_tokenizer"] == TOKENIZER_VERSION
     fresh = load_snapshot(settings.index_dir)
-    assert not fresh.bm25_rebuilt
+    assert not fresh.bm25_rebuilt and index_is_current(settings)
 
     _downgrade_to_v1(directory)
     assert "withdrawals" in Bm25Matrix.load(directory).vocabulary  # really the old tokens on disk
     stale = load_snapshot(settings.index_dir)
     assert stale.bm25_rebuilt and stale.version == version
+    assert not index_is_current(settings)  # so `guardchat ingest --if-missing` (make run) ingests to store it
     assert "withdrawals" not in stale.bm25.vocabulary and "withdraw" in stale.bm25.vocabulary
     np.testing.assert_allclose(stale.bm25.scores("free withdrawals"), fresh.bm25.scores("free withdrawals"))
     # A running retriever on the stale version already matches the new query tokens.
@@ -71,7 +72,7 @@ def test_stale_bm25_is_rebuilt_on_load_and_stored_by_the_next_ingest(tmp_path: P
     report = ingest(paths, settings, embedder=embedder, progress=False)  # no file changed
     assert report.changed and report.chunks_added == 0 and report.version != version
     stored = load_snapshot(settings.index_dir)
-    assert not stored.bm25_rebuilt and "withdraw" in stored.bm25.vocabulary
+    assert not stored.bm25_rebuilt and "withdraw" in stored.bm25.vocabulary and index_is_current(settings)
     assert [c["id"] for c in stored.chunks] == [c["id"] for c in fresh.chunks]
     np.testing.assert_array_equal(np.asarray(stored.embeddings), np.asarray(fresh.embeddings))
     # ...and once stored, an unchanged ingest writes nothing.
