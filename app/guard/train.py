@@ -36,7 +36,10 @@ from app.guard.detector import (
 TRAINING_DATA_DIR = Path(__file__).resolve().parent / "training_data"
 CATEGORY_LABELS = list(LLAMA_GUARD_CATEGORIES)
 C_REG = 4.0
-HARMFUL_RECALL_TARGET = 0.98  # share of each harmful source that must reach at least the judge band
+# Share of each harmful source that must reach at least the judge band. Not 0.98: the embedded judge does not
+# separate harmful from benign inside the band (docs/evaluation.md), so a wide band bought benign refusals and
+# judge timeouts, not recall; the harmful requests below it are the topic rail's (it learns them as off_topic).
+HARMFUL_RECALL_TARGET = 0.90
 ATTACK_RECALL_TARGET = 0.95  # the same for each attack source (short injections sit close to benign look-alikes)
 AUTO_BLOCK_BENIGN_FRR = 0.01  # benign share we accept blocking without the judge
 ON_DOMAIN_TOPIC_REFUSAL = 0.03
@@ -51,7 +54,10 @@ CLEAR_HARM = re.compile(
     r"suicid|self-harm|harm myself|hurt myself|cut myself|burn myself|overdose|poison|starve|throw up|anorexi|"
     r"bulimi|eating disorder|laxative|low-calorie|end my (own )?life|until i die|bomb|hack|psychedelic|"
     r"mind-altering|pick a lock|identity documents|brake|appendectomy|dangerous stunt|superior|holocaust|"
-    r"chinese always|ruin our country|exercise excessively",
+    r"chinese always|ruin our country|exercise excessively|"
+    # asking the chatbot for "its" identifiers is a privacy ask (a support bot must never play along)
+    r"\byour (own )?(home address|phone number|social security|credit card|passport|driver's license|login|"
+    r"password|mother's maiden|bank account|date of birth|health insurance|full name)",
     re.I,
 )
 # Llama Guard 3 categories by keyword (first match wins per category; a row may get several).
@@ -64,7 +70,8 @@ CATEGORY_KEYWORDS: dict[str, str] = {
     "S5": r"defam|false accusation|reputation|fake review|libel|slander|fake news|misinformation",
     "S6": r"diagnos|prescri|medication|treat(ment)? (my|plan)|therap|dosage|invest|sue\b|legal steps|lawyer",
     "S7": r"personal information|private|address|phone number|date of birth|social security|account details|"
-    r"driver's license|password|track .*location|co-worker|coworker|teammate|confidential|passport|dox",
+    r"driver's license|password|track .*location|co-worker|coworker|teammate|confidential|passport|dox|"
+    r"credential|maiden name|insurance policy|your (credit card|bank account)",
     "S8": r"copyright|pirat|torrent|plagiari|trademark",
     "S9": r"bomb|explosive|chemical weapon|biological weapon|nuclear|nerve agent|anthrax|bioweapon|poison gas",
     "S10": r"\brace\b|racis|stereotyp|inferior|hate speech|muslim|jew|black people|immigrant|gay|religio|"
@@ -124,10 +131,13 @@ def load_sources(eval_dir: Path, rng: random.Random, max_per_source: int | None)
 
     for row in dev("harmful_dev.jsonl"):
         cat, text = row.get("category", ""), row["text"]
+        # Harmful and borderline asks are no bank support either: the topic head learns them as off_topic, so
+        # the topic rail also refuses those that borrow bank words ("your bank account", "insider trading").
         if cat in BORDERLINE_DNA and not CLEAR_HARM.search(text):
-            src["borderline"].append(Item(text, "borderline", None, 0))
+            src["borderline"].append(Item(text, "borderline", None, 0, "off_topic"))
         else:
-            src["harmful"].append(Item(text, "harmful", 1, 0, categories=llama_guard_categories(text, cat)))
+            src["harmful"].append(Item(text, "harmful", 1, 0, "off_topic",
+                                       categories=llama_guard_categories(text, cat)))
     for row in dev("jailbreak_templates_dev.jsonl"):
         src["template"].append(Item(SLOT.sub("", row["text"]), "template", None, 1, slot_text=row["text"]))
     src["injection"] = [Item(r["text"], "injection", 0, 1) for r in dev("injection_dev.jsonl")]
@@ -141,7 +151,7 @@ def load_sources(eval_dir: Path, rng: random.Random, max_per_source: int | None)
         for row in _jsonl(path):
             kind, label = row.get("kind", ""), row["label"]
             if label == "harmful":
-                src["harmful"].append(Item(row["text"], "harmful", 1, 0, categories=row["llama_guard"]))
+                src["harmful"].append(Item(row["text"], "harmful", 1, 0, "off_topic", categories=row["llama_guard"]))
             elif label == "attack":
                 src["our_attack"].append(Item(row["text"], "our_attack", None, 1))
             else:
@@ -409,9 +419,10 @@ def train(eval_dir: Path, out_dir: Path, *, seed: int = 1234, folds: int = 5, em
     topic_p /= topic_p.sum(1, keepdims=True)
     off_topic_p = 1 - topic_p[:, TOPIC_LABELS.index("on_domain")]
     thresholds = choose_thresholds(items, prob["unsafe"], prob["attack"], off_topic_p)
-    from app.guard.train_report import cv_report, unsafe_block_sweep  # it imports this module's constants
+    from app.guard.train_report import cv_report, harmful_by_category, unsafe_block_sweep  # imports our constants
 
     report = cv_report(items, prob["unsafe"], prob["attack"], off_topic_p, topic_p.argmax(1), thresholds)
+    report["harmful_by_category"] = harmful_by_category(items, prob["unsafe"], thresholds)
     report["unsafe_block_sweep"] = unsafe_block_sweep(items, prob["unsafe"])
 
     final = fit_heads(rows, np.ones(len(rows.x), dtype=bool), seed)

@@ -19,6 +19,19 @@ def unsafe_block_sweep(items: list[Item], unsafe_p: np.ndarray) -> dict[str, dic
             for t in np.arange(0.20, 0.61, 0.05)}
 
 
+def harmful_by_category(items: list[Item], unsafe_p: np.ndarray, th: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Bare harmful requests per Llama Guard category (keyword-labelled; a row counts in each of its categories):
+    where the unsafe head is weakest, i.e. which kinds of harm the training data under-covers."""
+    out: dict[str, dict[str, float]] = {}
+    for cat in sorted({c for it in items for c in it.categories}, key=lambda c: int(c[1:])):
+        g = np.array([it.source == "harmful" and cat in it.categories for it in items])
+        if g.any():
+            out[cat] = {"n": int(g.sum()), "auto_block": float((unsafe_p[g] >= th["unsafe_block"]).mean()),
+                        "allow": float((unsafe_p[g] < th["unsafe_allow"]).mean()),
+                        "median": float(np.median(unsafe_p[g]))}
+    return out
+
+
 def cv_report(items: list[Item], unsafe_p: np.ndarray, attack_p: np.ndarray, off_topic_p: np.ndarray,
               topic_pred: np.ndarray, th: dict[str, float]) -> dict[str, Any]:
     """Per source: auto-blocked / sent to the judge / allowed, plus the per-head block rates."""
@@ -33,7 +46,8 @@ def cv_report(items: list[Item], unsafe_p: np.ndarray, attack_p: np.ndarray, off
                    "attack_head_block": float(a_block[g].mean()), "auto_block": float(block[g].mean()),
                    "judge": float((~block & ~allow)[g].mean()), "allow": float(allow[g].mean())}
     topic_rows: dict[str, Any] = {}
-    for s in ("advice", "off_topic", "general", "chitchat", "unanswerable", *ON_DOMAIN_SOURCES):
+    for s in ("advice", "off_topic", "general", "chitchat", "unanswerable", "harmful", "borderline",
+              *ON_DOMAIN_SOURCES):
         wanted = ("on_domain",) if s in ON_DOMAIN_SOURCES else tuple(TOPIC_LABELS)  # general look-alikes are off-topic
         g = (src == s) & np.array([it.topic in wanted for it in items])
         if g.any():
@@ -67,6 +81,11 @@ def print_summary(report: dict[str, Any]) -> None:
             topic.add_row(source, str(r["n"]), f"{100 * r['topic_refusal']:.1f}%")
     console.print(topic)
     console.print(f"advice sub-class accuracy: {100 * report['cv']['topic']['advice_class_accuracy']:.1f}%")
+    by_cat = report["cv"].get("harmful_by_category", {})
+    if by_cat:
+        console.print("harmful requests per category (auto-block / auto-allow / median unsafe): " + ", ".join(
+            f"{c} n={r['n']} {100 * r['auto_block']:.0f}%/{100 * r['allow']:.0f}%/{r['median']:.2f}"
+            for c, r in by_cat.items()))
     console.print("thresholds: " + ", ".join(f"{k}={v:.3f}" for k, v in report["thresholds"].items()))
 
 
