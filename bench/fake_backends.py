@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -35,12 +36,32 @@ LLAMA_GUARD_MARKERS = ("<BEGIN UNSAFE CONTENT CATEGORIES>", "Provide your safety
 SELF_CHECK_MARKERS = ("Should the user message be blocked", "Should the bot message be blocked")
 
 
-def reply_for(prompt: str, repeat: int = 1) -> str:
-    """What a well-behaved deployment would answer: Llama Guard says safe, a self-check says No."""
+# Source [1] of guardchat's RAG prompt: "[1] Title — Section" then its text, up to the next source.
+_FIRST_SOURCE = re.compile(r"^\[1\] [^\n]*\n(.+?)(?=\n\n\[2\] |\Z)", re.DOTALL | re.MULTILINE)
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def grounded_answer(prompt: str) -> str | None:
+    """What a faithful RAG model answers: the first two sentences of source [1], each citing it. None when
+    the prompt holds no sources (NeMo's setups, or a chat without RAG)."""
+    match = _FIRST_SOURCE.search(prompt)
+    if match is None:
+        return None
+    sentences = _SENTENCE_END.split(" ".join(match.group(1).split()))[:2]
+    cited = [f"{s[:-1]} [1]{s[-1]}" if s[-1:] in ".!?" else f"{s} [1]." for s in sentences if s]
+    return " ".join(cited) or None
+
+
+def reply_for(prompt: str, repeat: int = 1, *, grounded: bool = False) -> str:
+    """What a well-behaved deployment would answer: Llama Guard says safe, a self-check says No; the chat
+    LLM answers ANSWER (about card disputes, whatever the question: unsupported by most retrieved sources,
+    the groundedness rail's worst case) or, `grounded`, restates its first source."""
     if any(m in prompt for m in LLAMA_GUARD_MARKERS):
         return "safe"
     if any(m in prompt for m in SELF_CHECK_MARKERS):
         return "No"
+    if grounded and (answer := grounded_answer(prompt)):
+        return answer
     return " ".join([ANSWER] * repeat)
 
 
@@ -51,8 +72,16 @@ def tokens_of(text: str) -> list[str]:
 
 
 class FakeBackend:
-    def __init__(self, ttft_ms: float = 0.0, itl_ms: float = 0.0, model: str = "fake-llm", repeat: int = 1) -> None:
+    def __init__(
+        self,
+        ttft_ms: float = 0.0,
+        itl_ms: float = 0.0,
+        model: str = "fake-llm",
+        repeat: int = 1,
+        grounded: bool = False,
+    ) -> None:
         self.repeat = repeat
+        self.grounded = grounded
         self.ttft_s = ttft_ms / 1000
         self.itl_s = itl_ms / 1000
         self.model = model
@@ -97,7 +126,7 @@ class FakeBackend:
     async def _chat(self, send: Send, request: dict[str, Any]) -> None:
         messages = request.get("messages") or []
         prompt = "\n".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
-        text = reply_for(prompt, self.repeat)
+        text = reply_for(prompt, self.repeat, grounded=self.grounded)
         model = request.get("model", self.model)
         usage = {"prompt_tokens": len(prompt) // 4, "completion_tokens": len(tokens_of(text)),
                  "total_tokens": len(prompt) // 4 + len(tokens_of(text))}
@@ -149,12 +178,13 @@ async def _json(send: Send, payload: dict[str, Any], status: int = 200) -> None:
     await send({"type": "http.response.body", "body": data})
 
 
-def command(port: int, ttft_ms: float = 0.0, itl_ms: float = 0.0, repeat: int = 1) -> list[str]:
+def command(port: int, ttft_ms: float = 0.0, itl_ms: float = 0.0, repeat: int = 1, grounded: bool = False) -> list[str]:
     """The argv that starts one backend process (used by the benchmarks)."""
     from bench.common import PYTHON
 
     return [PYTHON, "-m", "bench.fake_backends", "--port", str(port),
-            "--ttft-ms", str(ttft_ms), "--itl-ms", str(itl_ms), "--answer-repeat", str(repeat)]
+            "--ttft-ms", str(ttft_ms), "--itl-ms", str(itl_ms), "--answer-repeat", str(repeat)] + (
+        ["--grounded"] if grounded else [])
 
 
 def main() -> None:
@@ -165,8 +195,9 @@ def main() -> None:
     parser.add_argument("--ttft-ms", type=float, default=0.0)
     parser.add_argument("--itl-ms", type=float, default=0.0)
     parser.add_argument("--answer-repeat", type=int, default=1, help="chat answer = ANSWER repeated N times")
+    parser.add_argument("--grounded", action="store_true", help="answer by restating the prompt's source [1]")
     args = parser.parse_args()
-    app = FakeBackend(args.ttft_ms, args.itl_ms, repeat=args.answer_repeat)
+    app = FakeBackend(args.ttft_ms, args.itl_ms, repeat=args.answer_repeat, grounded=args.grounded)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False, lifespan="on")
 
 

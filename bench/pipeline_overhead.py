@@ -42,6 +42,12 @@ def model_ms(sample: Sample) -> float:
     return float(sample.timings.get("embed", 0.0)) + guard
 
 
+def _answered(sample: Sample) -> bool:
+    """The fake LLM's answer came through: its fixed ANSWER, or (`--answer grounded`) a restated source that
+    guardchat found cited."""
+    return sample.answer_chars == len(ANSWER) or (sample.citations > 0 and not sample.blocked)
+
+
 def summarize_load(result: LoadResult) -> dict[str, Any]:
     ok = result.ok
     latencies = [s.latency_ms for s in ok]
@@ -51,7 +57,7 @@ def summarize_load(result: LoadResult) -> dict[str, Any]:
         "turns_per_s": round(len(ok) / result.duration_s, 1) if result.duration_s else 0.0,
         "requests": len(result.samples),
         "errors": len(result.errors),
-        "answered_by_llm": round(sum(s.answer_chars == len(ANSWER) for s in ok) / len(ok), 3) if ok else 0.0,
+        "answered_by_llm": round(sum(_answered(s) for s in ok) / len(ok), 3) if ok else 0.0,
     }
     if result.kind == "guardchat" and ok:
         row["blocked"] = sum(s.blocked for s in ok)
@@ -97,6 +103,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--variants", default="plain,batching", help="guardchat variants: plain,batching")
     parser.add_argument("--skip-nemo", action="store_true")
+    parser.add_argument("--answer", choices=["fixed", "grounded"], default="fixed",
+                        help="the fake LLM's answer: fixed (about card disputes whatever the question: the "
+                             "groundedness rail's worst case) or grounded (restates the prompt's source [1])")
     parser.add_argument("--workers", type=int, default=1, help="guardchat uvicorn worker processes")
     parser.add_argument("--profile", action="store_true", help="py-spy record guardchat at the highest concurrency")
     parser.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"))
@@ -110,7 +119,7 @@ def main() -> None:
     print(f"corpus: {corpus['chunks']} chunks ({corpus['index_kind']}) in {corpus['data_dir']}", flush=True)
     setups: dict[str, dict[int, dict[str, Any]]] = {}
     profile_report: dict[str, Any] = {}
-    backends = start_backends()
+    backends = start_backends(grounded=args.answer == "grounded")
     try:
         setups["backend alone (floor)"] = {
             c: summarize_load(run_loadgen(backends.llm.url, "backend", c, args.duration, args.warmup))

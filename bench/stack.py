@@ -29,10 +29,10 @@ class Backends:
         self.guard.stop()
 
 
-def start_backends(ttft_ms: float = 0.0, itl_ms: float = 0.0, repeat: int = 1) -> Backends:
+def start_backends(ttft_ms: float = 0.0, itl_ms: float = 0.0, repeat: int = 1, grounded: bool = False) -> Backends:
     """The chat LLM (with the given latency) and an instant Llama Guard, each in its own process."""
     llm_port, guard_port = free_port(), free_port()
-    llm = start_child("fake-llm", fake_backends.command(llm_port, ttft_ms, itl_ms, repeat), llm_port)
+    llm = start_child("fake-llm", fake_backends.command(llm_port, ttft_ms, itl_ms, repeat, grounded), llm_port)
     try:
         guard = start_child("fake-guard", fake_backends.command(guard_port), guard_port)
     except BaseException:

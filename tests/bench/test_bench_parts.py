@@ -160,3 +160,32 @@ def test_synthetic_corpus_has_about_the_requested_chunks(tmp_path: Path) -> None
     chunks = sum(len(chunk_document(load_document(p), p.stem, p.name, chunk_chars=900, overlap=120))
                  for p in tmp_path.glob("*.md"))
     assert 300 <= chunks <= 500
+
+
+def test_grounded_fake_answer_restates_source_one_and_passes_the_real_groundedness_rail_by_wording() -> None:
+    from app.rag.base import Chunk
+    from app.rag.chain import build_messages, extract_citations
+    from app.rag.grounding import check_groundedness
+    from bench.fake_backends import grounded_answer
+
+    chunks = [
+        Chunk(id="a", document_id="fees", source="fees.md", title="Fees", section="Wires",
+              content="Outgoing domestic wires cost $25 each. They must be sent before 4 pm Eastern. More text."),
+        Chunk(id="b", document_id="cards", source="cards.md", title="Cards", content="Replacement cards are free."),
+    ]
+    prompt = build_messages("What does a wire cost?", [], chunks, system_prompt="You help.", context_tokens=500)
+    text = "\n".join(m["content"] for m in prompt.messages)
+    answer = grounded_answer(text)
+    assert answer == "Outgoing domestic wires cost $25 each [1]. They must be sent before 4 pm Eastern [1]."
+    assert [c["document_id"] for c in extract_citations(answer, prompt.sources)] == ["fees"]
+
+    class NoModel:  # the wording alone must decide: any embedding call fails the test
+        dim = 384
+
+        def embed(self, texts: list[str]) -> None:
+            raise AssertionError(f"embedded {texts}")
+
+    result = check_groundedness(answer, chunks, NoModel())  # type: ignore[arg-type]
+    assert result.verdict == "allow" and "by wording" in (result.detail or "")
+    assert grounded_answer("no sources in this prompt") is None
+    assert reply_for("no sources", grounded=True) == ANSWER
