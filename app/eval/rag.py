@@ -139,11 +139,12 @@ def render_rag_markdown(report: dict[str, Any], charts: dict[str, str]) -> str:
     if r:
         lines += ["## Retrieval", "", f"Tasks: {r.get('answerable_tasks')} answerable, "
                   f"{r.get('unanswerable_tasks')} unanswerable; k = {k}, threshold = {r.get('threshold')}", "",
-                  "| retriever | recall@k | gold coverage | MRR |", "|---|---|---|---|"]
-        for name in ("hybrid", "dense"):
-            m = r.get(name) or {}
-            lines.append(f"| {name} | {pct(m.get(f'recall@{k}'))} | {pct(m.get('gold_coverage'))} | "
-                         f"{m.get('mrr', 0):.3f} |")
+                  "| retriever | recall@1 | recall@k | gold coverage | MRR |", "|---|---|---|---|---|"]
+        for name in ("hybrid", "dense", "bm25"):
+            m = r.get(name)
+            if m:
+                lines.append(f"| {name} | {pct(m.get('recall@1'))} | {pct(m.get(f'recall@{k}'))} | "
+                             f"{pct(m.get('gold_coverage'))} | {m.get('mrr', 0):.3f} |")
         lines += ["", f"Unanswerable tasks with nothing retrieved: {pct(r.get('unanswerable_retrieval_abstention'))}"]
     a = report.get("answers")
     if a:

@@ -34,4 +34,5 @@ def test_rag_eval_via_server_with_judge(base_settings: Settings, eval_server: Li
     assert stored["retrieval"]["hybrid"] == retrieval["hybrid"]
     markdown = (out / "rag.md").read_text()
     assert "recall@k" in markdown and "citation precision" in markdown and "rag_metrics.png" in markdown
+    assert "| bm25 |" in markdown and "| dense |" in markdown  # plain BM25 and plain dense beside hybrid
     assert (out / "rag_metrics.png").read_bytes()[:4] == b"\x89PNG"
