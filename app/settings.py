@@ -28,7 +28,9 @@ class Settings(BaseSettings):
     otel_enabled: bool = False  # needs the [otel] extra
 
     # --- chat LLM ---
-    llm_backend: Literal["embedded", "openai", "trtllm"] = "embedded"
+    # llamacpp: a llama.cpp server you run yourself (llama-server): its wire takes GBNF grammars, which the
+    # embedded guard's judge needs to answer in the Llama Guard format.
+    llm_backend: Literal["embedded", "openai", "trtllm", "llamacpp"] = "embedded"
     llm_url: str | None = Field(
         default=None, description="Base URL of the OpenAI-compatible server, e.g. http://gpu:8000/v1"
     )

@@ -10,10 +10,6 @@ Errors are typed (app/llm/base.py). Connection failures are retried (tenacity) o
 headers arrive, so a request is never replayed once the backend started answering and a stream is never
 retried mid-way.
 
-Transport: aiohttp, one pooled session per event loop. Every turn makes three backend calls (Llama Guard on
-the input, the LLM, Llama Guard on the answer); measured on loopback (bench), an aiohttp request costs
-~0.2 ms of CPU against ~0.85 ms through httpx, and about half the wall time.
-
 Streaming usage: `stream(..., on_usage=callback)` calls `callback(Usage)` when the server sends the final
 usage chunk (we ask for it with `stream_options.include_usage`). A callback, not an attribute, because one
 client serves many concurrent streams.
@@ -21,17 +17,14 @@ client serves many concurrent streams.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
-from urllib.parse import urlsplit
-from urllib.request import getproxies, proxy_bypass
 
-import aiohttp
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
+import httpx
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from app.llm.base import (
     Completion,
@@ -48,15 +41,10 @@ log = logging.getLogger(__name__)
 
 Flavor = Literal["openai", "trtllm", "embedded"]
 
-
-
-def _retryable(exc: BaseException) -> bool:
-    """Connection failures (refused, reset, closed without an answer). Retried only when raised before the
-    response headers, so no response byte was consumed. Timeouts are not retried (aiohttp's socket timeouts
-    are connection errors too): a backend that is too slow once is likely too slow again, and retrying would
-    multiply the wait."""
-    return isinstance(exc, aiohttp.ClientConnectionError) and not isinstance(exc, asyncio.TimeoutError)
-
+# Connection failures (refused, reset, closed without an answer). Retried only when raised by send(), i.e.
+# before the response headers, so no response byte was consumed. Timeouts are not retried: a backend that is
+# too slow once is likely too slow again, and retrying would multiply the wait.
+_RETRYABLE = (httpx.NetworkError, httpx.RemoteProtocolError)
 _HEALTH_TIMEOUT_S = 10.0
 _DETAIL_CHARS = 300
 
@@ -94,7 +82,7 @@ def _normalize_adapters(adapters: Mapping[str, LoRAAdapter | str] | Iterable[str
 
 
 class OpenAICompatClient:
-    """Implements app.llm.base.ChatBackend over a pooled aiohttp session (one per event loop)."""
+    """Implements app.llm.base.ChatBackend over one pooled httpx.AsyncClient."""
 
     def __init__(
         self,
@@ -121,13 +109,12 @@ class OpenAICompatClient:
             pathless = [a.name for a in self._adapters.values() if not a.path]
             if pathless:
                 raise ValueError(f"trtllm-serve needs a path for each LoRA adapter (name=path): {', '.join(pathless)}")
-        self._headers_all = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
-        # sock_read bounds the wait for each read (a stalled stream), not the whole answer.
-        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s, sock_read=timeout_s)
-        self._connect_timeout_s = connect_timeout_s
-        self._proxy = _env_proxy(self.base_url)
-        self._http: aiohttp.ClientSession | None = None
-        self._http_loop: asyncio.AbstractEventLoop | None = None
+        headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+        self._http = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
+            headers=headers,
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
+        )
 
     @property
     def adapters(self) -> dict[str, LoRAAdapter]:
@@ -167,15 +154,13 @@ class OpenAICompatClient:
             async for delta in self._sse_deltas(response, on_usage):
                 yield delta
         finally:
-            response.release()  # closes the connection if the stream was not read to its end
+            await response.aclose()
 
     async def health(self) -> None:
-        timeout = aiohttp.ClientTimeout(
-            total=_HEALTH_TIMEOUT_S, sock_connect=min(_HEALTH_TIMEOUT_S, self._connect_timeout_s)
-        )
+        timeout = httpx.Timeout(_HEALTH_TIMEOUT_S, connect=min(_HEALTH_TIMEOUT_S, self._http.timeout.connect or 5))
         if self.flavor == "trtllm":
             response = await self._send("GET", self.root_url + "/health", None, None, timeout=timeout)
-            response.release()
+            await response.aclose()
             return
         response = await self._send("GET", self.base_url + "/models", None, None, timeout=timeout)
         data = await self._read_json(response)
@@ -183,30 +168,7 @@ class OpenAICompatClient:
             raise LLMBadResponse("LLM backend /models answered without a `data` list")
 
     async def aclose(self) -> None:
-        session, self._http = self._http, None
-        if session is not None and not session.closed:
-            try:
-                running = asyncio.get_running_loop()
-            except RuntimeError:
-                running = None
-            if running is self._http_loop:  # a session can only be closed on its own loop
-                await session.close()
-
-    def _session(self) -> aiohttp.ClientSession:
-        """The pooled session of the running event loop (created on first use: aiohttp binds a session to the
-        loop it was made on, and tests or the CLI may drive one client from several loops in turn)."""
-        loop = asyncio.get_running_loop()
-        if self._http is None or self._http.closed or self._http_loop is not loop:
-            self._http = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=64, limit_per_host=64),
-                headers=self._headers_all,
-                timeout=self._timeout,
-                # Not trust_env: aiohttp would then re-read the proxy variables and ~/.netrc on every request
-                # (~25% of a request's CPU here); the proxy is resolved once, in __init__.
-                trust_env=False,
-            )
-            self._http_loop = loop
-        return self._http
+        await self._http.aclose()
 
     # ------------------------------------------------------------ request building
 
@@ -254,44 +216,40 @@ class OpenAICompatClient:
         body: dict[str, Any] | None,
         options: GenerationOptions | None,
         *,
-        timeout: aiohttp.ClientTimeout | None = None,
-    ) -> aiohttp.ClientResponse:
+        timeout: httpx.Timeout | None = None,
+    ) -> httpx.Response:
         """Send and return the response with headers read and status checked; body not yet consumed."""
-        session = self._session()
-        headers = self._headers(options)
-        data = None
-        if body is not None:
-            data = json.dumps(body).encode()
-            headers["Content-Type"] = "application/json"
+        request = self._http.build_request(
+            method, url, json=body, headers=self._headers(options), timeout=timeout or self._http.timeout
+        )
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.max_retries + 1),
             wait=wait_exponential(multiplier=0.1, max=2.0),
-            retry=retry_if_exception(_retryable),
+            retry=retry_if_exception_type(_RETRYABLE),
             reraise=True,
         )
-        response: aiohttp.ClientResponse | None = None
+        response: httpx.Response | None = None
         try:
             async for attempt in retrying:
                 with attempt:
-                    response = await session.request(
-                        method, url, data=data, headers=headers, timeout=timeout or self._timeout, proxy=self._proxy
-                    )
-        except TimeoutError as exc:
+                    response = await self._http.send(request, stream=True)
+        except httpx.TimeoutException as exc:
             raise LLMTimeout(self._redact(f"LLM backend at {self.base_url} timed out ({type(exc).__name__})")) from exc
-        except (aiohttp.ClientError, OSError, ValueError) as exc:
-            # ValueError: aiohttp rejects a malformed URL. The backend is unreachable either way.
+        except (httpx.HTTPError, OSError, AttributeError) as exc:
+            # AttributeError/OSError: the transport itself can fail oddly on a refused connection (seen with
+            # uvloop + anyio: a socket closed under httpcore). The backend is unreachable either way.
             raise LLMUnavailable(
                 self._redact(f"cannot reach LLM backend at {self.base_url} ({type(exc).__name__}: {exc})")
             ) from exc
         assert response is not None  # AsyncRetrying either sent it or re-raised
-        if response.status >= 400:
+        if response.status_code >= 400:
             try:
-                detail = _error_detail(await response.read())
-            except (aiohttp.ClientError, TimeoutError):
+                detail = _error_detail(await response.aread())
+            except httpx.HTTPError:
                 detail = ""
             finally:
-                response.release()
-            raise self._status_error(response.status, detail)
+                await response.aclose()
+            raise self._status_error(response.status_code, detail)
         return response
 
     def _status_error(self, status: int, detail: str) -> LLMError:
@@ -307,16 +265,16 @@ class OpenAICompatClient:
             kind, what = LLMBadResponse, "rejected the request"
         return kind(self._redact(f"LLM backend {what} (HTTP {status}){suffix}"))
 
-    async def _read_json(self, response: aiohttp.ClientResponse) -> Any:
+    async def _read_json(self, response: httpx.Response) -> Any:
         try:
-            raw = await response.read()
-        except TimeoutError as exc:
+            raw = await response.aread()
+        except httpx.TimeoutException as exc:
             raise LLMTimeout(f"LLM backend at {self.base_url} timed out while answering") from exc
-        except aiohttp.ClientError as exc:
+        except httpx.HTTPError as exc:
             reason = type(exc).__name__
             raise LLMUnavailable(f"LLM backend at {self.base_url} dropped the connection ({reason})") from exc
         finally:
-            response.release()
+            await response.aclose()
         try:
             return json.loads(raw)
         except ValueError as exc:
@@ -333,13 +291,13 @@ class OpenAICompatClient:
         return choices[0]
 
     async def _sse_deltas(
-        self, response: aiohttp.ClientResponse, on_usage: Callable[[Usage], None] | None
+        self, response: httpx.Response, on_usage: Callable[[Usage], None] | None
     ) -> AsyncIterator[str]:
         """Parse `data: {...}` lines until `data: [DONE]`; skip comments/keep-alives; raise on error events."""
         event = "message"
         finished = False
         try:
-            async for line in _lines(response.content):
+            async for line in response.aiter_lines():
                 if not line:
                     event = "message"  # blank line ends an SSE event
                     continue
@@ -372,9 +330,9 @@ class OpenAICompatClient:
                         yield delta
                     if isinstance(choice, dict) and choice.get("finish_reason"):
                         finished = True
-        except TimeoutError as exc:
+        except httpx.TimeoutException as exc:
             raise LLMTimeout(f"LLM backend at {self.base_url} stalled mid-stream") from exc
-        except aiohttp.ClientError as exc:
+        except httpx.HTTPError as exc:
             raise LLMUnavailable(f"LLM stream from {self.base_url} was interrupted ({type(exc).__name__})") from exc
         if not finished:
             raise LLMUnavailable(f"LLM stream from {self.base_url} ended before the answer was finished")
@@ -384,28 +342,6 @@ class OpenAICompatClient:
 
 
 # ------------------------------------------------------------ response helpers
-
-
-def _env_proxy(url: str) -> str | None:
-    """The proxy the environment names for `url` (HTTP(S)_PROXY, minus NO_PROXY), as httpx and the openai SDK
-    would use it; None for a direct connection."""
-    parts = urlsplit(url)
-    proxy = getproxies().get(parts.scheme)
-    if not proxy or proxy_bypass(parts.hostname or ""):
-        return None
-    return str(proxy)
-
-
-async def _lines(content: aiohttp.StreamReader) -> AsyncIterator[str]:
-    """The body's lines as they arrive, any length (LF or CRLF; servers built on sse-starlette send CRLF).
-    Split as bytes, so a UTF-8 character cut between two reads is decoded whole."""
-    buffer = b""
-    async for data in content.iter_any():
-        *lines, buffer = (buffer + data).split(b"\n")
-        for line in lines:
-            yield line.rstrip(b"\r").decode("utf-8", "replace")
-    if buffer.rstrip(b"\r"):
-        yield buffer.rstrip(b"\r").decode("utf-8", "replace")
 
 
 def _snippet(raw: Any) -> str:

@@ -37,7 +37,7 @@ def build_chat_backend(settings: Settings) -> tuple[OpenAICompatClient, Embedded
         settings.llm_url,
         settings.llm_model,
         api_key=api_key,
-        flavor=settings.llm_backend,
+        flavor="embedded" if settings.llm_backend == "llamacpp" else settings.llm_backend,  # same wire as ours
         timeout_s=settings.llm_timeout_s,
         connect_timeout_s=settings.llm_connect_timeout_s,
         max_retries=settings.llm_max_retries,

@@ -72,6 +72,10 @@ async def test_remote_backends_build_clients() -> None:
     )
     assert client.flavor == "openai" and list(client.adapters) == ["a"]
     await client.aclose()
+    # A llama-server run by the user speaks our embedded wire: grammars reach it.
+    client, server = build_chat_backend(settings(llm_backend="llamacpp", llm_url="http://h:8080/v1", llm_model="q"))
+    assert server is None and client.flavor == "embedded" and client.base_url == "http://h:8080/v1"
+    await client.aclose()
 
 
 async def test_embedded_backend_end_to_end(embedded_model_path: Path) -> None:
