@@ -35,6 +35,7 @@ from app.llm.base import (
     LLMUnavailable,
     Usage,
 )
+from app.llm.json_post import JsonPoster
 from app.observability.context import current_request_id
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,15 @@ class OpenAICompatClient:
             headers=headers,
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
         )
+        self._json = JsonPoster(
+            self.base_url,
+            headers=headers,
+            timeout_s=timeout_s,
+            connect_timeout_s=connect_timeout_s,
+            max_retries=self.max_retries,
+            status_error=lambda status, raw: self._status_error(status, _error_detail(raw)),
+            redact=self._redact,
+        )
 
     @property
     def adapters(self) -> dict[str, LoRAAdapter]:
@@ -169,6 +179,7 @@ class OpenAICompatClient:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+        await self._json.aclose()
 
     # ------------------------------------------------------------ request building
 
@@ -281,8 +292,12 @@ class OpenAICompatClient:
             raise LLMBadResponse(self._redact(f"LLM backend answered with invalid JSON: {_snippet(raw)}")) from exc
 
     async def _post_json(self, path: str, body: dict[str, Any], options: GenerationOptions | None) -> Any:
-        response = await self._send("POST", self.base_url + path, body, options)
-        return await self._read_json(response)
+        """Non-streaming calls go through aiohttp (app/llm/json_post.py: ~4x less CPU per call than httpx)."""
+        raw = await self._json.post(self.base_url + path, body, self._headers(options))
+        try:
+            return json.loads(raw)
+        except ValueError as exc:
+            raise LLMBadResponse(self._redact(f"LLM backend answered with invalid JSON: {_snippet(raw)}")) from exc
 
     def _first_choice(self, data: Any) -> dict[str, Any]:
         choices = data.get("choices") if isinstance(data, dict) else None

@@ -287,3 +287,16 @@ async def test_options_map_to_openai_fields() -> None:
         "seed": 7,
     }
 
+
+
+def test_the_environment_proxy_is_resolved_once_like_httpx(monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.llm.json_post import env_proxy
+
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    assert env_proxy("http://gpu-host:8000/v1") is None
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.internal:3128")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    assert env_proxy("http://gpu-host:8000/v1") == "http://proxy.internal:3128"
+    assert env_proxy("http://127.0.0.1:8000/v1") is None  # NO_PROXY
+    assert env_proxy("https://nim.example/v1") is None  # no HTTPS_PROXY set

@@ -1,0 +1,122 @@
+"""The non-streaming backend calls (Llama Guard checks, judges, plain completions) over aiohttp.
+
+Why a second HTTP stack beside httpx: every turn makes two Llama Guard calls (input and answer). Measured
+on loopback (docs/benchmarks.md), an aiohttp POST costs ~0.2 ms of CPU against ~0.85 ms through httpx, and
+at concurrency 32 the httpx pool made each Llama Guard call wait 100+ ms against ~10 ms here. Streams stay
+on httpx (app/llm/client.py): with aiohttp, llama.cpp stopped a streamed generation after its first token
+in one of our failure tests, which we did not get to the bottom of.
+
+One pooled session per event loop (aiohttp binds a session to the loop that made it). Connection failures
+are retried only before the response headers; timeouts are not retried. The proxy from the environment is
+resolved once (aiohttp's `trust_env` would re-read it and ~/.netrc on every request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+from urllib.request import getproxies, proxy_bypass
+
+import aiohttp
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
+
+from app.llm.base import LLMError, LLMTimeout, LLMUnavailable
+
+
+def _retryable(exc: BaseException) -> bool:
+    # aiohttp's socket timeouts are connection errors too: those are timeouts, not retried.
+    return isinstance(exc, aiohttp.ClientConnectionError) and not isinstance(exc, asyncio.TimeoutError)
+
+
+def env_proxy(url: str) -> str | None:
+    """The proxy the environment names for `url` (HTTP(S)_PROXY minus NO_PROXY), as httpx would use it."""
+    parts = urlsplit(url)
+    proxy = getproxies().get(parts.scheme)
+    if not proxy or proxy_bypass(parts.hostname or ""):
+        return None
+    return str(proxy)
+
+
+class JsonPoster:
+    """POST a JSON body, return the raw response body; errors are the typed LLM errors of app/llm/base.py."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        headers: dict[str, str],
+        timeout_s: float,
+        connect_timeout_s: float,
+        max_retries: int,
+        status_error: Callable[[int, bytes], LLMError],
+        redact: Callable[[str], str],
+    ) -> None:
+        self.base_url = base_url
+        self.max_retries = max_retries
+        self._headers = headers
+        # sock_read bounds each wait for bytes (a stalled backend), not the whole answer.
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s, sock_read=timeout_s)
+        self._proxy = env_proxy(base_url)
+        self._status_error = status_error
+        self._redact = redact
+        self._session: aiohttp.ClientSession | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _current_session(self) -> aiohttp.ClientSession:
+        loop = asyncio.get_running_loop()
+        if self._session is None or self._session.closed or self._loop is not loop:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=64, limit_per_host=64),
+                headers=self._headers,
+                timeout=self._timeout,
+                trust_env=False,
+            )
+            self._loop = loop
+        return self._session
+
+    async def post(self, url: str, body: dict[str, Any], headers: dict[str, str]) -> bytes:
+        session = self._current_session()
+        data = json.dumps(body).encode()
+        headers = {**headers, "Content-Type": "application/json"}
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.max_retries + 1),
+            wait=wait_exponential(multiplier=0.1, max=2.0),
+            retry=retry_if_exception(_retryable),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    response = await session.post(url, data=data, headers=headers, proxy=self._proxy)
+        except TimeoutError as exc:
+            raise LLMTimeout(self._redact(f"LLM backend at {self.base_url} timed out ({type(exc).__name__})")) from exc
+        except (aiohttp.ClientError, OSError, ValueError) as exc:  # ValueError: aiohttp rejects a malformed URL
+            raise LLMUnavailable(
+                self._redact(f"cannot reach LLM backend at {self.base_url} ({type(exc).__name__}: {exc})")
+            ) from exc
+        try:
+            raw = await response.read()
+        except TimeoutError as exc:
+            raise LLMTimeout(f"LLM backend at {self.base_url} timed out while answering") from exc
+        except aiohttp.ClientError as exc:
+            reason = type(exc).__name__
+            raise LLMUnavailable(f"LLM backend at {self.base_url} dropped the connection ({reason})") from exc
+        finally:
+            response.release()
+        if response.status >= 400:
+            raise self._status_error(response.status, raw)
+        return raw
+
+    async def aclose(self) -> None:
+        session, self._session = self._session, None
+        if session is None or session.closed:
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if running is self._loop:  # a session can only be closed on its own loop
+            await session.close()
