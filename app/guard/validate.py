@@ -12,6 +12,9 @@ Test files are rails/tests/*.yml:
         context: ["..."]                         # optional retrieved text, for the groundedness rail
         expect: blocked                          # allowed | blocked
         rail: topic                              # with blocked: the rail that must block (a name or a list)
+
+When the config compiles (app/guard/compiled.py, the engine the server runs), every test also runs on NeMo's
+LLMRails, and a test whose two outcomes differ fails: the server must do what NeMo's reading of the Colang says.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ from app.rag.base import Embedder
 from app.settings import Settings
 
 if TYPE_CHECKING:
+    import numpy as np
+
+    from app.guard.base import GuardDecision
     from app.guard.detector import Detector
     from app.guard.rails import RailsGuard
 
@@ -152,14 +158,23 @@ def _test_problem(item: Any) -> str | None:
     return None
 
 
-async def run_case(guard: RailsGuard, embedder: Embedder, case: RailsTestCase) -> RailsTestResult:
+async def _decide(guard: RailsGuard, case: RailsTestCase, embedding: np.ndarray | None) -> GuardDecision:
     messages = [*case.history, {"role": "user", "content": case.user}]
     if case.answer is not None:
-        decision = await guard.check_output(messages, case.answer, case.context)
-    else:
-        embedding = (await asyncio.to_thread(embedder.embed, [case.user]))[0]
-        decision = await guard.check_input(messages, embedding)
-    got = "allowed" if decision.allowed else f"blocked by {decision.blocked_by}"
+        return await guard.check_output(messages, case.answer, case.context)
+    return await guard.check_input(messages, embedding)
+
+
+def _outcome(decision: GuardDecision) -> str:
+    return "allowed" if decision.allowed else f"blocked by {decision.blocked_by}"
+
+
+async def run_case(guard: RailsGuard, embedder: Embedder, case: RailsTestCase) -> RailsTestResult:
+    """Runs the case on the engine the server uses and, when that is the compiled engine, on NeMo's LLMRails
+    too: the two must agree, or the server would not do what NeMo's reading of the Colang says."""
+    embedding = None if case.answer is not None else (await asyncio.to_thread(embedder.embed, [case.user]))[0]
+    decision = await _decide(guard, case, embedding)
+    got = _outcome(decision)
     detail = "; ".join(f"{r.name}={r.verdict}" + (f" ({r.detail})" if r.detail else "") for r in decision.rails)
     if case.expect == "allowed":
         passed = decision.allowed
@@ -168,6 +183,15 @@ async def run_case(guard: RailsGuard, embedder: Embedder, case: RailsTestCase) -
         if passed and case.rails:
             blocking = {decision.blocked_by} | {r.name for r in decision.rails if r.verdict == "block"}
             passed = bool(blocking & set(case.rails))
+    if guard.compiled is not None:
+        compiled, guard.compiled = guard.compiled, None
+        try:
+            on_nemo = _outcome(await _decide(guard, case, embedding))
+        finally:
+            guard.compiled = compiled
+        if on_nemo != got:
+            passed = False
+            got = f"{got} (compiled engine) but {on_nemo} on NeMo LLMRails"
     return RailsTestResult(case, passed, got, detail)
 
 

@@ -116,3 +116,37 @@ def test_sync_entry_point_reports_a_missing_directory(tmp_path: Path) -> None:
 async def test_sync_entry_point_refuses_to_run_inside_a_loop() -> None:
     with pytest.raises(RuntimeError, match="avalidate_rails"):
         validate_rails(RAILS_DIR, Settings(), run_tests=False)
+
+
+async def test_a_test_fails_when_the_compiled_engine_and_nemo_disagree(embedder, detector, embedded_judge) -> None:
+    """The server runs the compiled engine; validation also asks NeMo's LLMRails and fails a test when they differ.
+    Here the guard's compiled program is swapped for one that blocks every input, so only NeMo allows."""
+    from nemoguardrails import RailsConfig
+
+    from app.guard.compiled import compile_rails
+    from app.guard.rails import build_guard
+    from app.guard.validate import RailsTestCase, run_case
+
+    settings = Settings(guard_timeout_s=60)
+    guard = build_guard(_shipped(), settings, llm=embedded_judge, embedder=embedder, detector=detector)
+    try:
+        assert guard.compiled is not None
+        colang = 'define bot no\n  "No."\n\ndefine flow always block\n  $v = execute deny\n  bot no\n  stop\n'
+        yaml = "rails:\n  input:\n    flows:\n      - always block\n"
+
+        async def deny() -> str:
+            return "block"
+
+        config = RailsConfig.from_content(colang_content=colang, yaml_content=yaml)
+        blocking, why_not = compile_rails(config, {"deny": deny})
+        assert blocking is not None, why_not
+        case = RailsTestCase("tests/x.yml", 1, "card question", "How do I freeze my debit card?", "allowed", [])
+        agreed = await run_case(guard, embedder, case)
+        assert agreed.passed and agreed.got == "allowed", agreed.detail
+        guard.compiled = blocking
+        result = await run_case(guard, embedder, case)
+        assert not result.passed
+        assert "on NeMo LLMRails" in result.got and result.got.startswith("blocked"), result.got
+        assert guard.compiled is blocking  # restored after the NeMo run
+    finally:
+        await guard.aclose()
