@@ -148,6 +148,12 @@ def load_snapshot(index_dir: Path, *, ef_search: int = HNSW_EF_SEARCH, gpu: bool
     raise AssertionError("unreachable")
 
 
+def bm25_is_current(manifest: dict[str, Any]) -> bool:
+    """Was this version's BM25 matrix built by the running code's tokenizer? (Versions written before the
+    tokenizer was versioned have no key: they used tokenizer 1.)"""
+    return bool(manifest.get("bm25_tokenizer", 1) == TOKENIZER_VERSION)
+
+
 def _load_version(directory: Path, version: str, *, ef_search: int, gpu: bool) -> IndexSnapshot:
     manifest = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
     with (directory / "chunks.jsonl").open(encoding="utf-8") as fh:
@@ -158,8 +164,7 @@ def _load_version(directory: Path, version: str, *, ef_search: int, gpu: bool) -
         index.hnsw.efSearch = ef_search
     if gpu:
         index = maybe_to_gpu(index)
-    # Versions written before the tokenizer was versioned have no key: they used tokenizer 1.
-    stale = manifest.get("bm25_tokenizer", 1) != TOKENIZER_VERSION
+    stale = not bm25_is_current(manifest)
     if stale:
         # Query tokens must match the stored ones (a stemmed query finds nothing in an unstemmed matrix),
         # so rebuild from the docstore; the next ingest writes it to disk (app/rag/ingest.py).

@@ -21,10 +21,11 @@ import numpy as np
 from tqdm import tqdm
 
 from app.rag.base import Embedder
-from app.rag.bm25 import TOKENIZER_VERSION, Bm25Matrix
+from app.rag.bm25 import Bm25Matrix
 from app.rag.chunking import chunk_document, chunk_params, document_identity, search_text
 from app.rag.index import (
     VERSIONS_DIR,
+    bm25_is_current,
     build_faiss_index,
     collect_garbage,
     current_version,
@@ -144,7 +145,7 @@ def index_is_current(settings: Any) -> bool:
         manifest = json.loads((settings.index_dir / VERSIONS_DIR / version / "manifest.json").read_text("utf-8"))
     except (OSError, ValueError):
         return False
-    return bool(manifest.get("bm25_tokenizer", 1) == TOKENIZER_VERSION)
+    return bm25_is_current(manifest)
 
 
 def expand_paths(paths: Sequence[Path]) -> tuple[list[Path], list[Path]]:
