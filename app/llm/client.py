@@ -114,7 +114,7 @@ class OpenAICompatClient:
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
             headers=headers,
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
         )
         self._json = JsonPoster(
             self.base_url,
@@ -310,9 +310,13 @@ class OpenAICompatClient:
     ) -> AsyncIterator[str]:
         """Parse `data: {...}` lines until `data: [DONE]`; skip comments/keep-alives; raise on error events."""
         event = "message"
-        finished = False
+        finished = done = False
         try:
             async for line in response.aiter_lines():
+                if done:
+                    # Read to the end of the body after [DONE] (normally nothing but the chunked terminator): an
+                    # unread response is closed, not pooled, and every turn then paid a new TCP connection.
+                    continue
                 if not line:
                     event = "message"  # blank line ends an SSE event
                     continue
@@ -328,7 +332,8 @@ class OpenAICompatClient:
                 if field != "data":
                     continue
                 if value.strip() == "[DONE]":
-                    return
+                    done = True
+                    continue
                 try:
                     chunk = json.loads(value)
                 except ValueError as exc:
@@ -349,7 +354,7 @@ class OpenAICompatClient:
             raise LLMTimeout(f"LLM backend at {self.base_url} stalled mid-stream") from exc
         except httpx.HTTPError as exc:
             raise LLMUnavailable(f"LLM stream from {self.base_url} was interrupted ({type(exc).__name__})") from exc
-        if not finished:
+        if not finished and not done:
             raise LLMUnavailable(f"LLM stream from {self.base_url} ended before the answer was finished")
 
     def _redact(self, message: str) -> str:

@@ -194,6 +194,26 @@ async def test_stream_parsing_pings_usage_and_done() -> None:
     assert usages == [Usage(prompt_tokens=11, completion_tokens=3)]
 
 
+async def test_finished_streams_return_their_connection_to_the_pool() -> None:
+    """A stream read to [DONE] must leave its keep-alive connection reusable: closing it unread made every
+    turn open a new TCP connection to the LLM (~0.7 ms each on loopback, more over a network)."""
+    client_ports: list[int] = []
+
+    async def handler(request, body):
+        assert request.client is not None
+        client_ports.append(request.client.port)
+        return wire.stream_response(wire.sse(["a", "b"]))
+
+    with wire.serve({("POST", "/v1/chat/completions"): handler}) as server:
+        client = OpenAICompatClient(server.base_url, "m")
+        try:
+            for _ in range(3):
+                assert [d async for d in client.stream(MESSAGES)] == ["a", "b"]
+        finally:
+            await client.aclose()
+    assert len(client_ports) == 3 and len(set(client_ports)) == 1, client_ports
+
+
 @pytest.mark.parametrize(
     "events, error",
     [
