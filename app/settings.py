@@ -67,9 +67,11 @@ class Settings(BaseSettings):
 
     # --- guard (Llama Guard 3) ---
     guard_backend: Literal["embedded", "openai"] = "embedded"
-    # "compiled": input/output rail flows compiled once from NeMo's parse (app/guard/compiled.py), falling
-    # back to NeMo LLMRails for Colang outside that subset; "nemo": always NeMo LLMRails.check_async.
-    rails_engine: Literal["compiled", "nemo"] = "compiled"
+    # The fastest engine that can run the loaded rails config (app/guard/rails.py). "auto": NeMo's IORails
+    # when every rail is a NeMo catalog input/output rail, else our flows compiled once from NeMo's parse
+    # (app/guard/compiled.py), else NeMo LLMRails; "compiled": the same without IORails; "nemo": always
+    # NeMo LLMRails.check_async.
+    rails_engine: Literal["auto", "compiled", "nemo"] = "auto"
     guard_url: str | None = None
     guard_model: str | None = None
     guard_api_key: SecretStr | None = None

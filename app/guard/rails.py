@@ -5,22 +5,26 @@ LLMRails engine with our actions registered, the Llama Guard prompt categories a
 embedded topic/attack examples. A turn only sets its context and asks NeMo to run the input or
 the output rails (`check_async`, which runs nothing else: no dialog rails, no LLM call of its own).
 
-Engines. NeMo's fast IORails engine cannot run our rails: in 0.24.1 it serves only the rails of its
-built-in manifest catalog (nemoguardrails/library/*/rail.py), and a flow calling a custom action makes
-`IORails.unsupported_reason` refuse the config. NeMo's LLMRails runs them (with `rails.input.parallel`
-honoured) but interprets Colang per event, ≈ 5–7 ms per check even with instant actions. So, as
-IORails does for its catalog, `app/guard/compiled.py` compiles the input/output rail flows once, from
-NeMo's own parse of the Colang, and a turn runs them as plain awaited actions (`rails_engine=compiled`,
-the default). A config using Colang outside that subset runs on LLMRails (logged at load), and
-`rails_engine=nemo` forces LLMRails everywhere. Both engines run the same actions and refusals.
+Engines (`rails_engine`), the fastest that can run the config, chosen and logged at load (`engine_name`):
+1. `iorails`: NeMo's IORails (app/guard/iorails_engine.py), when every rail is a NeMo catalog input/output
+   rail (`IORails.unsupported_reason` is None): one awaited library action per rail, no Colang runtime.
+   In 0.24.1 it refuses any flow calling a custom action, so it never runs the shipped config.
+2. `compiled`: as IORails does for its catalog, `app/guard/compiled.py` compiles our input/output rail
+   flows once, from NeMo's own parse of the Colang, and a turn runs them as plain awaited actions.
+3. `nemo`: NeMo's LLMRails `check_async` (`rails.input.parallel` honoured), which interprets Colang per
+   event, ≈ 5–7 ms per check even with instant actions; Colang outside the compiled subset runs here.
+`rails_engine=auto` (default) tries them in that order, `compiled` skips IORails, `nemo` forces LLMRails.
+All engines refuse with the config's texts and fail closed alike.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +36,7 @@ from app.guard.base import AssistantTexts, GuardDecision, RailResult
 from app.guard.cascade import ATTACK_CATEGORY, IntentMatcher, SafetyCascade, Thresholds, score_in_thread
 from app.guard.compiled import CompiledRails, compile_rails
 from app.guard.detector import text_windows
+from app.guard.iorails_engine import IORailsEngine, flow_name
 from app.guard.llama_guard import LlamaGuardClient
 from app.guard.loader import GroundednessSpec, LoadedConfig, load_config
 from app.llm.base import ChatBackend
@@ -52,6 +57,8 @@ FLOW_RAILS = {
     "guardchat check output safety": "safety_output",
     "guardchat check groundedness": "groundedness",
 }
+# What LLMRails utters when a rail's action raised (NeMo's `inform internal error occurred`).
+NEMO_INTERNAL_ERROR = "I'm sorry, an internal error has occurred."
 
 
 class RailsGuard:
@@ -86,10 +93,17 @@ class RailsGuard:
             self._rails.register_action(action, name)
         self.grounding_blocks = loaded.section.groundedness.action == "block"
         self.compiled: CompiledRails | None = None
-        if settings.rails_engine == "compiled":
+        self.iorails: IORailsEngine | None = None
+        self.engine_reason = "rails_engine=nemo"
+        if settings.rails_engine == "auto":
+            self.iorails, self.engine_reason = IORailsEngine.build(loaded.rails_config, settings, self.texts)
+        if self.iorails is None and settings.rails_engine != "nemo":
+            why_not_iorails = f"not IORails: {self.engine_reason}; " if settings.rails_engine == "auto" else ""
             self.compiled, why_not = compile_rails(loaded.rails_config, dict(actions))
-            if self.compiled is None:
-                log.info("rails run on NeMo LLMRails: the config cannot be compiled (%s)", why_not)
+            self.engine_reason = why_not_iorails + (
+                "the rail flows compile" if self.compiled else f"the config cannot be compiled: {why_not}"
+            )
+        log.info("rails engine: %s (%s)", self.engine_name, self.engine_reason)
         rails_cfg = loaded.rails_config.rails
         self.has_input_rails = bool(rails_cfg.input.flows)
         self.has_output_rails = bool(rails_cfg.output.flows)
@@ -100,12 +114,29 @@ class RailsGuard:
         return self._rails
 
     @property
+    def engine_name(self) -> str:
+        """The engine a turn runs on: `iorails`, `compiled` or `nemo` (why: `engine_reason`)."""
+        return "iorails" if self.iorails else "compiled" if self.compiled else "nemo"
+
+    @contextlib.contextmanager
+    def on_llmrails(self) -> Iterator[None]:
+        """Runs checks on NeMo's LLMRails while inside (`rails validate` compares the engines)."""
+        engines = self.iorails, self.compiled
+        self.iorails = self.compiled = None
+        try:
+            yield
+        finally:
+            self.iorails, self.compiled = engines
+
+    @property
     def files(self) -> dict[str, str]:
         return self.loaded.files
 
     async def check_input(self, messages: list[dict[str, str]], embedding: np.ndarray | None = None) -> GuardDecision:
         if not self.has_input_rails:
             return GuardDecision(allowed=True)
+        if self.iorails is not None:  # catalog rails: no detector, no embedding
+            return await self.iorails.check(messages)
         user_text = last_user_text(messages)
         started = time.perf_counter()
         try:
@@ -128,6 +159,8 @@ class RailsGuard:
     ) -> GuardDecision:
         if not self.has_output_rails:
             return GuardDecision(allowed=True)
+        if self.iorails is not None:
+            return await self.iorails.check(messages, answer)
         started = time.perf_counter()
         scores = None
         if self.mode == "embedded" and self._detector is not None and answer.strip():
@@ -186,11 +219,16 @@ class RailsGuard:
         rails = turn.results
         errors = [r for r in rails if r.verdict == "error"]
         if blocked:
-            blocked_by = FLOW_RAILS.get(flow, flow)
+            blocked_by = FLOW_RAILS.get(flow) or flow_name(flow)
             # NeMo utters "internal error" for an action that raised; the user gets our guard-error text.
-            failed = any(r.name == blocked_by and r.verdict == "error" for r in rails) or not any(
-                r.name == blocked_by for r in rails
-            )
+            if blocked_by in FLOW_RAILS.values():
+                failed = any(r.name == blocked_by and r.verdict == "error" for r in rails) or not any(
+                    r.name == blocked_by for r in rails
+                )
+            else:  # a NeMo catalog rail (on LLMRails): it records nothing of ours, its utterance tells
+                failed = content == NEMO_INTERNAL_ERROR
+                if not failed:
+                    rails.append(RailResult(blocked_by, "block"))
             refusal = self.texts.guard_error if failed else (content or self.texts.refusal)
             if failed and not any(r.name == blocked_by for r in rails):
                 rails.append(RailResult(blocked_by, "error", detail=f"guard_error: rail {flow!r} failed"))
@@ -212,6 +250,8 @@ class RailsGuard:
         return GuardDecision(False, all_rails, name, self.texts.guard_error)
 
     async def aclose(self) -> None:
+        if self.iorails is not None:
+            await self.iorails.aclose()
         for client in self._owned_clients:
             await client.aclose()
 
