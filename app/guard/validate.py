@@ -11,16 +11,19 @@ Test files are rails/tests/*.yml:
         answer: "..."                            # optional: check the output rails on this answer instead
         context: ["..."]                         # optional retrieved text, for the groundedness rail
         expect: blocked                          # allowed | blocked
-        rail: topic                              # with blocked: the rail that must block (a name or a list)
+        rail: topic                              # with blocked: the rail that must block (a name or a list:
+                                                 # ours, or a NeMo catalog flow the config runs)
 
-When the config compiles (app/guard/compiled.py, the engine the server runs), every test also runs on NeMo's
-LLMRails, and a test whose two outcomes differ fails: the server must do what NeMo's reading of the Colang says.
+Every test runs on the engine the server picks for the config (app/guard/rails.py: IORails for a config of
+NeMo catalog rails only, else the compiled flows, else LLMRails) and, when that is not LLMRails, on NeMo's
+LLMRails too; a test whose two outcomes differ fails: the server must do what NeMo's reading of the config says.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -78,6 +81,8 @@ class RailsTestResult:
 class ValidationReport:
     errors: list[ValidationError] = field(default_factory=list)
     tests: list[RailsTestResult] = field(default_factory=list)
+    engine: str | None = None  # the engine the server would run the config on, and why
+    engine_reason: str | None = None
 
     @property
     def failed_tests(self) -> list[RailsTestResult]:
@@ -97,7 +102,10 @@ class _NoJudge:
         raise LLMUnavailable("no LLM backend was given to validate_rails for the safety judge")
 
 
-def parse_tests(files: dict[str, str], errors: list[ValidationError]) -> list[RailsTestCase]:
+def parse_tests(
+    files: dict[str, str], errors: list[ValidationError], rail_names: Collection[str] | None = RAIL_NAMES
+) -> list[RailsTestCase]:
+    """`rail_names` are the rails a test may name (None: any; check them with `unknown_test_rails`)."""
     cases: list[RailsTestCase] = []
     for name, text in sorted(files.items()):
         if not (name.startswith(TESTS_DIR + "/") and name.endswith((".yml", ".yaml"))):
@@ -114,7 +122,7 @@ def parse_tests(files: dict[str, str], errors: list[ValidationError]) -> list[Ra
             continue
         for i, item in enumerate(items):
             line = yaml_line(text, ("tests", i))
-            problem = _test_problem(item)
+            problem = _test_problem(item, rail_names)
             if problem:
                 errors.append(ValidationError(name, line, problem))
                 continue
@@ -135,7 +143,7 @@ def parse_tests(files: dict[str, str], errors: list[ValidationError]) -> list[Ra
     return cases
 
 
-def _test_problem(item: Any) -> str | None:
+def _test_problem(item: Any, rail_names: Collection[str] | None) -> str | None:
     if not isinstance(item, dict):
         return "each test must be a mapping"
     unknown = set(item) - {"name", "user", "history", "answer", "context", "expect", "rail"}
@@ -147,8 +155,8 @@ def _test_problem(item: Any) -> str | None:
         return "`expect` must be `allowed` or `blocked`"
     rails = item.get("rail") or []
     for rail in [rails] if isinstance(rails, str) else rails:
-        if rail not in RAIL_NAMES:
-            return f"unknown rail {rail!r}; rails are {', '.join(RAIL_NAMES)}"
+        if rail_names is not None and rail not in rail_names:
+            return f"unknown rail {rail!r}; rails are {', '.join(rail_names)}"
     history = item.get("history") or []
     if not isinstance(history, list) or any(
         not isinstance(m, dict) or m.get("role") not in ("user", "assistant") or not isinstance(m.get("content"), str)
@@ -165,13 +173,27 @@ async def _decide(guard: RailsGuard, case: RailsTestCase, embedding: np.ndarray 
     return await guard.check_input(messages, embedding)
 
 
+def unknown_test_rails(cases: list[RailsTestCase], guard: RailsGuard) -> list[ValidationError]:
+    """Tests naming a rail that is neither ours nor a flow of the config."""
+    from app.guard.iorails_engine import flow_name
+
+    flows = guard.loaded.rails_config.rails
+    known = [*RAIL_NAMES, *(flow_name(f) for f in [*flows.input.flows, *flows.output.flows])]
+    return [
+        ValidationError(case.file, case.line, f"unknown rail {rail!r}; rails are {', '.join(dict.fromkeys(known))}")
+        for case in cases
+        for rail in case.rails
+        if rail not in known
+    ]
+
+
 def _outcome(decision: GuardDecision) -> str:
     return "allowed" if decision.allowed else f"blocked by {decision.blocked_by}"
 
 
 async def run_case(guard: RailsGuard, embedder: Embedder, case: RailsTestCase) -> RailsTestResult:
-    """Runs the case on the engine the server uses and, when that is the compiled engine, on NeMo's LLMRails
-    too: the two must agree, or the server would not do what NeMo's reading of the Colang says."""
+    """Runs the case on the engine the server uses and, when that is IORails or the compiled engine, on NeMo's
+    LLMRails too: the two must agree, or the server would not do what NeMo's reading of the config says."""
     embedding = None if case.answer is not None else (await asyncio.to_thread(embedder.embed, [case.user]))[0]
     decision = await _decide(guard, case, embedding)
     got = _outcome(decision)
@@ -183,15 +205,13 @@ async def run_case(guard: RailsGuard, embedder: Embedder, case: RailsTestCase) -
         if passed and case.rails:
             blocking = {decision.blocked_by} | {r.name for r in decision.rails if r.verdict == "block"}
             passed = bool(blocking & set(case.rails))
-    if guard.compiled is not None:
-        compiled, guard.compiled = guard.compiled, None
-        try:
+    engine = guard.engine_name
+    if engine != "nemo":
+        with guard.on_llmrails():
             on_nemo = _outcome(await _decide(guard, case, embedding))
-        finally:
-            guard.compiled = compiled
         if on_nemo != got:
             passed = False
-            got = f"{got} (compiled engine) but {on_nemo} on NeMo LLMRails"
+            got = f"{got} ({engine} engine) but {on_nemo} on NeMo LLMRails"
     return RailsTestResult(case, passed, got, detail)
 
 
@@ -233,7 +253,7 @@ async def avalidate_rails(
     except RailsConfigError as exc:
         report.errors += [ValidationError(p.file, p.line, p.message) for p in exc.problems]
         return report
-    cases = parse_tests(contents, report.errors)
+    cases = parse_tests(contents, report.errors, rail_names=None)  # checked once the config's flows are known
     if embedder is None:
         from app.rag.embedder import get_embedder
 
@@ -255,8 +275,9 @@ async def avalidate_rails(
     except Exception as exc:  # NeMo's own validation (unknown flows, ...) has no line numbers
         report.errors.append(ValidationError(None, None, f"NeMo could not load the config: {exc}"))
         return report
+    report.engine, report.engine_reason = guard.engine_name, guard.engine_reason
     try:
-        report.errors += _unknown_actions(guard)
+        report.errors += _unknown_actions(guard) + unknown_test_rails(cases, guard)
         if run_tests and not report.errors:
             report.tests = [await run_case(guard, embedder, case) for case in cases]
     finally:
@@ -309,6 +330,8 @@ def validate_rails_cli(directory: Path, settings: Settings, *, run_tests: bool =
     finally:
         if server is not None:
             server.close()
+    if report.engine:
+        print(f"engine: {report.engine} ({report.engine_reason})")
     for error in report.errors:
         print(error)
     for test in report.tests:
