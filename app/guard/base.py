@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -52,6 +53,12 @@ class Guard(Protocol):
     output_chunk_chars: int
     output_context_chars: int
     grounding_blocks: bool  # the config blocks ungrounded answers: windows must be checked with the context
+
+    def prefetch_input(self, messages: list[dict[str, str]]) -> asyncio.Task[Any] | None:
+        """Starts the input checks that need only the text (a remote Llama Guard call), so they run while the
+        turn embeds its query; `check_input` on the same messages then uses their result. Returns the task
+        (the caller cancels it if the turn ends first), or None when there is nothing to start early."""
+        ...
 
     async def check_input(self, messages: list[dict[str, str]], embedding: np.ndarray | None = None) -> GuardDecision:
         """`messages` is the conversation ending with the new user message.

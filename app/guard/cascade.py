@@ -14,6 +14,7 @@ A judge that cannot answer yields verdict "error" (detail "guard_error: ..."); t
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 import time
 import weakref
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from app.guard.base import RailResult
-from app.guard.llama_guard import GuardBackendError, LlamaGuardClient, Role, SafetyCategory
+from app.guard.llama_guard import GuardBackendError, LlamaGuardClient, LlamaGuardVerdict, Role, SafetyCategory
 from app.guard.loader import IntentRailSpec
 from app.rag.base import Embedder
 
@@ -118,6 +119,19 @@ def _error(name: str, exc: BaseException, started: float) -> RailResult:
     return RailResult(name, "error", latency_ms=_ms(started), detail=f"guard_error: {exc}")
 
 
+# Remote Llama Guard verdicts a turn asked for ahead of its input rails (SafetyCascade.prefetch), by
+# (conversation, role). A context variable: the rails' tasks inherit the turn's, and turns never share one.
+_prefetched: contextvars.ContextVar[dict[Any, asyncio.Task[LlamaGuardVerdict]] | None] = contextvars.ContextVar(
+    "guardchat_prefetched_verdicts", default=None
+)
+
+
+def _quietly_done(task: asyncio.Task[Any]) -> None:
+    """A prefetched verdict nobody awaited (a stage-1 example blocked first) must not log 'never retrieved'."""
+    if not task.cancelled():
+        task.exception()
+
+
 # The one category the attack judge is asked about (Llama Guard 3 accepts custom categories).
 ATTACK_CATEGORY = SafetyCategory(
     "S1",
@@ -171,13 +185,27 @@ class SafetyCascade:
         if self.judge is None:
             return RailResult(name, "error", latency_ms=_ms(started), detail="guard_error: no safety judge configured")
         try:
-            verdict = await self.judge.check(conversation, role)
+            prefetched = (_prefetched.get() or {}).pop((tuple(conversation), role), None)
+            verdict = await (prefetched if prefetched is not None else self.judge.check(conversation, role))
         except GuardBackendError as exc:
             return _error(name, exc, started)
         stage = "llama_guard" if self.mode == "openai" else "stage2 judge"
         detail += f"{stage}: {'safe' if verdict.safe else 'unsafe ' + ','.join(verdict.categories)}"
         score = scores.unsafe if scores is not None else None
         return RailResult(name, "allow" if verdict.safe else "block", verdict.categories, score, _ms(started), detail)
+
+    def prefetch(self, conversation: Sequence[tuple[Role, str]], role: Role) -> asyncio.Task[LlamaGuardVerdict] | None:
+        """Starts the remote Llama Guard call for `conversation` now, so it runs beside the query embedding (it
+        needs only the text); `safety()` for the same conversation and role later awaits it instead of calling
+        again. Remote mode only: the embedded judge runs only when the classifier is unsure, so asking it
+        ahead would spend the LLM on turns that never need it. The caller cancels the task if the turn ends
+        before the rail takes it."""
+        if self.mode != "openai" or self.judge is None:
+            return None
+        task = asyncio.ensure_future(self.judge.check(conversation, role))
+        task.add_done_callback(_quietly_done)
+        _prefetched.set({(tuple(conversation), role): task})
+        return task
 
     async def attack(
         self,

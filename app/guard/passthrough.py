@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import numpy as np
 
 from app.guard.base import AssistantTexts, GuardDecision, RailResult
@@ -15,6 +18,9 @@ class PassThroughGuard:
         self.output_chunk_chars = output_chunk_chars
         self.output_context_chars = output_context_chars
         self.grounding_blocks = False
+
+    def prefetch_input(self, messages: list[dict[str, str]]) -> asyncio.Task[Any] | None:
+        return None
 
     async def check_input(self, messages: list[dict[str, str]], embedding: np.ndarray | None = None) -> GuardDecision:
         return GuardDecision(

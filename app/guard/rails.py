@@ -37,7 +37,7 @@ from app.guard.cascade import ATTACK_CATEGORY, IntentMatcher, SafetyCascade, Thr
 from app.guard.compiled import CompiledRails, compile_rails
 from app.guard.detector import text_windows
 from app.guard.iorails_engine import IORailsEngine, flow_name
-from app.guard.llama_guard import LlamaGuardClient
+from app.guard.llama_guard import LlamaGuardClient, conversation_from_messages
 from app.guard.loader import GroundednessSpec, LoadedConfig, load_config
 from app.llm.base import ChatBackend
 from app.rag.base import Embedder
@@ -50,8 +50,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # The shipped flows and the stable rail names their actions record (metrics and tests key on them).
+SAFETY_INPUT_FLOW = "guardchat check input safety"
 FLOW_RAILS = {
-    "guardchat check input safety": "safety_input",
+    SAFETY_INPUT_FLOW: "safety_input",
     "guardchat check attack": "attack",
     "guardchat check topic": "topic",
     "guardchat check output safety": "safety_output",
@@ -107,6 +108,8 @@ class RailsGuard:
         rails_cfg = loaded.rails_config.rails
         self.has_input_rails = bool(rails_cfg.input.flows)
         self.has_output_rails = bool(rails_cfg.output.flows)
+        # Our input safety rail on a remote Llama Guard can be asked before the turn's embedding exists.
+        self._prefetches_safety = self.iorails is None and SAFETY_INPUT_FLOW in rails_cfg.input.flows
 
     @property
     def engine(self) -> Any:
@@ -131,6 +134,11 @@ class RailsGuard:
     @property
     def files(self) -> dict[str, str]:
         return self.loaded.files
+
+    def prefetch_input(self, messages: list[dict[str, str]]) -> asyncio.Task[Any] | None:
+        if not self._prefetches_safety:
+            return None
+        return self.cascade.prefetch(conversation_from_messages(messages), "User")
 
     async def check_input(self, messages: list[dict[str, str]], embedding: np.ndarray | None = None) -> GuardDecision:
         if not self.has_input_rails:

@@ -184,21 +184,26 @@ class TurnRunner:
             else:
                 history = prior[-2 * settings.history_turns_in_prompt :] if settings.history_turns_in_prompt else []
         conversation = history + [{"role": "user", "content": user_text}]
-
-        # The standalone retrieval query; the cheap join needs no model call, so it happens before embedding
-        # and both texts are embedded in ONE batched call shared by the classifier and the retriever.
-        rewrite = await self._rewrite(user_text, history, timer)
-        trace["rewrite"] = rewrite
-        query = rewrite["query"]
-        with timer.stage("embed"):
-            to_embed = [user_text] if query == user_text else [user_text, query]
-            vectors = await asyncio.to_thread(st.embedder.embed, to_embed)
-        user_vec, query_vec = vectors[0], vectors[-1]
-
-        input_task = asyncio.create_task(self._timed(guard.check_input(conversation, user_vec), timer, "input_rails"))
+        # A remote Llama Guard input check needs only the text: started now, it overlaps the embedding.
+        prefetch = guard.prefetch_input(conversation)
+        input_task: asyncio.Task[GuardDecision] | None = None
         sources: list[Chunk] = []
         generation: SpeculativeGeneration | None = None
         try:
+            # The standalone retrieval query; the cheap join needs no model call, so it happens before
+            # embedding and both texts are embedded in ONE batched call shared by the classifier and the
+            # retriever.
+            rewrite = await self._rewrite(user_text, history, timer)
+            trace["rewrite"] = rewrite
+            query = rewrite["query"]
+            with timer.stage("embed"):
+                to_embed = [user_text] if query == user_text else [user_text, query]
+                vectors = await asyncio.to_thread(st.embedder.embed, to_embed)
+            user_vec, query_vec = vectors[0], vectors[-1]
+
+            input_task = asyncio.create_task(
+                self._timed(guard.check_input(conversation, user_vec), timer, "input_rails")
+            )
             sources, retrieval_trace = await self._retrieve(query, query_vec, timer)
             trace["retrieval"] = retrieval_trace
             self._prime_grounding(sources)
@@ -219,10 +224,12 @@ class TurnRunner:
                 generation = SpeculativeGeneration.start(st.llm, messages, options)
             decision: GuardDecision = await input_task
         except BaseException:
-            input_task.cancel()
+            _cancel(input_task)
             if generation is not None:
                 await generation.cancel()
             raise
+        finally:
+            _cancel(prefetch)  # not taken when a stage-1 example blocked first, or the turn failed
 
         rail_results = list(decision.rails)
         if not decision.allowed:

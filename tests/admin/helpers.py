@@ -52,6 +52,9 @@ class BlockedWordsGuard:
             return GuardDecision(False, [result], blocked_by=rail, refusal=self.texts.refusal)
         return GuardDecision(True, [RailResult(rail, "allow")])
 
+    def prefetch_input(self, messages: list[dict[str, str]]) -> None:
+        return None
+
     async def check_input(self, messages: list[dict[str, str]], embedding: Any = None) -> GuardDecision:
         return self._decide("blocked_words_input", messages[-1]["content"])
 

@@ -6,6 +6,7 @@ the guard under test is the shipped rails config in remote mode on real NeMo Gua
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import pytest
@@ -214,3 +215,49 @@ async def test_fail_open_lets_the_turn_through_but_records_the_error(embedder, d
         assert decision.allowed and decision.guard_error
     finally:
         await guard.aclose()
+
+
+# --- the input check asked ahead of the embedding (RailsGuard.prefetch_input) ----------------------
+
+
+async def _wait_for_requests(lg, n: int) -> None:
+    for _ in range(200):
+        if len(lg.requests) >= n:
+            return
+        await asyncio.sleep(0.01)
+
+
+async def test_prefetched_input_verdict_is_the_one_the_rail_uses(lg, remote_guard, embedder) -> None:
+    lg.queue("unsafe\nS2")
+    messages = _user(BANK_Q)
+    task = remote_guard.prefetch_input(messages)
+    assert task is not None
+    await _wait_for_requests(lg, 1)
+    assert len(lg.requests) == 1  # sent before the turn had an embedding
+    decision = await remote_guard.check_input(messages, embedder.embed([BANK_Q])[0])
+    assert len(lg.requests) == 1  # the rail took the prefetched verdict instead of asking again
+    assert not decision.allowed and decision.blocked_by == "safety_input"
+    assert _rail(decision, "safety_input").categories == ["S2"]
+
+
+async def test_prefetched_verdict_is_only_for_its_own_conversation(lg, remote_guard, embedder) -> None:
+    lg.queue("unsafe\nS2", "safe")
+    task = remote_guard.prefetch_input(_user("some other question"))
+    assert task is not None
+    await task
+    decision = await remote_guard.check_input(_user(BANK_Q), embedder.embed([BANK_Q])[0])
+    assert decision.allowed, decision  # judged on its own call, not on the other text's "unsafe"
+    assert len(lg.requests) == 2 and BANK_Q in lg.requests[1]["prompt"]
+
+
+async def test_a_failed_prefetch_fails_the_turn_closed(lg, remote_guard, embedder) -> None:
+    lg.queue(CannedAnswer("safe", status=500))
+    messages = _user(BANK_Q)
+    remote_guard.prefetch_input(messages)
+    decision = await remote_guard.check_input(messages, embedder.embed([BANK_Q])[0])
+    assert not decision.allowed and decision.guard_error and decision.blocked_by == "safety_input"
+
+
+async def test_prefetch_runs_only_for_a_remote_guard(embedded_guard) -> None:
+    # The embedded judge is asked only when the classifier is unsure: asking it ahead would waste the LLM.
+    assert embedded_guard.prefetch_input(_user(BANK_Q)) is None
