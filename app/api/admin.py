@@ -168,10 +168,14 @@ async def rails_status(publisher: PublisherDep) -> dict[str, Any]:
     """What this replica serves vs what is live in the store (they differ for up to ~1 s after a publish)."""
     with _store_errors():
         live = await publisher.store.live_number()
+    guard = publisher.live.current.guard
     return {
         "live_version": live,
         "serving_version": publisher.live.current.version,
         "last_sync_error": publisher.last_sync_error,
+        # Which engine runs the served config, and why (iorails | compiled | nemo: docs/rails.md).
+        "engine": getattr(guard, "engine_name", None),
+        "engine_reason": getattr(guard, "engine_reason", None),
     }
 
 

@@ -98,7 +98,9 @@ async def test_publish_makes_the_new_version_live(admin: tuple[httpx.AsyncClient
     assert not (await state.rails.current.guard.check_input([{"role": "user", "content": "a gun"}])).allowed
     assert (await client.get("/admin/api/rails", headers=AUTH)).json()["files"] == with_blocked(["bomb", "gun"])
     status = (await client.get("/admin/api/rails/status", headers=AUTH)).json()
-    assert status == {"live_version": 2, "serving_version": "2", "last_sync_error": None}
+    assert status == {
+        "live_version": 2, "serving_version": "2", "last_sync_error": None, "engine": None, "engine_reason": None
+    }  # the test guard is not a NeMo config: no engine
 
 
 async def test_conflict_and_invalid_leave_live_untouched(admin: tuple[httpx.AsyncClient, AppState]) -> None:

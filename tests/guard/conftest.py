@@ -12,8 +12,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -21,13 +19,13 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from app.guard.rails import RailsGuard, build_guard
 from app.llm.client import OpenAICompatClient
 from app.settings import PROJECT_ROOT, Settings
+from tests.fixtures.threaded import free_port, serve_in_thread
 
 RAILS_DIR = PROJECT_ROOT / "rails"
 GUARD_MODEL = "meta-llama/Llama-Guard-3-8B"
@@ -52,12 +50,6 @@ class LlamaGuardStandIn:
     def reset(self) -> None:
         self.answers.clear()
         self.requests.clear()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _app(state: LlamaGuardStandIn) -> FastAPI:
@@ -90,17 +82,8 @@ def _app(state: LlamaGuardStandIn) -> FastAPI:
 def llama_guard_server() -> Iterator[LlamaGuardStandIn]:
     port = free_port()
     state = LlamaGuardStandIn(base_url=f"http://127.0.0.1:{port}/v1")
-    server = uvicorn.Server(uvicorn.Config(_app(state), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started:
-        if time.time() > deadline:
-            raise RuntimeError("the Llama Guard stand-in did not start")
-        time.sleep(0.05)
-    yield state
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serve_in_thread(_app(state), port):
+        yield state
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -21,14 +20,14 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from app.guard.rails import RailsGuard, build_guard
 from app.guard.validate import avalidate_rails
 from app.settings import PROJECT_ROOT, Settings
-from tests.guard.conftest import GUARD_MODEL, CannedAnswer, free_port
+from tests.fixtures.threaded import free_port, serve_in_thread
+from tests.guard.conftest import GUARD_MODEL, CannedAnswer
 
 REFUSAL = "This assistant cannot help with that request."
 GUARD_ERROR = "A safety check could not run; please try again later."
@@ -75,16 +74,8 @@ def _app(state: ChatLlamaGuard) -> FastAPI:
 def chat_lg() -> Iterator[ChatLlamaGuard]:
     port = free_port()
     state = ChatLlamaGuard(base_url=f"http://127.0.0.1:{port}/v1")
-    server = uvicorn.Server(uvicorn.Config(_app(state), host="127.0.0.1", port=port, log_level="critical"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started:
-        assert time.time() < deadline, "the Llama Guard stand-in did not start"
-        time.sleep(0.05)
-    yield state
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serve_in_thread(_app(state), port, log_level="critical"):
+        yield state
 
 
 @pytest.fixture

@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+from tests.fixtures.threaded import free_port, serve_in_thread
 
 
 @dataclass
@@ -50,12 +49,6 @@ class WireServer:
 Handler = Callable[[Request, Any], Awaitable[Response]]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextmanager
 def serve(routes: dict[tuple[str, str], Handler]) -> Iterator[WireServer]:
     """Run `{(method, path): handler(request, json_body)}` with uvicorn on 127.0.0.1 in a thread."""
@@ -76,20 +69,8 @@ def serve(routes: dict[tuple[str, str], Handler]) -> Iterator[WireServer]:
         return run
 
     app = Starlette(routes=[Route(path, endpoint(h), methods=[method]) for (method, path), h in routes.items()])
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=1)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("stand-in server did not start")
-        time.sleep(0.01)
-    try:
+    with serve_in_thread(app, port):
         yield server_info
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 # ---------------------------------------------------------------- OpenAI wire helpers
