@@ -59,15 +59,28 @@ class SpeculativeGeneration:
                 with contextlib.suppress(Exception):
                     await aclose()
 
+    @property
+    def ended(self) -> bool:
+        """The LLM has sent its whole answer (what is left is already queued)."""
+        return self.finish_reason is not None
+
     async def deltas(self) -> AsyncIterator[str]:
+        """The generated text in order. Deltas that queued up while the consumer was busy (an output check)
+        come as one: the hold-back window then sees everything generated so far at once."""
         while True:
             item = await self._queue.get()
+            parts: list[str] = []
+            while isinstance(item, str):
+                parts.append(item)
+                if self._queue.empty():
+                    break
+                item = self._queue.get_nowait()
+            if parts:
+                yield "".join(parts)
             if item is _END:
                 return
             if isinstance(item, BaseException):
                 raise item
-            assert isinstance(item, str)
-            yield item
 
     async def cancel(self) -> None:
         if self._task is not None and not self._task.done():

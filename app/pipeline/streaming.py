@@ -33,6 +33,9 @@ StreamEvent = Released | Finished
 # After the first window, windows restart at this size and double up to `chunk_chars`: the reader is
 # already reading, and fewer, larger windows mean fewer guard calls.
 SECOND_WINDOW_CHARS = 40
+# Once generation has ended, what is still held back is checked in windows of up to this many chunks: no
+# later text can arrive to be released sooner, so one larger check beats several sequential ones.
+TAIL_CHUNKS = 4
 
 
 def _cut(buffer: str, chunk_chars: int) -> int:
@@ -59,12 +62,15 @@ async def hold_back(
     context_chars: int,
     first_chunk_chars: int = 40,
     on_generated: Callable[[str], None] | None = None,
+    ended: Callable[[], bool] | None = None,
 ) -> AsyncIterator[StreamEvent]:
     """`first_chunk_chars`: the first window is small (1 = the first delta alone) so the first token reaches
     the user after one output check; the next is SECOND_WINDOW_CHARS and they double up to `chunk_chars`.
     Every window is still checked, with its preceding context, before it is released.
     `on_generated(full_text)` is called once when generation has ended without a block, before the last
-    window's check: work on the whole answer (the groundedness flag) can then overlap that check."""
+    window's check: work on the whole answer (the groundedness flag) can then overlap that check.
+    `ended()` says whether the source has already produced everything (fast backends, or text that piled up
+    during a check): the rest is then checked in windows of up to TAIL_CHUNKS * `chunk_chars`."""
     if chunk_chars <= 0:
         raise ValueError("chunk_chars must be positive")
     window = max(1, min(first_chunk_chars, chunk_chars))
@@ -84,6 +90,8 @@ async def hold_back(
             full += delta
             pending += delta
             while len(pending) >= window:
+                if ended is not None and len(pending) <= TAIL_CHUNKS * chunk_chars and ended():
+                    break  # all of it is here: the tail check below takes it in one call
                 # The first window takes whole deltas (never "Y" of "You"); later ones cut on whitespace.
                 end = len(pending) if not released and len(pending) <= chunk_chars else _cut(pending, window)
                 chunk, pending = pending[:end], pending[end:]
@@ -97,13 +105,16 @@ async def hold_back(
                 yield Released(chunk)
         if on_generated is not None:
             on_generated(full)
-        if pending:
-            last_decision = await check_chunk(pending)
+        tail_chars = TAIL_CHUNKS * chunk_chars
+        while pending:
+            end = len(pending) if len(pending) <= tail_chars else _cut(pending, tail_chars)
+            chunk, pending = pending[:end], pending[end:]
+            last_decision = await check_chunk(chunk)
             if not last_decision.allowed:
                 yield Finished(last_decision, full, released)
                 return
-            released += pending
-            yield Released(pending)
+            released += chunk
+            yield Released(chunk)
         yield Finished(last_decision, full, released)
     finally:
         # Also when our consumer stops early (client gone): never leave generation running.

@@ -281,6 +281,7 @@ class TurnRunner:
                 context_chars=guard.output_context_chars,
                 first_chunk_chars=settings.output_rails_first_chunk_chars if req.stream else guard.output_chunk_chars,
                 on_generated=start_grounding,
+                ended=lambda: generation.ended,
             ):
                 if isinstance(event, Released):
                     if first_token_at is None:

@@ -159,3 +159,35 @@ async def test_on_generated_is_not_called_when_the_stream_is_blocked() -> None:
     ):
         pass
     assert calls == []
+
+
+async def test_when_generation_has_ended_the_rest_is_checked_in_one_window() -> None:
+    """A backend that answered at once: one check of the whole answer, not one per chunk in sequence."""
+
+    async def whole() -> AsyncIterator[str]:
+        yield TEXT
+
+    assert len(TEXT) <= 4 * 100
+    check = Checker()
+    events = [e async for e in hold_back(whole(), check, chunk_chars=100, context_chars=30, ended=lambda: True)]
+    assert check.windows == [TEXT]
+    assert [e.text for e in events if isinstance(e, Released)] == [TEXT]
+    # Without knowing it ended, the same text is cut into chunk-sized windows.
+    check = Checker()
+    [e async for e in hold_back(whole(), check, chunk_chars=100, context_chars=30)]
+    assert len(check.windows) >= 3
+
+
+async def test_an_ended_tail_longer_than_its_window_is_still_split_and_blocks() -> None:
+    long_text = TEXT * 3  # > TAIL_CHUNKS * 50 chars
+    banned = "report it instead"
+
+    async def whole() -> AsyncIterator[str]:
+        yield long_text
+
+    check = Checker(banned=banned)
+    events = [e async for e in hold_back(whole(), check, chunk_chars=50, context_chars=30, ended=lambda: True)]
+    assert all(len(w) <= 4 * 50 + 30 for w in check.windows)
+    finished = events[-1]
+    assert isinstance(finished, Finished) and not finished.decision.allowed
+    assert banned not in "".join(e.text for e in events if isinstance(e, Released))
