@@ -99,7 +99,9 @@ async def close_state(state: AppState) -> None:
     publisher = state.extras.get("rails_publisher")
     if publisher is not None:
         await publisher.stop()
-    for closer in (state.llm.aclose, state.store.aclose):
+    guard_close = getattr(state.rails.current.guard, "aclose", None)  # its own Llama Guard client sessions
+    closers = [state.llm.aclose, state.store.aclose] + ([guard_close] if guard_close is not None else [])
+    for closer in closers:
         try:
             await closer()
         except Exception:  # best effort on shutdown

@@ -313,12 +313,14 @@ async def _close_guard(guard: Guard, delay_s: float = 0.0) -> None:
     closer = getattr(guard, "aclose", None)
     if closer is None:
         return
-    if delay_s:
-        await asyncio.sleep(delay_s)
     try:
-        await closer()
-    except Exception as exc:
-        log.warning("closing a retired rails guard failed: %s", exc)
+        if delay_s:
+            await asyncio.sleep(delay_s)
+    finally:  # also when shutdown cancels the wait: its HTTP sessions must not outlive the process's loop
+        try:
+            await closer()
+        except Exception as exc:
+            log.warning("closing a retired rails guard failed: %s", exc)
 
 
 def _decision_dict(decision: GuardDecision) -> dict[str, Any]:

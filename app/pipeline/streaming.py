@@ -63,6 +63,7 @@ async def hold_back(
     first_chunk_chars: int = 40,
     on_generated: Callable[[str], None] | None = None,
     ended: Callable[[], bool] | None = None,
+    tail_chars: int | None = None,
 ) -> AsyncIterator[StreamEvent]:
     """`first_chunk_chars`: the first window is small (1 = the first delta alone) so the first token reaches
     the user after one output check; the next is SECOND_WINDOW_CHARS and they double up to `chunk_chars`.
@@ -70,9 +71,10 @@ async def hold_back(
     `on_generated(full_text)` is called once when generation has ended without a block, before the last
     window's check: work on the whole answer (the groundedness flag) can then overlap that check.
     `ended()` says whether the source has already produced everything (fast backends, or text that piled up
-    during a check): the rest is then checked in windows of up to TAIL_CHUNKS * `chunk_chars`."""
+    during a check): the rest is then checked in windows of up to `tail_chars` (TAIL_CHUNKS * `chunk_chars`)."""
     if chunk_chars <= 0:
         raise ValueError("chunk_chars must be positive")
+    tail_chars = max(tail_chars or TAIL_CHUNKS * chunk_chars, chunk_chars)
     window = max(1, min(first_chunk_chars, chunk_chars))
     released = ""
     pending = ""
@@ -90,7 +92,7 @@ async def hold_back(
             full += delta
             pending += delta
             while len(pending) >= window:
-                if ended is not None and len(pending) <= TAIL_CHUNKS * chunk_chars and ended():
+                if ended is not None and len(pending) <= tail_chars and ended():
                     break  # all of it is here: the tail check below takes it in one call
                 # The first window takes whole deltas (never "Y" of "You"); later ones cut on whitespace.
                 end = len(pending) if not released and len(pending) <= chunk_chars else _cut(pending, window)
@@ -105,7 +107,6 @@ async def hold_back(
                 yield Released(chunk)
         if on_generated is not None:
             on_generated(full)
-        tail_chars = TAIL_CHUNKS * chunk_chars
         while pending:
             end = len(pending) if len(pending) <= tail_chars else _cut(pending, tail_chars)
             chunk, pending = pending[:end], pending[end:]

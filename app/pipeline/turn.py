@@ -24,7 +24,7 @@ from app.guard.base import AssistantTexts, GuardDecision, RailResult
 from app.llm.base import GenerationOptions
 from app.observability import observe_turn
 from app.pipeline.generation import SpeculativeGeneration
-from app.pipeline.streaming import Finished, Released, hold_back
+from app.pipeline.streaming import TAIL_CHUNKS, Finished, Released, hold_back
 from app.rag.base import Chunk
 from app.sessions.base import Turn
 from app.state import AppState, LoadedRails
@@ -273,15 +273,20 @@ class TurnRunner:
         final: Finished | None = None
         first_token_at: float | None = None
         gen_start = time.perf_counter()
+        # Nobody reads a non-streamed answer before it is whole: larger windows, fewer guard calls (a long
+        # answer is still cut off early if it turns unsafe).
+        tail_chars = guard.output_chunk_chars * TAIL_CHUNKS  # also what the embedded judge reads whole
+        window_chars = guard.output_chunk_chars if req.stream else tail_chars
         try:
             async for event in hold_back(
                 generation.deltas(),
                 check,
-                chunk_chars=guard.output_chunk_chars,
+                chunk_chars=window_chars,
                 context_chars=guard.output_context_chars,
-                first_chunk_chars=settings.output_rails_first_chunk_chars if req.stream else guard.output_chunk_chars,
+                first_chunk_chars=settings.output_rails_first_chunk_chars if req.stream else window_chars,
                 on_generated=start_grounding,
                 ended=lambda: generation.ended,
+                tail_chars=tail_chars,
             ):
                 if isinstance(event, Released):
                     if first_token_at is None:

@@ -132,6 +132,30 @@ def test_guard_backend_down_refuses_the_turn(rig: Rig) -> None:
         assert allowed.status_code == 200 and allowed.json()["guardchat"]["blocked"] is False
 
 
+def test_output_checks_a_whole_short_answer_once_and_a_stream_window_by_window(
+    rig: Rig, llama_guard: LlamaGuardStandIn
+) -> None:
+    """Nobody reads a non-streamed answer before it is whole: one output check for a short answer. A stream
+    releases window by window, each checked first."""
+    with rig.client() as client:
+        before = llama_guard.requests
+        plain = turn(client, max_tokens=60)
+        assert plain.status_code == 200, plain.text
+        answer = plain.json()["choices"][0]["message"]["content"]
+        assert 40 < len(answer) <= 800 and not plain.json()["guardchat"]["blocked"], answer
+        assert llama_guard.requests - before == 2  # the input check and one output check
+
+        before = llama_guard.requests
+        with client.stream(
+            "POST", "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 60, "stream": True},
+        ) as streamed:
+            assert streamed.status_code == 200
+            body = "".join(streamed.iter_text())
+        assert "[DONE]" in body
+        assert llama_guard.requests - before >= 3  # the input check and at least two windows
+
+
 def test_redis_down_then_back(rig: Rig) -> None:
     with rig.client() as client:
         sid = rig.new_session(client)
