@@ -39,7 +39,7 @@ def _configured_token(settings: Any) -> str | None:
     return str(token) if token else None
 
 
-def require_admin(
+async def require_admin(
     state: StateDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> None:
     expected = _configured_token(state.settings)
@@ -53,7 +53,7 @@ def require_admin(
         )
 
 
-def get_publisher(state: StateDep) -> RailsPublisher:
+async def get_publisher(state: StateDep) -> RailsPublisher:
     publisher = state.extras.get(PUBLISHER_KEY)
     if publisher is None:
         raise APIError(503, "The rails store is not available.", "rails_store_unavailable")

@@ -9,14 +9,21 @@ from fastapi import Depends, Request
 from app.settings import Settings
 from app.state import AppState
 
+# Dependencies are `async def` even with nothing to await: FastAPI runs a plain `def` dependency in its
+# thread pool, a thread hop on every request (measurable at c=1, and pool contention under load).
 
-def get_state(request: Request) -> AppState:
+
+def app_state(request: Request) -> AppState:
     state: AppState = request.app.state.guardchat
     return state
 
 
-def get_app_settings(request: Request) -> Settings:
-    return get_state(request).settings
+async def get_state(request: Request) -> AppState:
+    return app_state(request)
+
+
+async def get_app_settings(request: Request) -> Settings:
+    return app_state(request).settings
 
 
 StateDep = Annotated[AppState, Depends(get_state)]
