@@ -165,7 +165,7 @@ async def chat_completions(
         finally:
             # On a client disconnect this runs the turn's own cleanup now (cancel generation, save the
             # turn as interrupted) rather than whenever the generator is garbage-collected.
-            await events.aclose()  # type: ignore[attr-defined]
+            await events.aclose()
         yield {"data": "[DONE]"}
 
     return EventSourceResponse(sse(), headers={"X-Request-Id": request_id, "Cache-Control": "no-cache"}, ping=15)

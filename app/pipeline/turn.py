@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,12 +138,18 @@ class TurnRunner:
         self.state = state
 
     async def run(self, req: TurnRequest) -> TurnResult:
-        async for event in self.events(req):
-            if isinstance(event, Done):
-                return event.result
+        events = self.events(req)
+        try:
+            async for event in events:
+                if isinstance(event, Done):
+                    return event.result
+        finally:
+            # Now, not whenever the abandoned generator is collected: closing it releases the session lock,
+            # and the caller's next turn must not find its own finished turn still holding it.
+            await events.aclose()
         raise RuntimeError("turn ended without a result")  # pragma: no cover - events() always ends with Done
 
-    async def events(self, req: TurnRequest) -> AsyncIterator[Delta | Done]:
+    async def events(self, req: TurnRequest) -> AsyncGenerator[Delta | Done, None]:
         prior, user_text = _split_request(req.messages)
         store = self.state.store
         if req.session_id is None:

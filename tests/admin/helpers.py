@@ -40,6 +40,7 @@ class BlockedWordsGuard:
 
     output_chunk_chars = 200
     output_context_chars = 400
+    grounding_blocks = False
 
     def __init__(self, files: dict[str, str]) -> None:
         self.texts = AssistantTexts()
