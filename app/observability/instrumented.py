@@ -29,9 +29,9 @@ class InstrumentedSessionStore:
         with timed_store_operation("get"):
             return await self.inner.get(session_id)
 
-    async def history(self, session_id: str) -> list[Turn]:
+    async def history(self, session_id: str, last: int | None = None) -> list[Turn]:
         with timed_store_operation("history"):
-            return await self.inner.history(session_id)
+            return await self.inner.history(session_id, last)
 
     async def append(self, session_id: str, turn: Turn) -> None:
         with timed_store_operation("append"):

@@ -184,7 +184,8 @@ class TurnRunner:
 
         with timer.stage("load_session"):
             if session_id is not None:
-                turns = await st.store.history(session_id)
+                # The prompt takes the last N answered turns; reading 2N leaves room for blocked ones.
+                turns = await st.store.history(session_id, last=2 * settings.history_turns_in_prompt)
                 trace["history_turns"] = len(turns)
                 history = _history_messages(turns, settings.history_turns_in_prompt)
             else:

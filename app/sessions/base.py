@@ -42,8 +42,10 @@ class SessionStore(Protocol):
 
     async def get(self, session_id: str) -> SessionInfo | None: ...
 
-    async def history(self, session_id: str) -> list[Turn]:
-        """Raises SessionNotFound. Refreshes the TTL."""
+    async def history(self, session_id: str, last: int | None = None) -> list[Turn]:
+        """The turns, oldest first; only the `last` N when given (a turn's prompt needs no more, and reading
+        every stored turn's metadata is most of a long session's load time). Raises SessionNotFound.
+        Refreshes the TTL."""
         ...
 
     async def append(self, session_id: str, turn: Turn) -> None:

@@ -145,11 +145,14 @@ class MemorySessionStore:
         stored = self._live(session_id)
         return None if stored is None else stored.info.model_copy()
 
-    async def history(self, session_id: str) -> list[Turn]:
+    async def history(self, session_id: str, last: int | None = None) -> list[Turn]:
         stored = self._live_or_raise(session_id)
         self._touch(stored)
+        turns = list(stored.turns)
+        if last is not None:
+            turns = turns[-last:] if last > 0 else []
         # Deep copies: callers must not be able to change stored turns (e.g. their metadata dicts).
-        return [turn.model_copy(deep=True) for turn in stored.turns]
+        return [turn.model_copy(deep=True) for turn in turns]
 
     async def append(self, session_id: str, turn: Turn) -> None:
         stored = self._live_or_raise(session_id)

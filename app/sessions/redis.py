@@ -34,12 +34,13 @@ __all__ = ["RedisSessionStore", "SessionBusy", "redact_url"]
 
 logger = logging.getLogger(__name__)
 
-# KEYS: meta, turns. ARGV: ttl_ms. Returns nil for an unknown session, else the turns (oldest first).
+# KEYS: meta, turns. ARGV: ttl_ms, first index (0, or -N for the last N). Returns nil for an unknown session,
+# else the turns (oldest first).
 _HISTORY_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 redis.call('PEXPIRE', KEYS[2], ARGV[1])
-return redis.call('LRANGE', KEYS[2], 0, -1)
+return redis.call('LRANGE', KEYS[2], ARGV[2], -1)
 """
 
 # KEYS: meta, turns. ARGV: turn json, max_turns, ttl_ms. Returns -1 for an unknown session, else turn_count.
@@ -242,12 +243,14 @@ class RedisSessionStore:
             turn_count=int(fields.get("turn_count", 0)),
         )
 
-    async def history(self, session_id: str) -> list[Turn]:
+    async def history(self, session_id: str, last: int | None = None) -> list[Turn]:
         if not is_valid_session_id(session_id):
             raise SessionNotFound(session_id)
+        # LRANGE's first index: all turns, the last N, or past the end (none, but the session is still checked).
+        first = 0 if last is None else -last if last > 0 else 1 << 40
         with self._redis_errors("history"):
             raw_turns = await self._history_script(
-                keys=[self._meta_key(session_id), self._turns_key(session_id)], args=[self._ttl_ms]
+                keys=[self._meta_key(session_id), self._turns_key(session_id)], args=[self._ttl_ms, first]
             )
         if raw_turns is None:
             raise SessionNotFound(session_id)

@@ -222,3 +222,16 @@ async def test_lock_released_when_turn_fails(make_store: StoreMaker) -> None:
             raise RuntimeError("generation failed")
     async with store.lock(session.id):
         pass
+
+
+async def test_history_can_read_only_the_last_turns(make_store: StoreMaker) -> None:
+    store = make_store()
+    session = await store.create()
+    for n in range(5):
+        await store.append(session.id, make_turn(n))
+    assert [t.user for t in await store.history(session.id, last=2)] == ["question 3", "question 4"]
+    assert [t.user for t in await store.history(session.id, last=50)] == [f"question {n}" for n in range(5)]
+    assert await store.history(session.id, last=0) == []
+    assert len(await store.history(session.id)) == 5
+    with pytest.raises(SessionNotFound):
+        await store.history("0" * 32, last=0)  # still a missing session, even when no turns are wanted
