@@ -19,6 +19,8 @@ from typing import Any
 
 import httpx
 
+from bench.common import cpu_seconds
+
 # Bank-support questions that the shipped rails allow and the benchmark corpus can answer.
 QUESTIONS = [
     "How do I dispute a card transaction?",
@@ -55,6 +57,8 @@ class LoadResult:
     duration_s: float
     samples: list[Sample]
     errors: list[str]
+    # CPU seconds the watched server processes used while the samples were recorded (None: not watched).
+    server_cpu_s: float | None = None
 
     @property
     def ok(self) -> list[Sample]:
@@ -68,13 +72,14 @@ class LoadResult:
             "samples": [asdict(s) for s in self.samples],
             "errors": self.errors[:50],
             "error_count": len(self.errors),
+            "server_cpu_s": self.server_cpu_s,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LoadResult:
         samples = [Sample(**s) for s in data["samples"]]
         errors = list(data["errors"]) + [""] * max(0, data.get("error_count", 0) - len(data["errors"]))
-        return cls(data["kind"], data["concurrency"], data["duration_s"], samples, errors)
+        return cls(data["kind"], data["concurrency"], data["duration_s"], samples, errors, data.get("server_cpu_s"))
 
 
 def request_body(kind: str, question: str, config_id: str | None) -> dict[str, Any]:
@@ -143,6 +148,7 @@ async def run_load(
     config_id: str | None = None,
     sessions: bool = True,
     timeout_s: float = 60.0,
+    cpu_pids: list[int] | None = None,
 ) -> LoadResult:
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     samples: list[Sample] = []
@@ -151,13 +157,20 @@ async def run_load(
         begin = time.perf_counter()
         record_from = begin + warmup_s
         stop_at = record_from + duration_s
-        await asyncio.gather(*(
+        cpu_at_start: list[float] = []
+
+        async def note_cpu_after_warmup() -> None:
+            await asyncio.sleep(max(0.0, record_from - time.perf_counter()))
+            cpu_at_start.append(sum(cpu_seconds(p) for p in cpu_pids or []))
+
+        await asyncio.gather(note_cpu_after_warmup(), *(
             _worker(i, client, kind, config_id, stop_at, record_from, samples, errors, sessions)
             for i in range(concurrency)
         ))
         elapsed = time.perf_counter() - record_from
+        server_cpu = sum(cpu_seconds(p) for p in cpu_pids) - cpu_at_start[0] if cpu_pids else None
     recorded_errors = [e for e in errors][: len(errors)]
-    return LoadResult(kind, concurrency, elapsed, samples, recorded_errors)
+    return LoadResult(kind, concurrency, elapsed, samples, recorded_errors, server_cpu)
 
 
 def main() -> None:
@@ -169,10 +182,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--config-id", default=None)
     parser.add_argument("--no-sessions", action="store_true")
+    parser.add_argument("--cpu-pid", type=int, action="append", default=[],
+                        help="a server process whose CPU time (with its children) is measured per turn")
     args = parser.parse_args()
     result = asyncio.run(run_load(
         args.url, kind=args.kind, concurrency=args.concurrency, duration_s=args.duration, warmup_s=args.warmup,
-        config_id=args.config_id, sessions=not args.no_sessions,
+        config_id=args.config_id, sessions=not args.no_sessions, cpu_pids=args.cpu_pid,
     ))
     json.dump(result.to_dict(), sys.stdout)
 

@@ -59,6 +59,8 @@ def summarize_load(result: LoadResult) -> dict[str, Any]:
         "errors": len(result.errors),
         "answered_by_llm": round(sum(_answered(s) for s in ok) / len(ok), 3) if ok else 0.0,
     }
+    if result.server_cpu_s is not None and ok:
+        row["server_cpu_ms_per_turn"] = round(1000 * result.server_cpu_s / len(ok), 2)
     if result.kind == "guardchat" and ok:
         row["blocked"] = sum(s.blocked for s in ok)
         row["model_ms"] = summarize([model_ms(s) for s in ok])
@@ -122,7 +124,8 @@ def main() -> None:
     backends = start_backends(grounded=args.answer == "grounded")
     try:
         setups["backend alone (floor)"] = {
-            c: summarize_load(run_loadgen(backends.llm.url, "backend", c, args.duration, args.warmup))
+            c: summarize_load(run_loadgen(backends.llm.url, "backend", c, args.duration, args.warmup,
+                                          cpu_pid=backends.llm.proc.pid))
             for c in args.concurrency
         }
         for variant in [v for v in args.variants.split(",") if v]:
@@ -138,7 +141,7 @@ def main() -> None:
                     if args.profile and c == max(args.concurrency):
                         recorder = profiling.start_recording(server.proc.pid, args.duration + args.warmup, raw)
                     setups[name][c] = summarize_load(run_loadgen(server.url, "guardchat", c, args.duration,
-                                                                 args.warmup))
+                                                                 args.warmup, cpu_pid=server.proc.pid))
                     if recorder is not None:
                         recorder.wait(timeout=120)
                         if raw.exists():
@@ -152,7 +155,7 @@ def main() -> None:
                 try:
                     setups[label] = {
                         c: summarize_load(run_loadgen(nemo.url, "nemo", c, args.duration, args.warmup,
-                                                      config_id=NEMO_CONFIG_ID))
+                                                      config_id=NEMO_CONFIG_ID, cpu_pid=nemo.proc.pid))
                         for c in args.concurrency
                     }
                 finally:
@@ -173,9 +176,11 @@ def report(setups: dict[str, dict[int, dict[str, Any]]], profile_report: dict[st
         rows.append([name, a["latency_ms"]["p50"] if a else "-", a["latency_ms"]["p99"] if a else "-",
                      b["turns_per_s"] if b else "-", b["latency_ms"]["p50"] if b else "-",
                      b["latency_ms"]["p99"] if b else "-", sum(x["errors"] for x in by_c.values()),
-                     min(x["answered_by_llm"] for x in by_c.values())])
+                     min(x["answered_by_llm"] for x in by_c.values()),
+                     a.get("server_cpu_ms_per_turn", "-") if a else "-",
+                     b.get("server_cpu_ms_per_turn", "-") if b else "-"])
     headers = ["setup", f"c={lo} p50 ms", f"c={lo} p99 ms", f"c={hi} turns/s", f"c={hi} p50 ms",
-               f"c={hi} p99 ms", "errors", "answered by LLM"]
+               f"c={hi} p99 ms", "errors", "answered by LLM", f"server CPU ms/turn c={lo}", f"c={hi}"]
     tables = [print_table(headers, rows, f"Full turns over HTTP, instant backends, {corpus['chunks']} chunks")]
     target_lines: dict[str, list[str]] = {}
     for name, by_c in setups.items():

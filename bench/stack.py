@@ -92,13 +92,21 @@ def start_nemo(backends: Backends, *, iorails: bool) -> tuple[Child, Path]:
 
 
 def run_loadgen(
-    url: str, kind: str, concurrency: int, duration_s: float, warmup_s: float, config_id: str | None = None
+    url: str,
+    kind: str,
+    concurrency: int,
+    duration_s: float,
+    warmup_s: float,
+    config_id: str | None = None,
+    cpu_pid: int | None = None,
 ) -> LoadResult:
     """The load generator in its own process (its CPU is not the server's GIL)."""
     args = [PYTHON, "-m", "bench.loadgen", "--url", url, "--kind", kind, "--concurrency", str(concurrency),
             "--duration", str(duration_s), "--warmup", str(warmup_s)]
     if config_id:
         args += ["--config-id", config_id]
+    if cpu_pid is not None:  # the server's CPU time per turn: steadier than latency on a shared box
+        args += ["--cpu-pid", str(cpu_pid)]
     done = subprocess.run(args, capture_output=True, timeout=duration_s + warmup_s + 600, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"loadgen failed: {done.stderr.decode(errors='replace')[-2000:]}")
