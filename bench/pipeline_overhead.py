@@ -6,8 +6,8 @@
 Setups, in the same run and on the same fake backends (bench/fake_backends.py, separate processes):
 - backend alone (the floor: the load generator straight at the fake chat LLM);
 - guardchat: Redis sessions, the shipped rails/ (Llama Guard over HTTP in and out, attack, topic,
-  groundedness, retrieval rail), FAISS + BM25 over ~10k synthetic chunks; optionally with the
-  micro-batching embedder (app/rag/batching.py);
+  groundedness, retrieval rail), FAISS + BM25 over ~10k synthetic chunks (query embeddings micro-batched
+  under load: app/rag/batching.py);
 - `nemoguardrails server`, LLMRails and IORails, with 4 equivalent rails (bench/nemo_configs/four_rails).
 Each at concurrency 1 and 32, closed loop (bench/loadgen.py in its own process), non-streaming.
 
@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=20.0, help="seconds measured per setup and concurrency")
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--variants", default="plain,batching", help="guardchat variants: plain,batching")
+    parser.add_argument("--variants", default="plain", help="guardchat variants (only `plain`: the app always batches)")
     parser.add_argument("--skip-nemo", action="store_true")
     parser.add_argument("--answer", choices=["fixed", "grounded"], default="fixed",
                         help="the fake LLM's answer: fixed (about card disputes whatever the question: the "
@@ -129,9 +129,9 @@ def main() -> None:
             for c in args.concurrency
         }
         for variant in [v for v in args.variants.split(",") if v]:
-            name = "guardchat" + (" + batching embedder" if variant == "batching" else "")
+            name = "guardchat"
             server = start_guardchat(
-                guardchat_env(backends, corpus, args.redis_url), batching=variant == "batching", workers=args.workers
+                guardchat_env(backends, corpus, args.redis_url), workers=args.workers
             )
             try:
                 setups[name] = {}

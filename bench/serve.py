@@ -1,14 +1,12 @@
 """Runs the real guardchat app (app.main.create_app, settings from GUARDCHAT_* env) under uvicorn for
-the benchmarks, optionally with the micro-batching embedder (app/rag/batching.py) wrapped around the
-process embedder, so its effect can be measured without changing the app:
+the benchmarks (the app always micro-batches its query embeddings: app/rag/batching.py):
 
-    GUARDCHAT_... python -m bench.serve --port 8000 [--batching] [--loop asyncio --http h11]
+    GUARDCHAT_... python -m bench.serve --port 8000 [--loop asyncio --http h11] [--workers N]
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 
 import uvicorn
 
@@ -16,7 +14,6 @@ import uvicorn
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--batching", action="store_true", help="wrap the embedder in BatchingEmbedder")
     parser.add_argument("--loop", default="auto")
     parser.add_argument("--http", default="auto")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (sessions must be in Redis)")
@@ -28,19 +25,6 @@ def main() -> None:
             log_level="warning", access_log=False, loop=args.loop, http=args.http, lifespan="on",
         )
         return
-
-    if args.batching:
-        import app.rag.embedder as embedder_module
-        from app.rag.batching import BatchingEmbedder
-
-        original = embedder_module.get_embedder
-
-        @functools.lru_cache(maxsize=1)
-        def batched() -> BatchingEmbedder:
-            return BatchingEmbedder(original())
-
-        # build_state imports get_embedder at call time, so every component gets the batching one.
-        embedder_module.get_embedder = batched  # type: ignore[assignment]
 
     from app.main import create_app
 

@@ -62,12 +62,10 @@ def guardchat_env(backends: Backends, corpus: dict[str, Any], redis_url: str | N
 
 
 def start_guardchat(
-    env: dict[str, str], *, batching: bool = False, loop: str = "auto", http: str = "auto", workers: int = 1
+    env: dict[str, str], *, loop: str = "auto", http: str = "auto", workers: int = 1
 ) -> Child:
     port = free_port()
     args = [PYTHON, "-m", "bench.serve", "--port", str(port), "--loop", loop, "--http", http, "--workers", str(workers)]
-    if batching:
-        args.append("--batching")
     return start_child("guardchat", args, port, env=env, ready_path="/healthz", timeout=600)
 
 
