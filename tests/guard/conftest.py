@@ -52,6 +52,25 @@ class LlamaGuardStandIn:
         self.requests.clear()
 
 
+async def canned_reply(answer: CannedAnswer, body: dict[str, Any], kind: str, choice: dict[str, Any]) -> JSONResponse:
+    """How a stand-in answers with `answer`: after its delay, an OpenAI-style error body for a non-200 status,
+    else a `kind` ("text_completion", "chat.completion") response holding `choice`."""
+    if answer.delay_s:
+        await asyncio.sleep(answer.delay_s)
+    if answer.status != 200:
+        return JSONResponse({"error": {"message": "internal error", "type": "server_error"}}, answer.status)
+    return JSONResponse(
+        {
+            "id": "cmpl-test",
+            "object": kind,
+            "created": int(time.time()),
+            "model": body.get("model"),
+            "choices": [{"index": 0, "finish_reason": "stop", **choice}],
+            "usage": {"prompt_tokens": 200, "completion_tokens": 3, "total_tokens": 203},
+        }
+    )
+
+
 def _app(state: LlamaGuardStandIn) -> FastAPI:
     app = FastAPI()
 
@@ -60,20 +79,7 @@ def _app(state: LlamaGuardStandIn) -> FastAPI:
         body = await request.json()
         state.requests.append(body)
         answer = state.answers.pop(0) if state.answers else CannedAnswer("safe")
-        if answer.delay_s:
-            await asyncio.sleep(answer.delay_s)
-        if answer.status != 200:
-            return JSONResponse({"error": {"message": "internal error", "type": "server_error"}}, answer.status)
-        return JSONResponse(
-            {
-                "id": "cmpl-test",
-                "object": "text_completion",
-                "created": int(time.time()),
-                "model": body.get("model"),
-                "choices": [{"index": 0, "text": answer.text, "finish_reason": "stop", "logprobs": None}],
-                "usage": {"prompt_tokens": 200, "completion_tokens": 3, "total_tokens": 203},
-            }
-        )
+        return await canned_reply(answer, body, "text_completion", {"text": answer.text, "logprobs": None})
 
     return app
 

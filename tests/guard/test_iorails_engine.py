@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ from app.guard.rails import RailsGuard, build_guard
 from app.guard.validate import avalidate_rails
 from app.settings import PROJECT_ROOT, Settings
 from tests.fixtures.threaded import free_port, serve_in_thread
-from tests.guard.conftest import GUARD_MODEL, CannedAnswer
+from tests.guard.conftest import GUARD_MODEL, CannedAnswer, canned_reply
 
 REFUSAL = "This assistant cannot help with that request."
 GUARD_ERROR = "A safety check could not run; please try again later."
@@ -51,21 +50,8 @@ def _app(state: ChatLlamaGuard) -> FastAPI:
         state.requests.append(body)
         prompt = json.dumps(body["messages"])
         answer = next((a for key, a in state.rules.items() if key in prompt), CannedAnswer("safe"))
-        if answer.delay_s:
-            await asyncio.sleep(answer.delay_s)
-        if answer.status != 200:
-            return JSONResponse({"error": {"message": "internal error", "type": "server_error"}}, answer.status)
         message = {"role": "assistant", "content": answer.text}
-        return JSONResponse(
-            {
-                "id": "chatcmpl-test",
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": body.get("model"),
-                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 200, "completion_tokens": 3, "total_tokens": 203},
-            }
-        )
+        return await canned_reply(answer, body, "chat.completion", {"message": message})
 
     return app
 
