@@ -13,17 +13,13 @@ from app.state import AppState
 # thread pool, a thread hop on every request (measurable at c=1, and pool contention under load).
 
 
-def app_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
     state: AppState = request.app.state.guardchat
     return state
 
 
-async def get_state(request: Request) -> AppState:
-    return app_state(request)
-
-
 async def get_app_settings(request: Request) -> Settings:
-    return app_state(request).settings
+    return (await get_state(request)).settings
 
 
 StateDep = Annotated[AppState, Depends(get_state)]

@@ -27,7 +27,7 @@ class TurnRequest:
     stop: list[str] | None = None
     adapter: str | None = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    stream: bool = True  # False: nobody watches tokens arrive, so output rails check full-size windows
+    stream: bool = True  # False: nobody watches tokens arrive, so output rails check 4-chunk windows
 
 
 @dataclass
