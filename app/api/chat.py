@@ -61,6 +61,7 @@ def _turn_request(
         adapter=adapter,
         request_id=request_id,
         stream=body.stream,
+        session_checked=session_id is not None,  # chat_completions checked its owner just before
     )
 
 

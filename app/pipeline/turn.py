@@ -21,6 +21,7 @@ import numpy as np
 from app.guard.base import AssistantTexts, GuardDecision, RailResult
 from app.llm.base import GenerationOptions
 from app.observability import observe_turn
+from app.pipeline import context
 from app.pipeline.generation import SpeculativeGeneration
 from app.pipeline.streaming import TAIL_CHUNKS, Finished, Released, hold_back
 from app.pipeline.turn_types import (
@@ -78,7 +79,7 @@ class TurnRunner:
                     observe_turn(ev.result)
                 yield ev
             return
-        if await store.get(req.session_id) is None:
+        if not req.session_checked and await store.get(req.session_id) is None:
             from app.sessions.base import SessionNotFound
 
             raise SessionNotFound(req.session_id)
@@ -102,10 +103,21 @@ class TurnRunner:
         trace: dict[str, Any] = {"rails_version": rails.version, "request_id": req.request_id}
         t_start = time.perf_counter()
 
+        # A question that cannot be a follow-up is its own retrieval query whatever the history holds
+        # (app/rag/rewrite.py), so its one embedding starts now, beside the session load.
+        early_embed: asyncio.Task[np.ndarray] | None = None
+        if session_id is not None and context.stands_alone(user_text):
+            early_embed = asyncio.create_task(
+                self._timed(asyncio.to_thread(st.embedder.embed, [user_text]), timer, "embed")
+            )
         with timer.stage("load_session"):
             if session_id is not None:
                 # The prompt takes the last N answered turns; reading 2N leaves room for blocked ones.
-                turns = await st.store.history(session_id, last=2 * settings.history_turns_in_prompt)
+                try:
+                    turns = await st.store.history(session_id, last=2 * settings.history_turns_in_prompt)
+                except BaseException:
+                    _cancel(early_embed)
+                    raise
                 trace["history_turns"] = len(turns)
                 history = history_messages(turns, settings.history_turns_in_prompt)
             else:
@@ -120,23 +132,27 @@ class TurnRunner:
             # The standalone retrieval query; the cheap join needs no model call, so it happens before
             # embedding and both texts are embedded in ONE batched call shared by the classifier and the
             # retriever.
-            rewrite = await self._rewrite(user_text, history, timer)
+            rewrite = await context.rewrite(st, user_text, history, timer)
             trace["rewrite"] = rewrite
             query = rewrite["query"]
-            with timer.stage("embed"):
-                to_embed = [user_text] if query == user_text else [user_text, query]
-                vectors = await asyncio.to_thread(st.embedder.embed, to_embed)
-            user_vec, query_vec = vectors[0], vectors[-1]
+            if early_embed is not None:
+                user_vec = (await early_embed)[0]
+                query_vec = user_vec if query == user_text else await self._embed_one(query, timer)
+            else:
+                with timer.stage("embed"):
+                    to_embed = [user_text] if query == user_text else [user_text, query]
+                    vectors = await asyncio.to_thread(st.embedder.embed, to_embed)
+                user_vec, query_vec = vectors[0], vectors[-1]
 
             input_task = asyncio.create_task(
                 self._timed(guard.check_input(conversation, user_vec), timer, "input_rails")
             )
-            sources, retrieval_trace = await self._retrieve(query, query_vec, timer)
+            sources, retrieval_trace = await context.retrieve(st, query, query_vec, timer)
             trace["retrieval"] = retrieval_trace
-            self._prime_grounding(sources)
+            context.prime_grounding(st, sources)
             use_rag = settings.rag_enabled and st.retriever is not None
             with timer.stage("prompt"):
-                messages, sources = self._build_messages(user_text, history, sources, texts, use_rag)
+                messages, sources = context.build_prompt(st, user_text, history, sources, texts, use_rag)
             if messages is not None:
                 trace["prompt_chars"] = sum(len(m["content"]) for m in messages)
                 options = GenerationOptions(
@@ -151,6 +167,7 @@ class TurnRunner:
                 generation = SpeculativeGeneration.start(st.llm, messages, options)
             decision: GuardDecision = await input_task
         except BaseException:
+            _cancel(early_embed)
             _cancel(input_task)
             if generation is not None:
                 await generation.cancel()
@@ -281,71 +298,9 @@ class TurnRunner:
         finally:
             timer.timings[name] = (time.perf_counter() - start) * 1000
 
-    async def _rewrite(self, question: str, history: list[dict[str, str]], timer: Timer) -> dict[str, Any]:
-        with timer.stage("rewrite"):
-            try:
-                from app.rag.rewrite import rewrite_query
-            except ImportError:  # RAG package not installed in this build
-                return {"query": question, "mode": "none"}
-            pairs = [(history[i]["content"], history[i + 1]["content"]) for i in range(0, len(history) - 1, 2)]
-            mode = self.state.settings.query_rewrite
-            rw = await rewrite_query(question, pairs, mode=mode, llm=self.state.llm if mode == "llm" else None)
-            return {"query": rw.query, "mode": rw.mode, "latency_ms": round(rw.latency_ms, 3)}
-
-    async def _retrieve(self, query: str, vec: np.ndarray, timer: Timer) -> tuple[list[Chunk], dict[str, Any]]:
-        st = self.state
-        if not st.settings.rag_enabled or st.retriever is None:
-            return [], {"enabled": False}
-        with timer.stage("retrieve"):
-            detailed = getattr(st.retriever, "retrieve_detailed", None)
-            if detailed is not None:
-                res = await detailed(query, vec, st.settings.rag_top_k)
-                chunks = list(res.chunks)
-                dropped = [
-                    {"id": c.id, "document_id": c.document_id, "reason": reason, "score": round(float(score), 4)}
-                    for c, reason, score in res.dropped
-                ]
-            else:
-                chunks = await st.retriever.retrieve(query, vec, st.settings.rag_top_k)
-                dropped = []
-        return chunks, {
-            "chunks": [{"id": c.id, "document_id": c.document_id, "score": round(c.score, 4)} for c in chunks],
-            "dropped": dropped,
-        }
-
-    def _prime_grounding(self, sources: list[Chunk]) -> None:
-        """Hands the groundedness rail the vectors the index already holds for these chunks."""
-        grounding = self.state.extras.get("grounding")
-        embeddings_for = getattr(self.state.retriever, "embeddings_for", None)
-        if sources and grounding is not None and hasattr(grounding, "prime") and embeddings_for is not None:
-            grounding.prime([c.content for c in sources], embeddings_for(sources))
-
-    def _build_messages(
-        self,
-        question: str,
-        history: list[dict[str, str]],
-        sources: list[Chunk],
-        texts: AssistantTexts,
-        use_rag: bool,
-    ) -> tuple[list[dict[str, str]] | None, list[Chunk]]:
-        """The generation prompt and the sources it actually holds (numbered, cut to the token budget).
-        None when RAG is on and nothing relevant was retrieved: the answer is then "I don't know"."""
-        if not use_rag:
-            system = {"role": "system", "content": texts.system_prompt}
-            return [system, *history, {"role": "user", "content": question}], []
-        from app.rag.chain import build_messages
-
-        prepared = build_messages(
-            question,
-            history,
-            sources,
-            system_prompt=texts.system_prompt,
-            context_tokens=self.state.settings.rag_context_tokens,
-            idk_text=texts.idk,
-        )
-        if prepared.no_context:
-            return None, []
-        return list(prepared.messages), list(prepared.sources)
+    async def _embed_one(self, text: str, timer: Timer) -> np.ndarray:
+        with timer.stage("embed"):
+            return (await asyncio.to_thread(self.state.embedder.embed, [text]))[0]
 
     @staticmethod
     def _citations(answer: str, sources: list[Chunk]) -> list[dict[str, Any]]:

@@ -28,6 +28,8 @@ class TurnRequest:
     adapter: str | None = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     stream: bool = True  # False: nobody watches tokens arrive, so output rails check 4-chunk windows
+    # True when the caller has just read the session (the API's owner check): the turn does not read it again.
+    session_checked: bool = False
 
 
 @dataclass

@@ -3,6 +3,8 @@ streaming wire (a local stand-in: these tests are about the pipeline, not the mo
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -78,3 +80,74 @@ async def test_run_releases_the_session_lock_before_it_returns(
             assert [t.user for t in await store.history(session.id)] == [f"{QUESTION} ({n})" for n in range(3)]
         finally:
             await llm.aclose()
+
+
+class RecordingEmbedder:
+    """The real MiniLM, noting each call's texts (called from worker threads)."""
+
+    def __init__(self, inner: Any, events: list[Any]) -> None:
+        self._inner, self._events, self.dim = inner, events, inner.dim
+        self.started = threading.Event()
+
+    def embed(self, texts: list[str]) -> Any:
+        self._events.append(("embed", tuple(texts)))
+        self.started.set()
+        return self._inner.embed(texts)
+
+
+class HistoryWaitsForEmbedding:
+    """The real Redis store whose history read notes whether the query embedding had already started."""
+
+    def __init__(self, inner: Any, embedder: RecordingEmbedder, events: list[Any]) -> None:
+        self._inner, self._embedder, self._events = inner, embedder, events
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def history(self, session_id: str, last: int | None = None) -> Any:
+        started = await asyncio.to_thread(self._embedder.started.wait, 2.0)
+        self._events.append(("history", started))
+        self._embedder.started.clear()
+        return await self._inner.history(session_id, last=last)
+
+
+async def test_a_standalone_question_is_embedded_while_the_session_loads(
+    redis_store_factory: StoreFactory, embedder, tmp_path: Path
+) -> None:
+    """A question that cannot be a follow-up is its own retrieval query, so its embedding overlaps the history
+    read; a follow-up ("and that one?") waits for the history, then its text and its rewritten query are
+    embedded in one call."""
+
+    async def handler(request, body):
+        return wire.stream_response(wire.sse(["Open ", "Cards ", "and ", "tap ", "Freeze."]))
+
+    standalone = "How do I freeze my debit card from the mobile app?"  # > 6 words, no pronoun: not a follow-up
+    events: list[Any] = []
+    recording = RecordingEmbedder(embedder, events)
+    store = HistoryWaitsForEmbedding(redis_store_factory(), recording, events)
+    with wire.serve({("POST", "/v1/chat/completions"): handler}) as server:
+        llm = OpenAICompatClient(server.base_url, "m")
+        state = AppState(
+            settings=Settings(data_dir=tmp_path, rag_enabled=False, query_rewrite="join"),
+            llm=llm,
+            store=store,
+            embedder=recording,
+            retriever=None,
+            rails=initial_live(),
+        )
+        try:
+            session = await store.create()
+            runner = TurnRunner(state)
+            for question in (standalone, "and that one?"):
+                messages = [{"role": "user", "content": question}]
+                result = await runner.run(TurnRequest(messages=messages, session_id=session.id))
+                assert not result.blocked
+        finally:
+            await llm.aclose()
+    turn_events = [e for e in events if e[0] == "history" or e[1][0] in (standalone, "and that one?")]
+    assert turn_events == [
+        ("embed", (standalone,)),
+        ("history", True),
+        ("history", False),  # the follow-up's embedding waited for the history (2 s timeout)
+        ("embed", ("and that one?", f"{standalone} and that one?")),
+    ]
