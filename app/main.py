@@ -99,9 +99,8 @@ async def close_state(state: AppState) -> None:
     publisher = state.extras.get("rails_publisher")
     if publisher is not None:
         await publisher.stop()
-    guard_close = getattr(state.rails.current.guard, "aclose", None)  # its own Llama Guard client sessions
-    closers = [state.llm.aclose, state.store.aclose] + ([guard_close] if guard_close is not None else [])
-    for closer in closers:
+    # The live guard's own clients too (its Llama Guard HTTP sessions).
+    for closer in (state.llm.aclose, state.store.aclose, state.rails.current.guard.aclose):
         try:
             await closer()
         except Exception:  # best effort on shutdown

@@ -223,10 +223,9 @@ class RailsPublisher:
 
     def _retire(self, old: LoadedRails) -> None:
         """Closes a replaced guard's clients once the turns that grabbed it before the swap are done."""
-        if hasattr(old.guard, "aclose"):
-            task = asyncio.create_task(_close_guard(old.guard, delay_s=self.retire_after_s), name="rails-retire")
-            self._retiring.add(task)
-            task.add_done_callback(self._retiring.discard)
+        task = asyncio.create_task(_close_guard(old.guard, delay_s=self.retire_after_s), name="rails-retire")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     @property
     def _read_timeout_s(self) -> float:
@@ -310,15 +309,12 @@ def _errors_from_exception(exc: Exception) -> list[dict[str, Any]]:
 
 
 async def _close_guard(guard: Guard, delay_s: float = 0.0) -> None:
-    closer = getattr(guard, "aclose", None)
-    if closer is None:
-        return
     try:
         if delay_s:
             await asyncio.sleep(delay_s)
     finally:  # also when shutdown cancels the wait: its HTTP sessions must not outlive the process's loop
         try:
-            await closer()
+            await guard.aclose()
         except Exception as exc:
             log.warning("closing a retired rails guard failed: %s", exc)
 

@@ -77,3 +77,7 @@ class Guard(Protocol):
     ) -> GuardDecision:
         """Only the groundedness rail, once on the whole answer (when it flags rather than blocks)."""
         ...
+
+    async def aclose(self) -> None:
+        """Closes the guard's own clients (Llama Guard HTTP sessions). Called once no turn uses the guard."""
+        ...

@@ -38,3 +38,6 @@ class PassThroughGuard:
         self, messages: list[dict[str, str]], answer: str, context: list[str]
     ) -> GuardDecision:
         return GuardDecision(allowed=True, rails=[])
+
+    async def aclose(self) -> None:
+        return None

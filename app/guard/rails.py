@@ -108,8 +108,9 @@ class RailsGuard:
         rails_cfg = loaded.rails_config.rails
         self.has_input_rails = bool(rails_cfg.input.flows)
         self.has_output_rails = bool(rails_cfg.output.flows)
-        # Our input safety rail on a remote Llama Guard can be asked before the turn's embedding exists.
-        self._prefetches_safety = self.iorails is None and SAFETY_INPUT_FLOW in rails_cfg.input.flows
+        # Our input safety rail on a remote Llama Guard can be asked before the turn's embedding exists. (A
+        # config with our own flows never runs on IORails, which takes only NeMo catalog rails.)
+        self._prefetches_safety = SAFETY_INPUT_FLOW in rails_cfg.input.flows
 
     @property
     def engine(self) -> Any:

@@ -64,6 +64,9 @@ class BlockedWordsGuard:
     ) -> GuardDecision:
         return self._decide("blocked_words_output", answer)
 
+    async def aclose(self) -> None:
+        return None
+
 
 class GuardFactory:
     """The injected builder; counts builds so tests can check a publish builds exactly one guard."""
