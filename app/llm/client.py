@@ -6,9 +6,9 @@ Flavors differ only where the servers do:
 - "trtllm" (trtllm-serve): a LoRA adapter goes in the body as `lora_request` {lora_name, lora_int_id,
   lora_path}; health = GET <root>/health.
 
-Errors are typed (app/llm/base.py). Connection failures are retried (tenacity) only before the response
-headers arrive, so a request is never replayed once the backend started answering and a stream is never
-retried mid-way.
+Errors are typed (app/llm/base.py). Every call, streams included, goes over one pooled aiohttp session
+(app/llm/json_post.py), which retries connection failures only before the response headers arrive, so a
+request is never replayed once the backend started answering and a stream is never retried mid-way.
 
 Streaming usage: `stream(..., on_usage=callback)` calls `callback(Usage)` when the server sends the final
 usage chunk (we ask for it with `stream_options.include_usage`). A callback, not an attribute, because one
@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import httpx
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+import aiohttp
 
 from app.llm.base import (
     Completion,
@@ -42,10 +42,6 @@ log = logging.getLogger(__name__)
 
 Flavor = Literal["openai", "trtllm", "embedded"]
 
-# Connection failures (refused, reset, closed without an answer). Retried only when raised by send(), i.e.
-# before the response headers, so no response byte was consumed. Timeouts are not retried: a backend that is
-# too slow once is likely too slow again, and retrying would multiply the wait.
-_RETRYABLE = (httpx.NetworkError, httpx.RemoteProtocolError)
 _HEALTH_TIMEOUT_S = 10.0
 _DETAIL_CHARS = 300
 
@@ -83,7 +79,7 @@ def _normalize_adapters(adapters: Mapping[str, LoRAAdapter | str] | Iterable[str
 
 
 class OpenAICompatClient:
-    """Implements app.llm.base.ChatBackend over one pooled httpx.AsyncClient."""
+    """Implements app.llm.base.ChatBackend over one pooled aiohttp session (app/llm/json_post.py)."""
 
     def __init__(
         self,
@@ -111,12 +107,7 @@ class OpenAICompatClient:
             if pathless:
                 raise ValueError(f"trtllm-serve needs a path for each LoRA adapter (name=path): {', '.join(pathless)}")
         headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
-        self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
-            headers=headers,
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
-        )
-        self._json = JsonPoster(
+        self._http = JsonPoster(
             self.base_url,
             headers=headers,
             timeout_s=timeout_s,
@@ -159,27 +150,39 @@ class OpenAICompatClient:
         """Yield content deltas. `on_usage(Usage)` is called if the server reports usage at the end."""
         body = self._body(options, stream=True)
         body["messages"] = messages
-        response = await self._send("POST", self.base_url + "/chat/completions", body, options)
+        headers = self._headers(options)
+        if self.flavor == "embedded":
+            # llama.cpp closes the connection after every streamed answer, without saying so. Pooled, such a
+            # connection was handed to the next request before its close was seen, which then failed ("Can
+            # not write request body"; an error with max_retries=0, else a retry after 0.1 s). Asked to
+            # close, llama.cpp says `Connection: close` and aiohttp does not pool the connection.
+            headers["Connection"] = "close"
+        response = await self._http.open("POST", self.base_url + "/chat/completions", body, headers)
         try:
-            async for delta in self._sse_deltas(response, on_usage):
-                yield delta
+            # aclosing: when our consumer stops early, the parsers stop now, not whenever they are collected.
+            async with (
+                aclosing(self._http.lines(response)) as lines,
+                aclosing(self._sse_deltas(lines, on_usage)) as deltas,
+            ):
+                async for delta in deltas:
+                    yield delta
         finally:
-            await response.aclose()
+            self._http.finish(response)  # closes the connection if the stream was left mid-way
 
     async def health(self) -> None:
-        timeout = httpx.Timeout(_HEALTH_TIMEOUT_S, connect=min(_HEALTH_TIMEOUT_S, self._http.timeout.connect or 5))
+        timeout = aiohttp.ClientTimeout(
+            total=_HEALTH_TIMEOUT_S, sock_connect=min(_HEALTH_TIMEOUT_S, self._http.connect_timeout_s)
+        )
+        url = self.root_url + "/health" if self.flavor == "trtllm" else self.base_url + "/models"
+        raw = await self._http.read(await self._http.open("GET", url, None, {}, timeout=timeout))
         if self.flavor == "trtllm":
-            response = await self._send("GET", self.root_url + "/health", None, None, timeout=timeout)
-            await response.aclose()
-            return
-        response = await self._send("GET", self.base_url + "/models", None, None, timeout=timeout)
-        data = await self._read_json(response)
+            return  # trtllm-serve's /health answers 200 with an empty body
+        data = self._parse_json(raw)
         if not isinstance(data, dict) or not isinstance(data.get("data"), list):
             raise LLMBadResponse("LLM backend /models answered without a `data` list")
 
     async def aclose(self) -> None:
         await self._http.aclose()
-        await self._json.aclose()
 
     # ------------------------------------------------------------ request building
 
@@ -220,49 +223,6 @@ class OpenAICompatClient:
 
     # ------------------------------------------------------------ transport
 
-    async def _send(
-        self,
-        method: str,
-        url: str,
-        body: dict[str, Any] | None,
-        options: GenerationOptions | None,
-        *,
-        timeout: httpx.Timeout | None = None,
-    ) -> httpx.Response:
-        """Send and return the response with headers read and status checked; body not yet consumed."""
-        request = self._http.build_request(
-            method, url, json=body, headers=self._headers(options), timeout=timeout or self._http.timeout
-        )
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.max_retries + 1),
-            wait=wait_exponential(multiplier=0.1, max=2.0),
-            retry=retry_if_exception_type(_RETRYABLE),
-            reraise=True,
-        )
-        response: httpx.Response | None = None
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    response = await self._http.send(request, stream=True)
-        except httpx.TimeoutException as exc:
-            raise LLMTimeout(self._redact(f"LLM backend at {self.base_url} timed out ({type(exc).__name__})")) from exc
-        except (httpx.HTTPError, OSError, AttributeError) as exc:
-            # AttributeError/OSError: the transport itself can fail oddly on a refused connection (seen with
-            # uvloop + anyio: a socket closed under httpcore). The backend is unreachable either way.
-            raise LLMUnavailable(
-                self._redact(f"cannot reach LLM backend at {self.base_url} ({type(exc).__name__}: {exc})")
-            ) from exc
-        assert response is not None  # AsyncRetrying either sent it or re-raised
-        if response.status_code >= 400:
-            try:
-                detail = _error_detail(await response.aread())
-            except httpx.HTTPError:
-                detail = ""
-            finally:
-                await response.aclose()
-            raise self._status_error(response.status_code, detail)
-        return response
-
     def _status_error(self, status: int, detail: str) -> LLMError:
         suffix = f": {detail}" if detail else ""
         kind: type[LLMError]
@@ -276,24 +236,10 @@ class OpenAICompatClient:
             kind, what = LLMBadResponse, "rejected the request"
         return kind(self._redact(f"LLM backend {what} (HTTP {status}){suffix}"))
 
-    async def _read_json(self, response: httpx.Response) -> Any:
-        try:
-            raw = await response.aread()
-        except httpx.TimeoutException as exc:
-            raise LLMTimeout(f"LLM backend at {self.base_url} timed out while answering") from exc
-        except httpx.HTTPError as exc:
-            reason = type(exc).__name__
-            raise LLMUnavailable(f"LLM backend at {self.base_url} dropped the connection ({reason})") from exc
-        finally:
-            await response.aclose()
-        try:
-            return json.loads(raw)
-        except ValueError as exc:
-            raise LLMBadResponse(self._redact(f"LLM backend answered with invalid JSON: {_snippet(raw)}")) from exc
-
     async def _post_json(self, path: str, body: dict[str, Any], options: GenerationOptions | None) -> Any:
-        """Non-streaming calls go through aiohttp (app/llm/json_post.py: ~4x less CPU per call than httpx)."""
-        raw = await self._json.post(self.base_url + path, body, self._headers(options))
+        return self._parse_json(await self._http.post(self.base_url + path, body, self._headers(options)))
+
+    def _parse_json(self, raw: bytes) -> Any:
         try:
             return json.loads(raw)
         except ValueError as exc:
@@ -306,54 +252,49 @@ class OpenAICompatClient:
         return choices[0]
 
     async def _sse_deltas(
-        self, response: httpx.Response, on_usage: Callable[[Usage], None] | None
-    ) -> AsyncIterator[str]:
+        self, lines: AsyncIterator[str], on_usage: Callable[[Usage], None] | None
+    ) -> AsyncGenerator[str, None]:
         """Parse `data: {...}` lines until `data: [DONE]`; skip comments/keep-alives; raise on error events."""
         event = "message"
         finished = done = False
-        try:
-            async for line in response.aiter_lines():
-                if done:
-                    # Read to the end of the body after [DONE] (normally nothing but the chunked terminator): an
-                    # unread response is closed, not pooled, and every turn then paid a new TCP connection.
-                    continue
-                if not line:
-                    event = "message"  # blank line ends an SSE event
-                    continue
-                if line.startswith(":"):
-                    continue  # comment / keep-alive ping
-                field, _, value = line.partition(":")
-                value = value.removeprefix(" ")
-                if field == "event":
-                    event = value.strip()
-                    continue
-                if field == "error":  # llama.cpp's non-standard error line
-                    raise LLMBadResponse(self._redact(f"LLM backend stream error: {_error_detail(value)}"))
-                if field != "data":
-                    continue
-                if value.strip() == "[DONE]":
-                    done = True
-                    continue
-                try:
-                    chunk = json.loads(value)
-                except ValueError as exc:
-                    raise LLMBadResponse(self._redact(f"invalid JSON in LLM stream: {_snippet(value)}")) from exc
-                if event == "error" or (isinstance(chunk, dict) and "error" in chunk):
-                    raise LLMBadResponse(self._redact(f"LLM backend stream error: {_error_detail(value)}"))
-                if not isinstance(chunk, dict):
-                    raise LLMBadResponse(self._redact(f"unexpected LLM stream chunk: {_snippet(value)}"))
-                if chunk.get("usage") and on_usage is not None:
-                    on_usage(_usage(chunk))
-                for choice in chunk.get("choices") or []:
-                    delta = (choice.get("delta") or {}).get("content") if isinstance(choice, dict) else None
-                    if isinstance(delta, str) and delta:
-                        yield delta
-                    if isinstance(choice, dict) and choice.get("finish_reason"):
-                        finished = True
-        except httpx.TimeoutException as exc:
-            raise LLMTimeout(f"LLM backend at {self.base_url} stalled mid-stream") from exc
-        except httpx.HTTPError as exc:
-            raise LLMUnavailable(f"LLM stream from {self.base_url} was interrupted ({type(exc).__name__})") from exc
+        async for line in lines:
+            if done:
+                # Read to the end of the body after [DONE] (normally nothing but the chunked terminator): an
+                # unread response is closed, not pooled, and every turn then paid a new TCP connection.
+                continue
+            if not line:
+                event = "message"  # blank line ends an SSE event
+                continue
+            if line.startswith(":"):
+                continue  # comment / keep-alive ping
+            field, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if field == "event":
+                event = value.strip()
+                continue
+            if field == "error":  # llama.cpp's non-standard error line
+                raise LLMBadResponse(self._redact(f"LLM backend stream error: {_error_detail(value)}"))
+            if field != "data":
+                continue
+            if value.strip() == "[DONE]":
+                done = True
+                continue
+            try:
+                chunk = json.loads(value)
+            except ValueError as exc:
+                raise LLMBadResponse(self._redact(f"invalid JSON in LLM stream: {_snippet(value)}")) from exc
+            if event == "error" or (isinstance(chunk, dict) and "error" in chunk):
+                raise LLMBadResponse(self._redact(f"LLM backend stream error: {_error_detail(value)}"))
+            if not isinstance(chunk, dict):
+                raise LLMBadResponse(self._redact(f"unexpected LLM stream chunk: {_snippet(value)}"))
+            if chunk.get("usage") and on_usage is not None:
+                on_usage(_usage(chunk))
+            for choice in chunk.get("choices") or []:
+                delta = (choice.get("delta") or {}).get("content") if isinstance(choice, dict) else None
+                if isinstance(delta, str) and delta:
+                    yield delta
+                if isinstance(choice, dict) and choice.get("finish_reason"):
+                    finished = True
         if not finished and not done:
             raise LLMUnavailable(f"LLM stream from {self.base_url} ended before the answer was finished")
 

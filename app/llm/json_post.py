@@ -1,21 +1,22 @@
-"""The non-streaming backend calls (Llama Guard checks, judges, plain completions) over aiohttp.
+"""The HTTP transport of the LLM client (app/llm/client.py) over aiohttp: JSON calls and SSE streams.
 
-Why a second HTTP stack beside httpx: every turn makes two Llama Guard calls (input and answer). Measured
-on loopback (docs/benchmarks.md), an aiohttp POST costs ~0.2 ms of CPU against ~0.85 ms through httpx, and
-at concurrency 32 the httpx pool made each Llama Guard call wait 100+ ms against ~10 ms here. Streams stay
-on httpx (app/llm/client.py): with aiohttp, llama.cpp stopped a streamed generation after its first token
-in one of our failure tests, which we did not get to the bottom of.
+Why aiohttp and not httpx: every turn makes two Llama Guard calls and one streamed generation. Measured on
+loopback (docs/benchmarks.md), an aiohttp POST costs ~0.2 ms of CPU against ~0.85 ms through httpx, and at
+concurrency 32 the httpx pool made each Llama Guard call wait 100+ ms against ~10 ms here.
 
 One pooled session per event loop (aiohttp binds a session to the loop that made it). Connection failures
-are retried only before the response headers; timeouts are not retried. The proxy from the environment is
-resolved once (aiohttp's `trust_env` would re-read it and ~/.netrc on every request).
+are retried only before the response headers, so a request is never replayed once the backend started
+answering and a stream is never retried mid-way; timeouts are not retried (a backend too slow once is likely
+too slow again). The proxy from the environment is resolved once (aiohttp's `trust_env` would re-read it and
+~/.netrc on every request). Every transport failure becomes a typed LLM error (app/llm/base.py) here, with
+its wording in one place.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 from urllib.parse import urlsplit
 from urllib.request import getproxies, proxy_bypass
@@ -41,7 +42,10 @@ def env_proxy(url: str) -> str | None:
 
 
 class JsonPoster:
-    """POST a JSON body, return the raw response body; errors are the typed LLM errors of app/llm/base.py."""
+    """Requests with a JSON body; errors are the typed LLM errors of app/llm/base.py.
+
+    `post` returns the whole body of a JSON call; `open` + `lines` + `finish` stream a response line by line.
+    """
 
     def __init__(
         self,
@@ -57,8 +61,9 @@ class JsonPoster:
         self.base_url = base_url
         self.max_retries = max_retries
         self._headers = headers
-        # sock_read bounds each wait for bytes (a stalled backend), not the whole answer.
+        # sock_read bounds each wait for bytes (a stalled backend, also mid-stream), not the whole answer.
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s, sock_read=timeout_s)
+        self.connect_timeout_s = connect_timeout_s
         self._proxy = env_proxy(base_url)
         self._status_error = status_error
         self._redact = redact
@@ -77,10 +82,21 @@ class JsonPoster:
             self._loop = loop
         return self._session
 
-    async def post(self, url: str, body: dict[str, Any], headers: dict[str, str]) -> bytes:
+    async def open(
+        self,
+        method: str,
+        url: str,
+        body: dict[str, Any] | None,
+        headers: dict[str, str],
+        *,
+        timeout: aiohttp.ClientTimeout | None = None,
+    ) -> aiohttp.ClientResponse:
+        """Send; return the response with its headers read and status checked, body not yet consumed.
+        The caller must hand it to `read` or `finish`."""
         session = self._current_session()
-        data = json.dumps(body).encode()
-        headers = {**headers, "Content-Type": "application/json"}
+        data = None if body is None else json.dumps(body).encode()
+        if data is not None:
+            headers = {**headers, "Content-Type": "application/json"}
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.max_retries + 1),
             wait=wait_exponential(multiplier=0.1, max=2.0),
@@ -90,15 +106,29 @@ class JsonPoster:
         try:
             async for attempt in retrying:
                 with attempt:
-                    response = await session.post(url, data=data, headers=headers, proxy=self._proxy)
+                    response = await session.request(
+                        method, url, data=data, headers=headers, proxy=self._proxy, timeout=timeout or self._timeout
+                    )
         except TimeoutError as exc:
             raise LLMTimeout(self._redact(f"LLM backend at {self.base_url} timed out ({type(exc).__name__})")) from exc
         except (aiohttp.ClientError, OSError, ValueError) as exc:  # ValueError: aiohttp rejects a malformed URL
             raise LLMUnavailable(
                 self._redact(f"cannot reach LLM backend at {self.base_url} ({type(exc).__name__}: {exc})")
             ) from exc
+        if response.status >= 400:
+            try:
+                raw = await response.read()
+            except (aiohttp.ClientError, TimeoutError):
+                raw = b""
+            finally:
+                response.release()
+            raise self._status_error(response.status, raw)
+        return response
+
+    async def read(self, response: aiohttp.ClientResponse) -> bytes:
+        """The whole body; the connection goes back to the pool."""
         try:
-            raw = await response.read()
+            return await response.read()
         except TimeoutError as exc:
             raise LLMTimeout(f"LLM backend at {self.base_url} timed out while answering") from exc
         except aiohttp.ClientError as exc:
@@ -106,9 +136,37 @@ class JsonPoster:
             raise LLMUnavailable(f"LLM backend at {self.base_url} dropped the connection ({reason})") from exc
         finally:
             response.release()
-        if response.status >= 400:
-            raise self._status_error(response.status, raw)
-        return raw
+
+    async def post(self, url: str, body: dict[str, Any], headers: dict[str, str]) -> bytes:
+        return await self.read(await self.open("POST", url, body, headers))
+
+    async def lines(self, response: aiohttp.ClientResponse) -> AsyncGenerator[str, None]:
+        """The body's lines without their line ending, as they arrive. One await per network read, not per
+        line: a token's SSE event is two lines, and readline() costs a coroutine each."""
+        content = response.content
+        rest = b""
+        try:
+            while chunk := await content.readany():
+                lines = (rest + chunk).split(b"\n")
+                rest = lines.pop()
+                for line in lines:
+                    yield line.removesuffix(b"\r").decode("utf-8", "replace")
+        except TimeoutError as exc:
+            raise LLMTimeout(f"LLM backend at {self.base_url} stalled mid-stream") from exc
+        except aiohttp.ClientError as exc:
+            raise LLMUnavailable(f"LLM stream from {self.base_url} was interrupted ({type(exc).__name__})") from exc
+        if rest:
+            yield rest.removesuffix(b"\r").decode("utf-8", "replace")
+
+    @staticmethod
+    def finish(response: aiohttp.ClientResponse) -> None:
+        """A body read to its end leaves its connection in the pool; otherwise (the stream was abandoned:
+        client gone, blocked answer) the connection is closed, which is what makes the backend stop
+        generating."""
+        if response.content.is_eof():
+            response.release()
+        else:
+            response.close()
 
     async def aclose(self) -> None:
         session, self._session = self._session, None

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import re
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from app.llm.base import GenerationOptions, LLMBadResponse, LLMUnavailable, Usage
 from app.llm.client import OpenAICompatClient
 from app.llm.embedded import EmbeddedLLMServer
+from tests.fixtures.llm import TEST_MODEL
 
 QUESTION = [{"role": "user", "content": "Name three colors."}]
 
@@ -105,3 +110,56 @@ async def test_closed_server_is_unavailable(embedded_model_path: Path) -> None:
         await client.health()
     assert time.monotonic() - started < 3
     await client.aclose()
+
+
+async def _slots_processing(server: EmbeddedLLMServer) -> float:
+    async with httpx.AsyncClient(timeout=5) as http:
+        metrics = (await http.get(f"{server.root_url}/metrics")).text
+    match = re.search(r"^llamacpp:requests_processing\s+([0-9.e+-]+)", metrics, re.M)
+    assert match, metrics[:300]
+    return float(match.group(1))
+
+
+@pytest.mark.parametrize("how", ["cancel", "aclose"])
+async def test_leaving_a_stream_stops_generation(
+    embedded_llm_server: EmbeddedLLMServer, embedded_llm_client: OpenAICompatClient, how: str
+) -> None:
+    """The client went away (the turn's task is cancelled) or the answer was blocked (the stream is closed):
+    the connection must close so llama.cpp frees the slot at once. Over httpx it stayed open and llama.cpp
+    generated on to max_tokens."""
+    # ignore_eos: ~8 s of generation if nobody stops it, so only the cancellation can end it within the wait.
+    options = GenerationOptions(max_tokens=700, temperature=0.8, extra={"ignore_eos": True})
+    stream = embedded_llm_client.stream([{"role": "user", "content": "Tell me a long story."}], options)
+    if how == "cancel":
+        first = asyncio.Event()
+
+        async def consume() -> None:
+            async for _ in stream:
+                first.set()
+
+        task = asyncio.create_task(consume())
+        await asyncio.wait_for(first.wait(), 30)
+        assert await _slots_processing(embedded_llm_server) == 1
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    else:
+        assert await anext(stream)
+        assert await _slots_processing(embedded_llm_server) == 1
+        await stream.aclose()  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 3
+    while await _slots_processing(embedded_llm_server) > 0:
+        assert time.monotonic() < deadline, "llama.cpp kept generating after the stream was left"
+        await asyncio.sleep(0.05)
+
+
+async def test_back_to_back_streams_need_no_retry(embedded_llm_url: str) -> None:
+    """llama.cpp closes the connection after each streamed answer; a pooled one was reused before its close
+    was seen and the next stream failed (with max_retries=0) or waited for a retry."""
+    client = OpenAICompatClient(embedded_llm_url, TEST_MODEL, flavor="embedded", max_retries=0)
+    try:
+        for _ in range(4):
+            deltas = [d async for d in client.stream(QUESTION, GenerationOptions(max_tokens=3, temperature=0))]
+            assert deltas
+    finally:
+        await client.aclose()

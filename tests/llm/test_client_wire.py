@@ -308,7 +308,6 @@ async def test_options_map_to_openai_fields() -> None:
     }
 
 
-
 def test_the_environment_proxy_is_resolved_once_like_httpx(monkeypatch: pytest.MonkeyPatch) -> None:
     from app.llm.json_post import env_proxy
 
