@@ -7,7 +7,7 @@ Flavors differ only where the servers do:
   lora_path}; health = GET <root>/health.
 
 Errors are typed (app/llm/base.py). Every call, streams included, goes over one pooled aiohttp session
-(app/llm/json_post.py), which retries connection failures only before the response headers arrive, so a
+(app/llm/transport.py), which retries connection failures only before the response headers arrive, so a
 request is never replayed once the backend started answering and a stream is never retried mid-way.
 
 Streaming usage: `stream(..., on_usage=callback)` calls `callback(Usage)` when the server sends the final
@@ -35,7 +35,7 @@ from app.llm.base import (
     LLMUnavailable,
     Usage,
 )
-from app.llm.json_post import JsonPoster
+from app.llm.transport import BackendTransport
 from app.observability.context import current_request_id
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def _normalize_adapters(adapters: Mapping[str, LoRAAdapter | str] | Iterable[str
 
 
 class OpenAICompatClient:
-    """Implements app.llm.base.ChatBackend over one pooled aiohttp session (app/llm/json_post.py)."""
+    """Implements app.llm.base.ChatBackend over one pooled aiohttp session (app/llm/transport.py)."""
 
     def __init__(
         self,
@@ -107,7 +107,7 @@ class OpenAICompatClient:
             if pathless:
                 raise ValueError(f"trtllm-serve needs a path for each LoRA adapter (name=path): {', '.join(pathless)}")
         headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
-        self._http = JsonPoster(
+        self._http = BackendTransport(
             self.base_url,
             headers=headers,
             timeout_s=timeout_s,

@@ -309,7 +309,7 @@ async def test_options_map_to_openai_fields() -> None:
 
 
 def test_the_environment_proxy_is_resolved_once_like_httpx(monkeypatch: pytest.MonkeyPatch) -> None:
-    from app.llm.json_post import env_proxy
+    from app.llm.transport import env_proxy
 
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy"):
         monkeypatch.delenv(name, raising=False)

@@ -41,7 +41,7 @@ def env_proxy(url: str) -> str | None:
     return str(proxy)
 
 
-class JsonPoster:
+class BackendTransport:
     """Requests with a JSON body; errors are the typed LLM errors of app/llm/base.py.
 
     `post` returns the whole body of a JSON call; `open` + `lines` + `finish` stream a response line by line.
