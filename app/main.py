@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -117,10 +118,16 @@ def create_app(settings: Settings | None = None, state_factory: StateFactory | N
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = await (state_factory or build_state)(settings)
         app.state.guardchat = state
+        # Startup leaves ~400k long-lived objects (torch, transformers, NeMo, the index). Every full garbage
+        # collection would walk them all (120-300 ms on 2 cores: a stall for every request in flight), and they
+        # live as long as the process: collect once, then move them out of the collector's reach.
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:
             await close_state(state)
+            gc.unfreeze()  # back to normal generations (tests start many apps in one process)
 
     app = FastAPI(
         title="guardchat",
