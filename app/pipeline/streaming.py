@@ -3,8 +3,9 @@
 Deltas from the LLM are buffered into chunks of about `chunk_chars` (cut on whitespace where
 possible). Each chunk is checked together with up to `context_chars` of the text before it (so a
 harmful sentence split across chunks is still seen whole), and released only once it passes. The
-last, partial chunk is checked too. On a block we stop consuming the generator and close it, which
-cancels generation, and finish with the blocking decision.
+last, partial chunk is checked too. On a block we stop consuming the generator and close it, and finish
+with the blocking decision; the caller cancels generation (app/pipeline/turn.py: the LLM runs in its own
+task, which closing a queue reader does not stop).
 """
 
 from __future__ import annotations

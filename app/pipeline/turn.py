@@ -262,6 +262,7 @@ class TurnRunner:
         shown = final.released_text
         if blocking is not None:
             _cancel(grounding)
+            await generation.cancel()  # nothing more can be shown: the backend must stop generating now
         elif grounding is not None:
             with timer.stage("groundedness"):  # only what is left of it after the last window's check
                 grounded = await grounding

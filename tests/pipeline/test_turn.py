@@ -10,6 +10,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+from starlette.responses import StreamingResponse
+
 from app.llm.client import OpenAICompatClient
 from app.pipeline.turn import TurnRequest, TurnRunner
 from app.sessions.redis import SessionBusy
@@ -151,3 +153,43 @@ async def test_a_standalone_question_is_embedded_while_the_session_loads(
         ("history", False),  # the follow-up's embedding waited for the history (2 s timeout)
         ("embed", ("and that one?", f"{standalone} and that one?")),
     ]
+
+
+async def test_an_output_rail_block_stops_generation(
+    redis_store_factory: StoreFactory, embedder, tmp_path: Path
+) -> None:
+    """Once an output window is blocked nothing more of the answer can be shown, so the LLM request is closed at
+    once (the backend stops generating) instead of streaming on to max_tokens in the background."""
+    sent: list[int] = []
+    stopped = threading.Event()
+    words = ["The ", "bomb ", "squad ", *[f"word{i} " for i in range(200)]]  # "bomb" is the blocked word
+
+    async def handler(request, body):
+        async def generate() -> AsyncIterator[str]:
+            try:
+                for index, event in enumerate(wire.sse(words)):
+                    yield event
+                    sent.append(index)
+                    await asyncio.sleep(0.02)
+            finally:
+                stopped.set()
+
+        return StreamingResponse(generate(), media_type="text/event-stream")
+
+    with wire.serve({("POST", "/v1/chat/completions"): handler}) as server:
+        llm = OpenAICompatClient(server.base_url, "m")
+        state = AppState(
+            settings=Settings(data_dir=tmp_path, rag_enabled=False),
+            llm=llm,
+            store=redis_store_factory(),
+            embedder=embedder,
+            retriever=None,
+            rails=initial_live(),
+        )
+        try:
+            result = await TurnRunner(state).run(TurnRequest(messages=[{"role": "user", "content": QUESTION}]))
+            assert result.blocked and result.status == "blocked"
+            assert await asyncio.to_thread(stopped.wait, 2.0), "the LLM kept streaming after the block"
+            assert len(sent) < 100  # 200+ events at 20 ms each would take over 4 s
+        finally:
+            await llm.aclose()
