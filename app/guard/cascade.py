@@ -40,13 +40,28 @@ class Thresholds:
     attack_block: float = 0.8
     attack_allow: float = 0.4
     off_topic_block: float = 0.7
+    # Answer windows (embedded mode) below this are allowed without the embedded judge; None = unsafe_block, so
+    # the judge is never asked about answers. Measured: in the detector's band the small judge is close to noise
+    # (5% of harmful vs 8% of benign text judged unsafe, docs/evaluation.md), while 10-18% of benign
+    # knowledge-base windows score in the band, so asking it cut off benign answers mid-stream.
+    answer_unsafe_allow: float | None = None
 
     @classmethod
     def resolve(cls, detector: Detector | None, overrides: dict[str, float]) -> Thresholds:
         base: DetectorThresholds | Thresholds = detector.thresholds if detector is not None else cls()
-        values = {name: float(getattr(base, name)) for name in cls.__dataclass_fields__}
+        values: dict[str, float] = {}
+        for name in cls.__dataclass_fields__:
+            value = getattr(base, name, None)  # the detector stores no answer_unsafe_allow
+            if value is not None:
+                values[name] = float(value)
         values.update(overrides)
         return cls(**values)
+
+    def allow_below(self, role: Role) -> float:
+        """Stage 1 allows a message scoring below this without asking the judge."""
+        if role == "User":
+            return self.unsafe_allow
+        return self.unsafe_block if self.answer_unsafe_allow is None else self.answer_unsafe_allow
 
 
 @dataclass
@@ -179,7 +194,9 @@ class SafetyCascade:
             if scores.unsafe >= t.unsafe_block:
                 top = sorted(scores.categories.items(), key=lambda kv: -kv[1])[:1]
                 return RailResult(name, "block", [c for c, _ in top], scores.unsafe, _ms(started), info)
-            if scores.unsafe < t.unsafe_allow:
+            if scores.unsafe < t.allow_below(role):
+                if scores.unsafe >= t.unsafe_allow:
+                    info += " (an answer: no judge below answer_unsafe_allow)"
                 return RailResult(name, "allow", [], scores.unsafe, _ms(started), info)
             detail = f"stage1 uncertain unsafe={scores.unsafe:.2f}; "
         if self.judge is None:

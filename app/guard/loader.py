@@ -100,7 +100,9 @@ class GuardchatSection(BaseModel):
     @field_validator("thresholds")
     @classmethod
     def _thresholds(cls, value: dict[str, float]) -> dict[str, float]:
-        known = {"unsafe_block", "unsafe_allow", "attack_block", "attack_allow", "off_topic_block"}
+        from app.guard.cascade import Thresholds
+
+        known = set(Thresholds.__dataclass_fields__)
         unknown = sorted(set(value) - known)
         if unknown:
             raise ValueError(f"unknown thresholds {unknown}; known: {sorted(known)}")

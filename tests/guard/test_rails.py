@@ -79,7 +79,8 @@ async def test_embedded_judge_answers_under_the_grammar(embedder, embedded_judge
     """Force every text into the uncertain band so that stage 2 (the embedded LLM) decides."""
     files = {p.relative_to(RAILS_DIR).as_posix(): p.read_text() for p in RAILS_DIR.rglob("*.*")}
     files["config.yml"] = files["config.yml"].replace(
-        "  thresholds:\n", "  thresholds:\n    unsafe_allow: 0.0\n    unsafe_block: 1.01\n"
+        "  thresholds:\n",
+        "  thresholds:\n    unsafe_allow: 0.0\n    answer_unsafe_allow: 0.0\n    unsafe_block: 1.01\n",
     )
     guard = await asyncio.to_thread(
         build_guard, files, Settings(guard_timeout_s=60), llm=embedded_judge, embedder=embedder, detector=detector
@@ -94,6 +95,32 @@ async def test_embedded_judge_answers_under_the_grammar(embedder, embedded_judge
         assert rail.detail and "stage1 uncertain" in rail.detail and "stage2 judge: " in rail.detail
         assert guard.cascade.judge is not None
         assert all(c in guard.cascade.judge.codes for c in rail.categories)
+
+
+async def test_answers_in_the_uncertain_band_are_not_sent_to_the_embedded_judge(embedder, detector) -> None:
+    """By default only user messages in the detector's band go to the embedded judge: on answer windows it cut
+    off benign answers (docs/rails.md). Here every text is in the band and there is no judge at all: the user
+    message fails closed, the answer is allowed by stage 1."""
+    files = {p.relative_to(RAILS_DIR).as_posix(): p.read_text() for p in RAILS_DIR.rglob("*.*")}
+    files["config.yml"] = files["config.yml"].replace(
+        "  thresholds:\n", "  thresholds:\n    unsafe_allow: 0.0\n    unsafe_block: 1.01\n"
+    )
+    guard = await asyncio.to_thread(
+        build_guard,
+        files,
+        Settings(guard_timeout_s=1),
+        llm=None,  # type: ignore[arg-type]
+        embedder=embedder,
+        detector=detector,
+    )
+    asked = await _check(guard, embedder, "How do I order new checks?")
+    assert not asked.allowed and asked.guard_error, asked
+    answer = await guard.check_output(
+        [{"role": "user", "content": "How do I order new checks?"}], "Open the app, tap Accounts, then Order checks."
+    )
+    rail = _rail(answer, "safety_output")
+    assert answer.allowed and rail.verdict == "allow", answer
+    assert "no judge below answer_unsafe_allow" in (rail.detail or ""), rail
 
 
 async def test_checks_are_fast_and_make_no_llm_call_when_stage1_is_sure(embedder, detector) -> None:
