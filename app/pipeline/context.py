@@ -22,6 +22,17 @@ def stands_alone(question: str) -> bool:
     return not looks_like_follow_up(question)
 
 
+def attributed_citations(answer: str, sources: list[Chunk], idk_text: str) -> str:
+    """For an answer that cites nothing: the markers of the sources that support it by wording (" [1][3]"), or
+    "" (small models often drop the [n] the prompt asks for; RAG answers mostly restate their sources)."""
+    try:
+        from app.rag.grounding import supporting_sources
+    except ImportError:  # RAG package not installed in this build
+        return ""
+    numbers = supporting_sources(answer, sources, idk_text)
+    return " " + "".join(f"[{n}]" for n in numbers) if numbers else ""
+
+
 async def rewrite(state: AppState, question: str, history: list[dict[str, str]], timer: Timer) -> dict[str, Any]:
     with timer.stage("rewrite"):
         try:

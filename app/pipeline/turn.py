@@ -280,6 +280,13 @@ class TurnRunner:
         else:
             answer = final.full_text
             citations = self._citations(answer, sources) if sources else []
+            if sources and not citations:
+                suffix = context.attributed_citations(answer, sources, texts.idk)
+                if suffix:  # markers only: text the rails already passed stays as it was
+                    yield Delta(suffix)
+                    answer += suffix
+                    citations = self._citations(answer, sources)
+                    trace["citations"] = "attributed by wording"
             result = self._result(answer, False, session_id, turn_id, rail_results, citations, timer, trace, t_start)
             result.finish_reason = generation.finish_reason or "stop"
         result.prompt_tokens = generation.prompt_tokens

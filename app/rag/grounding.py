@@ -78,6 +78,23 @@ def lexically_supported(sentence: str, source_tokens: set[str]) -> bool:
     return len(tokens & source_tokens) / len(tokens) >= LEXICAL_COVERAGE
 
 
+def supporting_sources(answer: str, chunks: list[Chunk], idk_text: str = DEFAULT_IDK) -> list[int]:
+    """The 1-based numbers of the sources that each support a claim sentence of `answer` on their own, by wording
+    (every number verbatim): how an answer that cites nothing gets its citations attributed, never guessed. A
+    sentence several sources support credits the one sharing most of its words."""
+    sentences = claim_sentences(answer, idk_text)
+    if not sentences or not chunks:
+        return []
+    per_source = [_content_tokens(f"{c.title} {c.content}") for c in chunks]
+    found: set[int] = set()
+    for sentence in sentences:
+        tokens = _content_tokens(sentence)
+        best = max(range(len(chunks)), key=lambda i: len(tokens & per_source[i]))
+        if lexically_supported(sentence, per_source[best]):
+            found.add(best + 1)
+    return sorted(found)
+
+
 # (unsupported sentences, chunks) -> True when the judge finds them supported after all.
 GroundednessJudge = Callable[[list[str], list[Chunk]], Awaitable[bool]]
 

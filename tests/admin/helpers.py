@@ -64,6 +64,11 @@ class BlockedWordsGuard:
     ) -> GuardDecision:
         return self._decide("blocked_words_output", answer)
 
+    async def check_groundedness(
+        self, messages: list[dict[str, str]], answer: str, context: list[str]
+    ) -> GuardDecision:
+        return GuardDecision(True, [])
+
     async def aclose(self) -> None:
         return None
 

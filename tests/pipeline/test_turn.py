@@ -14,12 +14,15 @@ from starlette.responses import StreamingResponse
 
 from app.llm.client import OpenAICompatClient
 from app.pipeline.turn import TurnRequest, TurnRunner
+from app.rag.ingest import ingest
+from app.rag.retrieve import HybridRetriever
 from app.sessions.redis import SessionBusy
 from app.settings import Settings
 from app.state import AppState
 from tests.admin.helpers import initial_live
 from tests.fixtures.redis import StoreFactory
 from tests.llm import wire
+from tests.rag.conftest import CORPUS, make_settings, write_corpus
 
 QUESTION = "How do I freeze my card?"
 
@@ -193,3 +196,40 @@ async def test_an_output_rail_block_stops_generation(
             assert len(sent) < 100  # 200+ events at 20 ms each would take over 4 s
         finally:
             await llm.aclose()
+
+
+async def test_an_answer_without_citations_gets_the_sources_that_support_it(
+    redis_store_factory: StoreFactory, embedder, tmp_path: Path
+) -> None:
+    """Small models often drop the [n] the prompt asks for. The sources that support the answer by wording are
+    then cited after it; an answer the sources do not support gets no citation."""
+    settings = make_settings(tmp_path)
+    ingest(write_corpus(settings.knowledge_dir, CORPUS), settings, embedder=embedder, progress=False)
+    answers = [
+        "Outgoing domestic wire transfers cost $25 each and must be submitted before 4 pm Eastern.",
+        "Wires are free on Sundays for every customer.",
+    ]
+
+    async def handler(request, body):
+        return wire.stream_response(wire.sse([answers.pop(0)]))
+
+    with wire.serve({("POST", "/v1/chat/completions"): handler}) as server:
+        llm = OpenAICompatClient(server.base_url, "m")
+        state = AppState(
+            settings=settings,
+            llm=llm,
+            store=redis_store_factory(),
+            embedder=embedder,
+            retriever=HybridRetriever(settings),
+            rails=initial_live(),
+        )
+        try:
+            question = [{"role": "user", "content": "How much does an outgoing domestic wire transfer cost?"}]
+            supported = await TurnRunner(state).run(TurnRequest(messages=question))
+            invented = await TurnRunner(state).run(TurnRequest(messages=question))
+        finally:
+            await llm.aclose()
+    assert supported.answer.endswith("Eastern. [1]"), supported.answer
+    assert [c["document_id"] for c in supported.citations] == ["wires"]
+    assert supported.trace["citations"] == "attributed by wording"
+    assert invented.answer == "Wires are free on Sundays for every customer." and invented.citations == []

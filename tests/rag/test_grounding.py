@@ -106,3 +106,15 @@ def test_a_number_missing_from_the_sources_is_never_supported_by_wording() -> No
     assert not lexically_supported("Outgoing domestic wire transfers are free for premier customers.", sources)
     assert not lexically_supported("You can't lock your debit card in the mobile app.", sources)
     assert not lexically_supported("You can never lock your debit card in the mobile app.", sources)
+
+
+def test_an_answer_that_cites_nothing_gets_the_sources_that_support_it_by_wording() -> None:
+    from app.rag.grounding import supporting_sources
+
+    answer = "You can lock your debit card instantly in the mobile app under Cards. Outgoing domestic wires cost $25."
+    assert supporting_sources(answer, CHUNKS) == [1, 2]
+    assert supporting_sources("You can lock your debit card instantly in the mobile app under Cards.", CHUNKS) == [2]
+    # Nothing attributed to a claim the sources do not make: a wrong number, an invention, "I don't know".
+    assert supporting_sources("Outgoing domestic wire transfers cost $45 each.", CHUNKS) == []
+    assert supporting_sources("Every new customer also receives a free cruise to the Bahamas.", CHUNKS) == []
+    assert supporting_sources("I don't know. I couldn't find that in our knowledge base.", CHUNKS) == []
