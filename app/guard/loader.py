@@ -100,7 +100,7 @@ class GuardchatSection(BaseModel):
     @field_validator("thresholds")
     @classmethod
     def _thresholds(cls, value: dict[str, float]) -> dict[str, float]:
-        from app.guard.cascade import Thresholds
+        from app.guard.cascade import Thresholds  # here, not at the top: cascade imports this module
 
         known = set(Thresholds.__dataclass_fields__)
         unknown = sorted(set(value) - known)

@@ -137,11 +137,9 @@ class TurnRunner:
             query = rewrite["query"]
             if early_embed is not None:
                 user_vec = (await early_embed)[0]
-                query_vec = user_vec if query == user_text else await self._embed_one(query, timer)
+                query_vec = user_vec if query == user_text else (await self._embed([query], timer))[0]
             else:
-                with timer.stage("embed"):
-                    to_embed = [user_text] if query == user_text else [user_text, query]
-                    vectors = await asyncio.to_thread(st.embedder.embed, to_embed)
+                vectors = await self._embed([user_text] if query == user_text else [user_text, query], timer)
                 user_vec, query_vec = vectors[0], vectors[-1]
 
             input_task = asyncio.create_task(
@@ -306,9 +304,9 @@ class TurnRunner:
         finally:
             timer.timings[name] = (time.perf_counter() - start) * 1000
 
-    async def _embed_one(self, text: str, timer: Timer) -> np.ndarray:
+    async def _embed(self, texts: list[str], timer: Timer) -> np.ndarray:
         with timer.stage("embed"):
-            return (await asyncio.to_thread(self.state.embedder.embed, [text]))[0]
+            return await asyncio.to_thread(self.state.embedder.embed, texts)
 
     @staticmethod
     def _citations(answer: str, sources: list[Chunk]) -> list[dict[str, Any]]:
