@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 
 from app.guard.base import RailResult
 from app.guard.passthrough import PassThroughGuard
-from app.guard.rails import build_guard
+from app.guard.rails import RailsGuard, build_guard
 from app.settings import Settings
 from tests.guard.conftest import RAILS_DIR
 
@@ -75,15 +76,21 @@ async def test_alarming_but_fine_bank_questions_pass(embedded_guard, embedder, t
     assert {r.name for r in decision.rails} == {"safety_input", "attack", "topic"}  # all three ran
 
 
-async def test_embedded_judge_answers_under_the_grammar(embedder, embedded_judge, detector) -> None:
-    """Force every text into the uncertain band so that stage 2 (the embedded LLM) decides."""
+async def _guard_with_band_everywhere(
+    extra_thresholds: str, llm: Any, settings: Settings, embedder: Any, detector: Any
+) -> RailsGuard:
+    """The shipped rails with every text in the detector's uncertain band (plus `extra_thresholds` lines)."""
     files = {p.relative_to(RAILS_DIR).as_posix(): p.read_text() for p in RAILS_DIR.rglob("*.*")}
     files["config.yml"] = files["config.yml"].replace(
-        "  thresholds:\n",
-        "  thresholds:\n    unsafe_allow: 0.0\n    answer_unsafe_allow: 0.0\n    unsafe_block: 1.01\n",
+        "  thresholds:\n", f"  thresholds:\n    unsafe_allow: 0.0\n{extra_thresholds}    unsafe_block: 1.01\n"
     )
-    guard = await asyncio.to_thread(
-        build_guard, files, Settings(guard_timeout_s=60), llm=embedded_judge, embedder=embedder, detector=detector
+    return await asyncio.to_thread(build_guard, files, settings, llm=llm, embedder=embedder, detector=detector)
+
+
+async def test_embedded_judge_answers_under_the_grammar(embedder, embedded_judge, detector) -> None:
+    """Force every text into the uncertain band so that stage 2 (the embedded LLM) decides."""
+    guard = await _guard_with_band_everywhere(
+        "    answer_unsafe_allow: 0.0\n", embedded_judge, Settings(guard_timeout_s=60), embedder, detector
     )
     for decision in [
         await _check(guard, embedder, "How do I order new checks?"),
@@ -101,18 +108,7 @@ async def test_answers_in_the_uncertain_band_are_not_sent_to_the_embedded_judge(
     """By default only user messages in the detector's band go to the embedded judge: on answer windows it cut
     off benign answers (docs/rails.md). Here every text is in the band and there is no judge at all: the user
     message fails closed, the answer is allowed by stage 1."""
-    files = {p.relative_to(RAILS_DIR).as_posix(): p.read_text() for p in RAILS_DIR.rglob("*.*")}
-    files["config.yml"] = files["config.yml"].replace(
-        "  thresholds:\n", "  thresholds:\n    unsafe_allow: 0.0\n    unsafe_block: 1.01\n"
-    )
-    guard = await asyncio.to_thread(
-        build_guard,
-        files,
-        Settings(guard_timeout_s=1),
-        llm=None,  # type: ignore[arg-type]
-        embedder=embedder,
-        detector=detector,
-    )
+    guard = await _guard_with_band_everywhere("", None, Settings(guard_timeout_s=1), embedder, detector)
     asked = await _check(guard, embedder, "How do I order new checks?")
     assert not asked.allowed and asked.guard_error, asked
     answer = await guard.check_output(

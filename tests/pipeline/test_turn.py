@@ -27,6 +27,13 @@ from tests.rag.conftest import CORPUS, make_settings, write_corpus
 QUESTION = "How do I freeze my card?"
 
 
+def pipeline_state(settings: Settings, llm: Any, store: Any, embedder: Any, retriever: Any = None) -> AppState:
+    """Real parts around the turn: the given store, embedder and LLM client; the blocked-words test guard."""
+    return AppState(
+        settings=settings, llm=llm, store=store, embedder=embedder, retriever=retriever, rails=initial_live()
+    )
+
+
 class LockRecordingStore:
     """The real Redis store, noting when a turn lets go of a session's lock."""
 
@@ -60,14 +67,7 @@ async def test_run_releases_the_session_lock_before_it_returns(
     impatient = redis_store_factory(lock_wait_s=0.01, lock_poll_s=0.005)  # same keys, gives up at once
     with wire.serve({("POST", "/v1/chat/completions"): handler}) as server:
         llm = OpenAICompatClient(server.base_url, "m")
-        state = AppState(
-            settings=Settings(data_dir=tmp_path, rag_enabled=False),
-            llm=llm,
-            store=store,
-            embedder=embedder,
-            retriever=None,
-            rails=initial_live(),
-        )
+        state = pipeline_state(Settings(data_dir=tmp_path, rag_enabled=False), llm, store, embedder)
         try:
             session = await store.create()
             runner = TurnRunner(state)
@@ -132,13 +132,8 @@ async def test_a_standalone_question_is_embedded_while_the_session_loads(
     store = HistoryWaitsForEmbedding(redis_store_factory(), recording, events)
     with wire.serve({("POST", "/v1/chat/completions"): handler}) as server:
         llm = OpenAICompatClient(server.base_url, "m")
-        state = AppState(
-            settings=Settings(data_dir=tmp_path, rag_enabled=False, query_rewrite="join"),
-            llm=llm,
-            store=store,
-            embedder=recording,
-            retriever=None,
-            rails=initial_live(),
+        state = pipeline_state(
+            Settings(data_dir=tmp_path, rag_enabled=False, query_rewrite="join"), llm, store, recording
         )
         try:
             session = await store.create()
@@ -181,14 +176,7 @@ async def test_an_output_rail_block_stops_generation(
 
     with wire.serve({("POST", "/v1/chat/completions"): handler}) as server:
         llm = OpenAICompatClient(server.base_url, "m")
-        state = AppState(
-            settings=Settings(data_dir=tmp_path, rag_enabled=False),
-            llm=llm,
-            store=redis_store_factory(),
-            embedder=embedder,
-            retriever=None,
-            rails=initial_live(),
-        )
+        state = pipeline_state(Settings(data_dir=tmp_path, rag_enabled=False), llm, redis_store_factory(), embedder)
         try:
             result = await TurnRunner(state).run(TurnRequest(messages=[{"role": "user", "content": QUESTION}]))
             assert result.blocked and result.status == "blocked"
@@ -215,14 +203,7 @@ async def test_an_answer_without_citations_gets_the_sources_that_support_it(
 
     with wire.serve({("POST", "/v1/chat/completions"): handler}) as server:
         llm = OpenAICompatClient(server.base_url, "m")
-        state = AppState(
-            settings=settings,
-            llm=llm,
-            store=redis_store_factory(),
-            embedder=embedder,
-            retriever=HybridRetriever(settings),
-            rails=initial_live(),
-        )
+        state = pipeline_state(settings, llm, redis_store_factory(), embedder, HybridRetriever(settings))
         try:
             question = [{"role": "user", "content": "How much does an outgoing domestic wire transfer cost?"}]
             supported = await TurnRunner(state).run(TurnRequest(messages=question))
