@@ -15,7 +15,7 @@ from sse_starlette import EventSourceResponse
 from app.api.deps import StateDep
 from app.api.errors import APIError, error_body, exception_to_error
 from app.api.schemas import ChatCompletionRequest
-from app.api.security import check_message_limits, request_owner, require_session_owner  # hardening (issue 6)
+from app.api.security import check_message_limits, request_owner
 from app.pipeline.turn import Delta, Done, TurnInputError, TurnRequest, TurnResult, TurnRunner
 from app.state import AppState
 
@@ -39,7 +39,12 @@ def _pick_adapter(state: AppState, body: ChatCompletionRequest, header: str | No
 
 
 def _turn_request(
-    state: AppState, body: ChatCompletionRequest, session_id: str | None, adapter: str | None, request_id: str
+    state: AppState,
+    body: ChatCompletionRequest,
+    session_id: str | None,
+    adapter: str | None,
+    request_id: str,
+    owner: str | None,
 ) -> TurnRequest:
     if not body.messages:
         raise APIError(400, "`messages` must not be empty.", "empty_messages")
@@ -61,7 +66,10 @@ def _turn_request(
         adapter=adapter,
         request_id=request_id,
         stream=body.stream,
-        session_checked=session_id is not None,  # chat_completions checked its owner just before
+        # A session continues only for the key that created it (404 otherwise, as if it did not exist); the
+        # turn checks this in the same Redis round trip that locks the session and reads its history.
+        owner=owner,
+        check_owner=True,
     )
 
 
@@ -84,14 +92,10 @@ async def chat_completions(
 ) -> JSONResponse | EventSourceResponse:
     request_id = x_request_id or uuid.uuid4().hex
     session_id = x_session_id or body.session_id
-    # Hardening (issue 6): size limits (413 naming the limit), and a session only continues for the key
-    # that created it (404 otherwise, as if it did not exist).
-    check_message_limits(body.messages, state.settings)
-    if session_id is not None:
-        await require_session_owner(state.store, session_id, request_owner(request))
+    check_message_limits(body.messages, state.settings)  # hardening (issue 6): 413 naming the limit
     adapter = _pick_adapter(state, body, x_adapter)
     try:
-        turn = _turn_request(state, body, session_id, adapter, request_id)
+        turn = _turn_request(state, body, session_id, adapter, request_id, request_owner(request))
     except TurnInputError as exc:
         raise APIError(400, str(exc), "invalid_messages") from exc
     runner = TurnRunner(state)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from app.llm.base import (
     Usage,
 )
 from app.llm.transport import BackendTransport
+from app.observability import model_time
 from app.observability.context import current_request_id
 
 log = logging.getLogger(__name__)
@@ -157,6 +159,7 @@ class OpenAICompatClient:
             # not write request body"; an error with max_retries=0, else a retry after 0.1 s). Asked to
             # close, llama.cpp says `Connection: close` and aiohttp does not pool the connection.
             headers["Connection"] = "close"
+        started = time.perf_counter()
         response = await self._http.open("POST", self.base_url + "/chat/completions", body, headers)
         try:
             # aclosing: when our consumer stops early, the parsers stop now, not whenever they are collected.
@@ -168,6 +171,7 @@ class OpenAICompatClient:
                     yield delta
         finally:
             self._http.finish(response)  # closes the connection if the stream was left mid-way
+            model_time.record(started)
 
     async def health(self) -> None:
         timeout = aiohttp.ClientTimeout(

@@ -25,6 +25,7 @@ import aiohttp
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from app.llm.base import LLMError, LLMTimeout, LLMUnavailable
+from app.observability import model_time
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -138,7 +139,8 @@ class BackendTransport:
             response.release()
 
     async def post(self, url: str, body: dict[str, Any], headers: dict[str, str]) -> bytes:
-        return await self.read(await self.open("POST", url, body, headers))
+        with model_time.span():
+            return await self.read(await self.open("POST", url, body, headers))
 
     async def lines(self, response: aiohttp.ClientResponse) -> AsyncGenerator[str, None]:
         """The body's lines without their line ending, as they arrive. One await per network read, not per

@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Any
 
 from app.llm.base import ChatBackend, Completion, GenerationOptions, LLMError
 from app.observability.metrics import observe_backend_error, timed_store_operation
-from app.sessions.base import SessionInfo, SessionStore, Turn
+from app.sessions.base import OpenTurn, SessionInfo, SessionStore, Turn
 
 
 class InstrumentedSessionStore:
@@ -48,12 +48,33 @@ class InstrumentedSessionStore:
     def lock(self, session_id: str) -> AbstractAsyncContextManager[None]:
         return self.inner.lock(session_id)
 
+    @asynccontextmanager
+    async def open_turn(
+        self, session_id: str, *, last: int, owner: str | None = None, check_owner: bool = False
+    ) -> AsyncIterator[OpenTurn]:
+        async with AsyncExitStack() as stack:
+            with timed_store_operation("open_turn"):  # includes any wait for another turn of the session
+                held = await stack.enter_async_context(
+                    self.inner.open_turn(session_id, last=last, owner=owner, check_owner=check_owner)
+                )
+            yield _TimedTurn(held)
+
     async def ping(self) -> None:
         with timed_store_operation("ping"):
             await self.inner.ping()
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+class _TimedTurn:
+    def __init__(self, inner: OpenTurn) -> None:
+        self.inner = inner
+        self.history = inner.history
+
+    async def commit(self, turn: Turn) -> None:
+        with timed_store_operation("commit"):
+            await self.inner.commit(turn)
 
 
 class InstrumentedChatBackend:

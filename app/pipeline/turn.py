@@ -14,13 +14,14 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import AsyncExitStack
 from typing import Any
 
 import numpy as np
 
 from app.guard.base import AssistantTexts, GuardDecision, RailResult
 from app.llm.base import GenerationOptions
-from app.observability import observe_turn
+from app.observability import model_time, observe_turn
 from app.pipeline import context
 from app.pipeline.generation import SpeculativeGeneration
 from app.pipeline.streaming import TAIL_CHUNKS, Finished, Released, hold_back
@@ -35,7 +36,7 @@ from app.pipeline.turn_types import (
     split_request,
 )
 from app.rag.base import Chunk
-from app.sessions.base import Turn
+from app.sessions.base import OpenTurn, Turn
 from app.state import AppState, LoadedRails
 
 # The turn's data types live in app/pipeline/turn_types.py; callers import them from here too.
@@ -72,56 +73,61 @@ class TurnRunner:
 
     async def events(self, req: TurnRequest) -> AsyncGenerator[Delta | Done, None]:
         prior, user_text = split_request(req.messages)
-        store = self.state.store
+        in_prompt = self.state.settings.history_turns_in_prompt
+        timer = Timer()
+        timer.model_spans = model_time.begin()  # backend calls and the query embedding note their spans in it
+        t_start = time.perf_counter()
         if req.session_id is None:
-            async for ev in self._turn(req, prior, user_text, None):
+            history = prior[-2 * in_prompt :] if in_prompt else []
+            async for ev in self._turn(req, history, user_text, None, timer, t_start, None):
                 if isinstance(ev, Done):
                     observe_turn(ev.result)
                 yield ev
             return
-        if not req.session_checked and await store.get(req.session_id) is None:
-            from app.sessions.base import SessionNotFound
-
-            raise SessionNotFound(req.session_id)
-        # One turn at a time per session: the lock spans load → save so turns never interleave.
-        async with store.lock(req.session_id):
-            async for ev in self._turn(req, prior, user_text, req.session_id):
+        # A question that cannot be a follow-up is its own retrieval query whatever the history holds
+        # (app/rag/rewrite.py), so its one embedding starts now, beside the session load.
+        early_embed: asyncio.Task[np.ndarray] | None = None
+        if context.stands_alone(user_text):
+            early_embed = asyncio.create_task(self._embed([user_text], timer))
+        async with AsyncExitStack() as stack:
+            # One turn at a time per session: it is held from load to save, so turns never interleave. The
+            # prompt takes the last N answered turns; reading 2N leaves room for blocked ones.
+            try:
+                with timer.stage("load_session"):
+                    session = await stack.enter_async_context(
+                        self.state.store.open_turn(
+                            req.session_id, last=2 * in_prompt, owner=req.owner, check_owner=req.check_owner
+                        )
+                    )
+            except BaseException:
+                _cancel(early_embed)
+                raise
+            history = history_messages(session.history, in_prompt)
+            async for ev in self._turn(req, history, user_text, session, timer, t_start, early_embed):
                 if isinstance(ev, Done):
                     observe_turn(ev.result)
                 yield ev
 
     async def _turn(
-        self, req: TurnRequest, prior: list[dict[str, str]], user_text: str, session_id: str | None
+        self,
+        req: TurnRequest,
+        history: list[dict[str, str]],
+        user_text: str,
+        session: OpenTurn | None,
+        timer: Timer,
+        t_start: float,
+        early_embed: asyncio.Task[np.ndarray] | None,
     ) -> AsyncIterator[Delta | Done]:
         st = self.state
         settings = st.settings
         rails: LoadedRails = st.rails.current  # read once: a publish mid-turn does not affect this turn
         guard = rails.guard
         texts: AssistantTexts = guard.texts
-        timer = Timer()
+        session_id = req.session_id if session is not None else None
         turn_id = uuid.uuid4().hex
         trace: dict[str, Any] = {"rails_version": rails.version, "request_id": req.request_id}
-        t_start = time.perf_counter()
-
-        # A question that cannot be a follow-up is its own retrieval query whatever the history holds
-        # (app/rag/rewrite.py), so its one embedding starts now, beside the session load.
-        early_embed: asyncio.Task[np.ndarray] | None = None
-        if session_id is not None and context.stands_alone(user_text):
-            early_embed = asyncio.create_task(
-                self._timed(asyncio.to_thread(st.embedder.embed, [user_text]), timer, "embed")
-            )
-        with timer.stage("load_session"):
-            if session_id is not None:
-                # The prompt takes the last N answered turns; reading 2N leaves room for blocked ones.
-                try:
-                    turns = await st.store.history(session_id, last=2 * settings.history_turns_in_prompt)
-                except BaseException:
-                    _cancel(early_embed)
-                    raise
-                trace["history_turns"] = len(turns)
-                history = history_messages(turns, settings.history_turns_in_prompt)
-            else:
-                history = prior[-2 * settings.history_turns_in_prompt :] if settings.history_turns_in_prompt else []
+        if session is not None:
+            trace["history_turns"] = len(session.history)
         conversation = history + [{"role": "user", "content": user_text}]
         # A remote Llama Guard input check needs only the text: started now, it overlaps the embedding.
         prefetch = guard.prefetch_input(conversation)
@@ -182,7 +188,7 @@ class TurnRunner:
             result = self._result(answer, True, session_id, turn_id, rail_results, [], timer, trace, t_start)
             result.status = "blocked"
             trace["blocked_by"] = decision.blocked_by
-            await self._save(session_id, user_text, result, timer)
+            await self._save(session, user_text, result, timer)
             yield Done(result)
             return
 
@@ -190,7 +196,7 @@ class TurnRunner:
             yield Delta(texts.idk)
             result = self._result(texts.idk, False, session_id, turn_id, rail_results, [], timer, trace, t_start)
             result.finish_reason = "stop"
-            await self._save(session_id, user_text, result, timer)
+            await self._save(session, user_text, result, timer)
             yield Done(result)
             return
 
@@ -245,7 +251,7 @@ class TurnRunner:
             result = self._result(partial, False, session_id, turn_id, rail_results, [], timer, trace, t_start)
             result.status = "interrupted"
             result.finish_reason = "interrupted"
-            await asyncio.shield(self._save(session_id, user_text, result, timer))
+            await asyncio.shield(self._save(session, user_text, result, timer))
             raise
         except BaseException:
             _cancel(grounding)
@@ -291,7 +297,7 @@ class TurnRunner:
         result.completion_tokens = generation.completion_tokens
         trace["prompt_tokens"] = result.prompt_tokens
         trace["completion_tokens"] = result.completion_tokens
-        await self._save(session_id, user_text, result, timer)
+        await self._save(session, user_text, result, timer)
         yield Done(result)
 
     # --- stages -------------------------------------------------------------------------------
@@ -305,7 +311,7 @@ class TurnRunner:
             timer.timings[name] = (time.perf_counter() - start) * 1000
 
     async def _embed(self, texts: list[str], timer: Timer) -> np.ndarray:
-        with timer.stage("embed"):
+        with timer.stage("embed"), model_time.span():
             return await asyncio.to_thread(self.state.embedder.embed, texts)
 
     @staticmethod
@@ -326,7 +332,10 @@ class TurnRunner:
         trace: dict[str, Any],
         t_start: float,
     ) -> TurnResult:
-        timer.timings["total"] = (time.perf_counter() - t_start) * 1000
+        now = time.perf_counter()
+        timer.timings["total"] = (now - t_start) * 1000
+        # The part of the turn spent waiting on models (LLM, Llama Guard, the query embedding), overlaps once.
+        timer.timings["model"] = model_time.covered_ms(timer.model_spans, t_start, now)
         return TurnResult(
             answer=answer,
             blocked=blocked,
@@ -338,8 +347,9 @@ class TurnRunner:
             trace=trace,
         )
 
-    async def _save(self, session_id: str | None, user_text: str, result: TurnResult, timer: Timer) -> None:
-        if session_id is None:
+    @staticmethod
+    async def _save(session: OpenTurn | None, user_text: str, result: TurnResult, timer: Timer) -> None:
+        if session is None:
             return
         turn = Turn(
             id=result.turn_id,
@@ -350,4 +360,4 @@ class TurnRunner:
             metadata={**result.guardchat(), "trace": result.trace},
         )
         with timer.stage("save"):
-            await self.state.store.append(session_id, turn)
+            await session.commit(turn)  # also lets go of the session

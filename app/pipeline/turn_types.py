@@ -28,8 +28,11 @@ class TurnRequest:
     adapter: str | None = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     stream: bool = True  # False: nobody watches tokens arrive, so output rails check 4-chunk windows
-    # True when the caller has just read the session (the API's owner check): the turn does not read it again.
-    session_checked: bool = False
+    # The API's ownership rule: with `check_owner`, a session continues only for the `owner` that created it
+    # (anyone else gets SessionNotFound, as if it did not exist). Checked in the same round trip that locks the
+    # session and reads its history.
+    owner: str | None = None
+    check_owner: bool = False
 
 
 @dataclass
@@ -72,6 +75,7 @@ class Done:
 class Timer:
     def __init__(self) -> None:
         self.timings: dict[str, float] = {}
+        self.model_spans: list[tuple[float, float]] = []  # app/observability/model_time.py
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Any:

@@ -37,6 +37,18 @@ class SessionInfo(BaseModel):
     turn_count: int = 0
 
 
+class OpenTurn(Protocol):
+    """A session held for one turn (`SessionStore.open_turn`): its recent history, read when the turn's lock was
+    taken, and `commit`, which stores the turn and lets go of the lock in one step."""
+
+    history: list[Turn]
+
+    async def commit(self, turn: Turn) -> None:
+        """Atomically append `turn` (as `SessionStore.append`) and release the session. Raises SessionNotFound
+        (deleted meanwhile) or StoreUnavailable; the lock is then released when the turn's block exits."""
+        ...
+
+
 class SessionStore(Protocol):
     async def create(self, owner: str | None = None) -> SessionInfo: ...
 
@@ -60,6 +72,15 @@ class SessionStore(Protocol):
 
     def lock(self, session_id: str) -> AbstractAsyncContextManager[None]:
         """Serializes turns of one session (across replicas for Redis)."""
+        ...
+
+    def open_turn(
+        self, session_id: str, *, last: int, owner: str | None = None, check_owner: bool = False
+    ) -> AbstractAsyncContextManager[OpenTurn]:
+        """Holds the session's lock for the block, with its `last` turns read (TTL refreshed). A chat turn is
+        `open_turn` → `commit`: Redis does both in one round trip each instead of get, lock, history, append
+        and unlock. Raises SessionNotFound, without queueing for the lock, when the session does not exist or
+        (`check_owner`) `owner` did not create it."""
         ...
 
     async def ping(self) -> None:

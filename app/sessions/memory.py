@@ -16,10 +16,10 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 
-from app.sessions.base import SessionInfo, SessionNotFound, Turn
+from app.sessions.base import OpenTurn, SessionInfo, SessionNotFound, Turn
 
 # Session ids are ours (uuid4 hex), but they arrive from clients: anything else is simply "not found".
 # Keeping them to this alphabet also keeps Redis keys (and cluster hash tags) well-formed.
@@ -177,11 +177,43 @@ class MemorySessionStore:
     def lock(self, session_id: str) -> AbstractAsyncContextManager[None]:
         return self._locks.hold(session_id, timeout_s=self._lock_wait_s)
 
+    @asynccontextmanager
+    async def open_turn(
+        self, session_id: str, *, last: int, owner: str | None = None, check_owner: bool = False
+    ) -> AsyncIterator[OpenTurn]:
+        stored = self._live(session_id)
+        if stored is None or (check_owner and stored.info.owner != owner):
+            raise SessionNotFound(session_id)
+        async with AsyncExitStack() as taking:
+            await taking.enter_async_context(self.lock(session_id))
+            history = await self.history(session_id, last=last)  # may still raise: then the lock is let go here
+            held = _HeldTurn(self, session_id, history, taking.pop_all())
+        try:
+            yield held
+        finally:
+            await held.release()
+
     async def ping(self) -> None:
         return None
 
     async def aclose(self) -> None:
         return None
+
+
+class _HeldTurn:
+    """`OpenTurn` of the in-process store."""
+
+    def __init__(self, store: MemorySessionStore, session_id: str, history: list[Turn], lock: AsyncExitStack) -> None:
+        self._store, self._session_id, self.history, self._lock = store, session_id, history, lock
+
+    async def commit(self, turn: Turn) -> None:
+        try:
+            await self._store.append(self._session_id, turn)
+        finally:
+            await self.release()
+
+    async def release(self) -> None:
+        await self._lock.aclose()  # a second call finds nothing left to release
 
 
 def _new_session_id() -> str:

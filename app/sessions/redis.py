@@ -16,9 +16,9 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import cast
+from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as redis_async
@@ -27,97 +27,13 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from app.sessions.base import SessionInfo, SessionNotFound, StoreUnavailable, Turn
+from app.sessions import redis_scripts as scripts
+from app.sessions.base import OpenTurn, SessionInfo, SessionNotFound, StoreUnavailable, Turn
 from app.sessions.memory import DEFAULT_LOCK_WAIT_S, SessionBusy, is_valid_session_id
 
 __all__ = ["RedisSessionStore", "SessionBusy", "redact_url"]
 
 logger = logging.getLogger(__name__)
-
-# KEYS: meta, turns. ARGV: ttl_ms, first index (0, or -N for the last N). Returns nil for an unknown session,
-# else the turns (oldest first).
-_HISTORY_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
-redis.call('PEXPIRE', KEYS[2], ARGV[1])
-return redis.call('LRANGE', KEYS[2], ARGV[2], -1)
-"""
-
-# KEYS: meta, turns. ARGV: turn json, max_turns, ttl_ms. Returns -1 for an unknown session, else turn_count.
-# Idempotent: when the client re-sends after a connection dropped before the reply, the turn is not doubled.
-_APPEND_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-if redis.call('LINDEX', KEYS[2], -1) == ARGV[1] then return tonumber(redis.call('HGET', KEYS[1], 'turn_count')) end
-redis.call('RPUSH', KEYS[2], ARGV[1])
-redis.call('LTRIM', KEYS[2], -tonumber(ARGV[2]), -1)
-local turn_count = redis.call('HINCRBY', KEYS[1], 'turn_count', 1)
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
-return turn_count
-"""
-
-# KEYS: meta, turns. ARGV: turn id, substring prefilter ('' = none), feedback json, ttl_ms.
-# Returns -1 unknown session, 0 unknown turn, 1 updated, -2 stored turn not in our encoding.
-# The turn is patched as a string instead of decode/encode with cjson, which would round floats
-# (created_at) and turn empty JSON arrays into objects. `_encode_turn` guarantees "feedback" comes last.
-_SET_FEEDBACK_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-local turns = redis.call('LRANGE', KEYS[2], 0, -1)
-for index, raw in ipairs(turns) do
-  if string.find(raw, ARGV[2], 1, true) then
-    local ok, turn = pcall(cjson.decode, raw)
-    if ok and turn['id'] == ARGV[1] then
-      local patched, replaced = string.gsub(raw, ',"feedback":[%-%w]*}$', ',"feedback":' .. ARGV[3] .. '}')
-      if replaced ~= 1 then return -2 end
-      redis.call('LSET', KEYS[2], index - 1, patched)
-      redis.call('PEXPIRE', KEYS[1], ARGV[4])
-      redis.call('PEXPIRE', KEYS[2], ARGV[4])
-      return 1
-    end
-  end
-end
-return 0
-"""
-
-# A fair (FIFO) lock. KEYS: lock, queue (zset token -> arrival number), beats (zset token -> deadline ms),
-# arrival counter. ARGV: token, lock_ttl_ms, waiter_ttl_ms. Each poll enqueues the caller once, refreshes its
-# heartbeat, drops waiters whose heartbeat ran out, and takes the lock only for the head of the queue.
-# Returns 1 when the caller now holds the lock.
-_LOCK_ACQUIRE_LUA = """
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-for _, waiter in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do
-  redis.call('ZREM', KEYS[2], waiter)
-  redis.call('ZREM', KEYS[3], waiter)
-end
-if not redis.call('ZSCORE', KEYS[2], ARGV[1]) then
-  redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[4]), ARGV[1])
-end
-redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), ARGV[1])
-for i = 2, 4 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
-if redis.call('ZRANGE', KEYS[2], 0, 0)[1] == ARGV[1] and redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  redis.call('ZREM', KEYS[2], ARGV[1])
-  redis.call('ZREM', KEYS[3], ARGV[1])
-  return 1
-end
-return 0
-"""
-
-# KEYS: lock. ARGV: token, lock_ttl_ms. Returns 1 while the caller still holds the lock.
-_LOCK_RENEW_LUA = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return 1
-"""
-
-# KEYS: lock, queue, beats. ARGV: token. Leaves the queue and releases the lock if the caller holds it.
-_LOCK_RELEASE_LUA = """
-redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('ZREM', KEYS[3], ARGV[1])
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
-return 1
-"""
-
 
 def redact_url(url: str) -> str:
     """The URL with any password replaced, fit for logs and error messages."""
@@ -135,8 +51,40 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def _first_index(last: int | None) -> int:
+    """LRANGE's first index: all turns, the last N, or past the end (none, but the session is still checked)."""
+    return 0 if last is None else -last if last > 0 else 1 << 40
+
+
+def _decode_turns(session_id: str, raw_turns: list[str]) -> list[Turn]:
+    turns: list[Turn] = []
+    for raw in raw_turns:
+        try:
+            turns.append(Turn.model_validate_json(raw))
+        except ValueError:
+            # One bad entry must not make the whole conversation unreadable.
+            logger.warning("skipping an unreadable stored turn in session %s", session_id)
+    return turns
+
+
+class _RedisHeldTurn:
+    """`OpenTurn` of the Redis store: `commit` appends the turn and releases the lock in one script."""
+
+    def __init__(
+        self, store: RedisSessionStore, session_id: str, keys: list[str], token: str, history: list[Turn]
+    ) -> None:
+        self.store, self.session_id, self.keys, self.token, self.history = store, session_id, keys, token, history
+        self.committed = False
+        self.stop_renewing: Callable[[], Awaitable[None]] | None = None
+
+    async def commit(self, turn: Turn) -> None:
+        if self.stop_renewing is not None:  # first: a renewal after the release would report a lost lock
+            await self.stop_renewing()
+        await self.store._commit(self, turn)
+
+
 def _encode_turn(turn: Turn) -> str:
-    # "feedback" is written last on purpose: _SET_FEEDBACK_LUA rewrites it in place.
+    # "feedback" is written last on purpose: scripts.SET_FEEDBACK_LUA rewrites it in place.
     body = turn.model_dump_json(exclude={"feedback"})
     return f'{body[:-1]},"feedback":{json.dumps(turn.feedback)}}}'
 
@@ -187,12 +135,14 @@ class RedisSessionStore:
             retry=Retry(NoBackoff(), retries=1, supported_errors=(RedisConnectionError,)),
             health_check_interval=health_check_interval_s,
         )
-        self._history_script = self._client.register_script(_HISTORY_LUA)
-        self._append_script = self._client.register_script(_APPEND_LUA)
-        self._feedback_script = self._client.register_script(_SET_FEEDBACK_LUA)
-        self._lock_acquire_script = self._client.register_script(_LOCK_ACQUIRE_LUA)
-        self._lock_renew_script = self._client.register_script(_LOCK_RENEW_LUA)
-        self._lock_release_script = self._client.register_script(_LOCK_RELEASE_LUA)
+        self._history_script = self._client.register_script(scripts.HISTORY_LUA)
+        self._append_script = self._client.register_script(scripts.APPEND_LUA)
+        self._feedback_script = self._client.register_script(scripts.SET_FEEDBACK_LUA)
+        self._lock_acquire_script = self._client.register_script(scripts.LOCK_ACQUIRE_LUA)
+        self._lock_renew_script = self._client.register_script(scripts.LOCK_RENEW_LUA)
+        self._lock_release_script = self._client.register_script(scripts.LOCK_RELEASE_LUA)
+        self._open_turn_script = self._client.register_script(scripts.OPEN_TURN_LUA)
+        self._commit_turn_script = self._client.register_script(scripts.COMMIT_TURN_LUA)
 
     # ---- keys -------------------------------------------------------------------------------------
     def _meta_key(self, session_id: str) -> str:
@@ -246,22 +196,13 @@ class RedisSessionStore:
     async def history(self, session_id: str, last: int | None = None) -> list[Turn]:
         if not is_valid_session_id(session_id):
             raise SessionNotFound(session_id)
-        # LRANGE's first index: all turns, the last N, or past the end (none, but the session is still checked).
-        first = 0 if last is None else -last if last > 0 else 1 << 40
         with self._redis_errors("history"):
             raw_turns = await self._history_script(
-                keys=[self._meta_key(session_id), self._turns_key(session_id)], args=[self._ttl_ms, first]
+                keys=[self._meta_key(session_id), self._turns_key(session_id)], args=[self._ttl_ms, _first_index(last)]
             )
         if raw_turns is None:
             raise SessionNotFound(session_id)
-        turns: list[Turn] = []
-        for raw in raw_turns:
-            try:
-                turns.append(Turn.model_validate_json(raw))
-            except ValueError:
-                # One bad entry must not make the whole conversation unreadable.
-                logger.warning("skipping an unreadable stored turn in session %s", session_id)
-        return turns
+        return _decode_turns(session_id, raw_turns)
 
     async def append(self, session_id: str, turn: Turn) -> None:
         if not is_valid_session_id(session_id):
@@ -273,6 +214,11 @@ class RedisSessionStore:
             )
         if int(turn_count) < 0:
             raise SessionNotFound(session_id)
+
+    def open_turn(
+        self, session_id: str, *, last: int, owner: str | None = None, check_owner: bool = False
+    ) -> AbstractAsyncContextManager[OpenTurn]:
+        return self._open_turn(session_id, last, owner, check_owner)
 
     async def set_feedback(self, session_id: str, turn_id: str, value: int) -> None:
         if not is_valid_session_id(session_id):
@@ -325,34 +271,74 @@ class RedisSessionStore:
         """
         keys = self._lock_keys(session_id)
         token = uuid.uuid4().hex
-        await self._acquire(session_id, keys, token)
-        renewer = asyncio.create_task(self._keep_renewing(session_id, keys, token))
+        await self._acquire(session_id, keys, token, self._lock_acquire_script)
         try:
-            yield
+            async with self._renewing(session_id, keys, token):
+                yield
         finally:
-            renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewer
             await self._let_go(session_id, keys, token)
+
+    @asynccontextmanager
+    async def _open_turn(
+        self, session_id: str, last: int, owner: str | None, check_owner: bool
+    ) -> AsyncIterator[OpenTurn]:
+        """`_turn_lock` whose every poll also checks the session (and its owner) and, once the lock is taken,
+        reads the history: a turn's start is one round trip when nobody else holds the session."""
+        if not is_valid_session_id(session_id):
+            raise SessionNotFound(session_id)
+        keys = self._lock_keys(session_id)
+        token = uuid.uuid4().hex
+        session_keys = [self._meta_key(session_id), self._turns_key(session_id)]
+        extra = [self._ttl_ms, _first_index(last), owner or "", "1" if check_owner else "0"]
+        raw_turns = await self._acquire(session_id, keys, token, self._open_turn_script, extra, session_keys)
+        held = _RedisHeldTurn(self, session_id, keys, token, _decode_turns(session_id, raw_turns))
+        try:
+            async with self._renewing(session_id, keys, token) as stop_renewing:
+                held.stop_renewing = stop_renewing
+                yield held
+        finally:
+            if not held.committed:
+                await self._let_go(session_id, keys, token)
+
+    async def _commit(self, held: _RedisHeldTurn, turn: Turn) -> None:
+        session_id = held.session_id
+        with self._redis_errors("append"):
+            turn_count = await self._commit_turn_script(
+                keys=[self._meta_key(session_id), self._turns_key(session_id), *held.keys[:3]],
+                args=[_encode_turn(turn), self._max_turns, self._ttl_ms, held.token],
+            )
+        held.committed = True  # the script released the lock, whatever it returned
+        if int(turn_count) < 0:
+            raise SessionNotFound(session_id)
 
     def _lock_keys(self, session_id: str) -> list[str]:
         lock_key = self._lock_key(session_id)
         return [lock_key, f"{lock_key}:queue", f"{lock_key}:beats", f"{lock_key}:seq"]
 
-    async def _acquire(self, session_id: str, keys: list[str], token: str) -> None:
+    async def _acquire(
+        self,
+        session_id: str,
+        keys: list[str],
+        token: str,
+        script: Any,
+        extra_args: tuple[Any, ...] | list[Any] = (),
+        extra_keys: tuple[str, ...] | list[str] = (),
+    ) -> Any:
+        """Polls `script` (the lock, or the lock plus the session read) until it takes the lock; returns the
+        reply's payload. A reply of -1 means the session is unknown (SessionNotFound), 0 that the lock is busy."""
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + self._lock_wait_s
+        args = [token, self._lock_ttl_ms, self._lock_waiter_ttl_ms, *extra_args]
         acquired = False
         try:
             while True:
                 with self._redis_errors("lock"):
-                    acquired = bool(
-                        await self._lock_acquire_script(
-                            keys=keys, args=[token, self._lock_ttl_ms, self._lock_waiter_ttl_ms]
-                        )
-                    )
-                if acquired:
-                    return
+                    reply = await script(keys=[*keys, *extra_keys], args=args)
+                if reply == -1:
+                    raise SessionNotFound(session_id)
+                if reply != 0:
+                    acquired = True
+                    return reply[1] if isinstance(reply, list) else reply
                 if loop.time() + self._lock_poll_s > give_up_at:
                     raise SessionBusy(
                         f"session {session_id} is busy with another turn (waited {self._lock_wait_s:g}s)"
@@ -363,6 +349,23 @@ class RedisSessionStore:
                 # Given up, cancelled or Redis failed: leave the queue now instead of holding up the turns
                 # behind us until our heartbeat runs out (also drops the lock if a cancelled call got it).
                 await self._let_go(session_id, keys, token)
+
+    @asynccontextmanager
+    async def _renewing(
+        self, session_id: str, keys: list[str], token: str
+    ) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+        """Renews the held lock in the background for the block; yields a function that stops that early."""
+        renewer = asyncio.create_task(self._keep_renewing(session_id, keys, token))
+
+        async def stop() -> None:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+
+        try:
+            yield stop
+        finally:
+            await stop()
 
     async def _keep_renewing(self, session_id: str, keys: list[str], token: str) -> None:
         while True:

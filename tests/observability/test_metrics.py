@@ -60,8 +60,9 @@ def test_http_store_and_stream_metrics(observed_server: LiveServer) -> None:
     assert value(after, "guardchat_http_requests_total", route="/api/sessions/{session_id}", method="GET") >= 1
     assert not any(sid in lab.get("route", "") for lab, _ in after["guardchat_http_requests_total"])
     assert value(after, "guardchat_http_request_duration_seconds_count", route="/v1/chat/completions") >= 2
-    # Store latency through the instrumented store: create, get, history, append all happened.
-    for op in ("create", "get", "history", "append"):
+    # Store latency through the instrumented store: the session was created and read, and each chat turn
+    # opened (lock + history) and committed (append + unlock) it.
+    for op in ("create", "get", "history", "open_turn", "commit"):
         assert value(after, "guardchat_store_operation_duration_seconds_count", operation=op) > value(
             before, "guardchat_store_operation_duration_seconds_count", operation=op), op
     assert value(during, "guardchat_active_streams") >= 1

@@ -44,10 +44,10 @@ class LockRecordingStore:
         return getattr(self._inner, name)
 
     @asynccontextmanager
-    async def lock(self, session_id: str) -> AsyncIterator[None]:
+    async def open_turn(self, session_id: str, **kwargs: Any) -> AsyncIterator[Any]:
         try:
-            async with self._inner.lock(session_id):
-                yield
+            async with self._inner.open_turn(session_id, **kwargs) as held:
+                yield held
         finally:
             self._events.append("lock released")
 
@@ -109,11 +109,13 @@ class HistoryWaitsForEmbedding:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    async def history(self, session_id: str, last: int | None = None) -> Any:
+    @asynccontextmanager
+    async def open_turn(self, session_id: str, **kwargs: Any) -> AsyncIterator[Any]:
         started = await asyncio.to_thread(self._embedder.started.wait, 2.0)
         self._events.append(("history", started))
         self._embedder.started.clear()
-        return await self._inner.history(session_id, last=last)
+        async with self._inner.open_turn(session_id, **kwargs) as held:
+            yield held
 
 
 async def test_a_standalone_question_is_embedded_while_the_session_loads(
@@ -214,3 +216,29 @@ async def test_an_answer_without_citations_gets_the_sources_that_support_it(
     assert [c["document_id"] for c in supported.citations] == ["wires"]
     assert supported.trace["citations"] == "attributed by wording"
     assert invented.answer == "Wires are free on Sundays for every customer." and invented.citations == []
+
+
+async def test_model_time_covers_the_llm_request_and_the_query_embedding(
+    redis_store_factory: StoreFactory, embedder, tmp_path: Path
+) -> None:
+    """`timings_ms.model` is the part of the turn spent waiting on models: here an LLM that stalls 300 ms
+    before its first token, and the query embedding. What is left is the pipeline's own time."""
+
+    async def handler(request, body):
+        return wire.stream_response(wire.sse(["Open ", "Cards."]), delay_after=0, delay_s=0.3)
+
+    with wire.serve({("POST", "/v1/chat/completions"): handler}) as server:
+        llm = OpenAICompatClient(server.base_url, "m")
+        store = redis_store_factory()
+        state = pipeline_state(Settings(data_dir=tmp_path, rag_enabled=False), llm, store, embedder)
+        try:
+            session = await store.create()
+            request = TurnRequest(messages=[{"role": "user", "content": QUESTION}], session_id=session.id)
+            result = await TurnRunner(state).run(request)
+        finally:
+            await llm.aclose()
+    timings = result.timings_ms
+    assert result.answer == "Open Cards."
+    assert timings["model"] >= 300 + 0.9 * timings["embed"] - 1  # the embedding overlaps the session load
+    assert timings["model"] <= timings["total"]
+    assert timings["total"] - timings["model"] < 100  # no stall outside the model was counted as model time
