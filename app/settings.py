@@ -109,8 +109,8 @@ class Settings(BaseSettings):
     embed_ingest_precision: Literal["auto", "int8", "same"] = "auto"
     rag_chunk_chars: int = 900
     rag_chunk_overlap: int = 120
-    rag_exact_max_vectors: int = 50_000  # exact FAISS index up to this many chunks, HNSW above
-    rag_hnsw_ef_search: int = 96
+    rag_exact_max_vectors: int = 5_000  # exact FAISS index up to this many chunks, HNSW above (app/rag/index.py)
+    rag_hnsw_ef_search: int = 128
     rag_bm25_weight: float = 1.0  # weight of the keyword list in reciprocal-rank fusion
 
     # --- auth and limits ---

@@ -37,10 +37,13 @@ log = logging.getLogger(__name__)
 
 CURRENT_FILE = "CURRENT"
 VERSIONS_DIR = "versions"
-EXACT_MAX_VECTORS = 50_000  # IndexFlatIP (exact) up to this many chunks, HNSW above
+# IndexFlatIP (exact) up to this many chunks, HNSW above. Exact search reads every vector: at 10k chunks a
+# 384-d scan is ~1 ms, and more right after a query embedding has evicted the vectors from the cache, while
+# HNSW at efSearch 128 takes 0.24 ms with recall@10 1.0 against exact on the 10k benchmark corpus.
+EXACT_MAX_VECTORS = 5_000
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
-HNSW_EF_SEARCH = 96
+HNSW_EF_SEARCH = 128
 
 
 def exact_max_vectors(settings: object) -> int:
