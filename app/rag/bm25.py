@@ -112,7 +112,12 @@ class Bm25Matrix:
         cols = [self.vocabulary[t] for t in tokenize(query) if t in self.vocabulary]
         if not cols or self.n_docs == 0:
             return np.zeros(self.n_docs, dtype=np.float32)
-        return np.asarray(self.weights[:, cols].sum(axis=1), dtype=np.float32).ravel()
+        # Straight from the CSC arrays: scipy's column slicing and sum cost ~0.3 ms per query in the server,
+        # mostly validation and copies; the postings of a few terms are short.
+        indptr, indices, data = self.weights.indptr, self.weights.indices, self.weights.data
+        rows = np.concatenate([indices[indptr[c] : indptr[c + 1]] for c in cols])
+        weights = np.concatenate([data[indptr[c] : indptr[c + 1]] for c in cols])
+        return np.bincount(rows, weights=weights, minlength=self.n_docs).astype(np.float32)
 
     def coverage(self, query: str, row: int) -> float:
         """The share of the query's information (idf mass of its distinct terms) that chunk `row` contains.

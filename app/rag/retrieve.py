@@ -237,7 +237,9 @@ class HybridRetriever:
         if self.chunk_filter and candidates:
             filter_started = time.perf_counter()
             is_cached = getattr(self.chunk_filter, "is_cached", None)
-            if is_cached is not None and is_cached(candidates):  # verdicts known: skip the thread hop
+            # Verdicts known for the top k: no thread hop. (The over-fetched rest is scored only when a top chunk
+            # is dropped, so asking about all of them would never find them cached.)
+            if is_cached is not None and is_cached(candidates[:k]):
                 result.chunks, result.dropped = self._apply_filter(candidates, k)
             else:
                 result.chunks, result.dropped = await asyncio.to_thread(self._apply_filter, candidates, k)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 
@@ -111,6 +112,38 @@ async def test_poisoned_chunk_is_dropped_with_the_real_detector(indexed: Setting
     )
     no_patterns = InjectionChunkFilter(Detector.load(), embedder, patterns=False)
     assert not no_patterns([jailbreak])[0].keep
+
+
+class ThreadNotingRail(InjectionChunkFilter):
+    """The real retrieval rail, noting which thread each call runs on."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.threads: list[str] = []
+
+    def __call__(self, chunks: list[Chunk]) -> list[FilterVerdict]:
+        self.threads.append(threading.current_thread().name)
+        return super().__call__(chunks)
+
+
+async def test_a_repeated_retrieval_takes_the_rails_verdicts_from_cache_on_the_event_loop(
+    indexed: Settings, embedder: MiniLMEmbedder
+) -> None:
+    """The first retrieval of a chunk scores it in a worker thread; afterwards its verdict is cached and the rail
+    runs inline (no thread hop per turn). The retriever over-fetches candidates it scores only when a top chunk
+    is dropped, so the cache check must be about the top k alone."""
+    from app.guard.detector import Detector
+
+    rail = ThreadNotingRail(Detector.load(), embedder)
+    retriever = HybridRetriever(indexed, chunk_filter=rail)
+    question = "lock my debit card"
+    vector = _embed(embedder, question)
+    first = await retriever.retrieve_detailed(question, vector, 2)
+    assert rail.threads and rail.threads[-1] != threading.current_thread().name
+    rail.threads.clear()
+    again = await retriever.retrieve_detailed(question, vector, 2)
+    assert rail.threads == [threading.current_thread().name]
+    assert [c.id for c in again.chunks] == [c.id for c in first.chunks]
 
 
 async def test_rail_failure_fails_closed(indexed: Settings, embedder: MiniLMEmbedder) -> None:
