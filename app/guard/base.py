@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -23,7 +23,15 @@ class RailResult:
     detail: str | None = None  # e.g. "guard_error: connection refused"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Written out: dataclasses.asdict recurses through every field, ~40 µs a rail, ten rails a turn.
+        return {
+            "name": self.name,
+            "verdict": self.verdict,
+            "categories": list(self.categories),
+            "score": self.score,
+            "latency_ms": self.latency_ms,
+            "detail": self.detail,
+        }
 
 
 @dataclass
