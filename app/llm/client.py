@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import aiohttp
+import orjson
 
 from app.llm.base import (
     Completion,
@@ -245,7 +246,7 @@ class OpenAICompatClient:
 
     def _parse_json(self, raw: bytes) -> Any:
         try:
-            return json.loads(raw)
+            return orjson.loads(raw)
         except ValueError as exc:
             raise LLMBadResponse(self._redact(f"LLM backend answered with invalid JSON: {_snippet(raw)}")) from exc
 
@@ -284,7 +285,7 @@ class OpenAICompatClient:
                 done = True
                 continue
             try:
-                chunk = json.loads(value)
+                chunk = orjson.loads(value)
             except ValueError as exc:
                 raise LLMBadResponse(self._redact(f"invalid JSON in LLM stream: {_snippet(value)}")) from exc
             if event == "error" or (isinstance(chunk, dict) and "error" in chunk):

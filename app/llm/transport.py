@@ -15,13 +15,13 @@ its wording in one place.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 from urllib.parse import urlsplit
 from urllib.request import getproxies, proxy_bypass
 
 import aiohttp
+import orjson
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from app.llm.base import LLMError, LLMTimeout, LLMUnavailable
@@ -95,7 +95,7 @@ class BackendTransport:
         """Send; return the response with its headers read and status checked, body not yet consumed.
         The caller must hand it to `read` or `finish`."""
         session = self._current_session()
-        data = None if body is None else json.dumps(body).encode()
+        data = None if body is None else orjson.dumps(body)  # ~3x faster than json, and bytes already
         if data is not None:
             headers = {**headers, "Content-Type": "application/json"}
         timeout = timeout or self._timeout
