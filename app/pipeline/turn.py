@@ -148,9 +148,7 @@ class TurnRunner:
                 vectors = await self._embed([user_text] if query == user_text else [user_text, query], timer)
                 user_vec, query_vec = vectors[0], vectors[-1]
 
-            input_task = asyncio.create_task(
-                self._timed(guard.check_input(conversation, user_vec), timer, "input_rails")
-            )
+            input_task = asyncio.create_task(self._input_rails(guard, conversation, user_vec, timer))
             sources, retrieval_trace = await context.retrieve(st, query, query_vec, timer)
             trace["retrieval"] = retrieval_trace
             context.prime_grounding(st, sources)
@@ -301,6 +299,19 @@ class TurnRunner:
         yield Done(result)
 
     # --- stages -------------------------------------------------------------------------------
+
+    @classmethod
+    async def _input_rails(
+        cls, guard: Any, conversation: list[dict[str, str]], user_vec: np.ndarray, timer: Timer
+    ) -> GuardDecision:
+        # Yield first. When retrieval does not wait on anything, this task first runs at `await input_task`, just
+        # after the speculative generation was started; yielding lets that LLM request go out before the rails'
+        # CPU work (~1 ms) delays it. aiohttp needs two loop iterations to put a request on a pooled connection
+        # (the request, then its body-writer task): tests/pipeline/test_turn.py checks that it went out.
+        for _ in range(2):
+            await asyncio.sleep(0)
+        decision: GuardDecision = await cls._timed(guard.check_input(conversation, user_vec), timer, "input_rails")
+        return decision
 
     @staticmethod
     async def _timed(coro: Any, timer: Timer, name: str) -> Any:

@@ -18,8 +18,8 @@ from app.rag.ingest import ingest
 from app.rag.retrieve import HybridRetriever
 from app.sessions.redis import SessionBusy
 from app.settings import Settings
-from app.state import AppState
-from tests.admin.helpers import initial_live
+from app.state import AppState, LiveRails, LoadedRails
+from tests.admin.helpers import BASE_FILES, BlockedWordsGuard, initial_live
 from tests.fixtures.redis import StoreFactory
 from tests.llm import wire
 from tests.rag.conftest import CORPUS, make_settings, write_corpus
@@ -242,3 +242,43 @@ async def test_model_time_covers_the_llm_request_and_the_query_embedding(
     assert timings["model"] >= 300 + 0.9 * timings["embed"] - 1  # the embedding overlaps the session load
     assert timings["model"] <= timings["total"]
     assert timings["total"] - timings["model"] < 100  # no stall outside the model was counted as model time
+
+
+class LlmFirstCheckingGuard(BlockedWordsGuard):
+    """The blocked-words guard whose input check first waits (blocking the event loop, as CPU-bound rails work
+    does) to see whether the speculative LLM request has already reached the backend."""
+
+    def __init__(self, files: dict[str, str], request_seen: threading.Event) -> None:
+        super().__init__(files)
+        self.request_seen = request_seen
+        self.seen_before_rails: list[bool] = []
+
+    async def check_input(self, messages: list[dict[str, str]], embedding: Any = None) -> Any:
+        self.seen_before_rails.append(self.request_seen.wait(0.5))
+        return await super().check_input(messages, embedding)
+
+
+async def test_the_speculative_llm_request_goes_out_before_the_input_rails_work(
+    redis_store_factory: StoreFactory, embedder, tmp_path: Path
+) -> None:
+    """Generation starts before the input rails finish; its request must also be *sent* before their CPU work
+    occupies the event loop, or the rails' time adds to the time to first token."""
+    request_seen = threading.Event()
+
+    async def handler(request, body):
+        request_seen.set()
+        return wire.stream_response(wire.sse(["Open ", "Cards."]))
+
+    guard = LlmFirstCheckingGuard(dict(BASE_FILES), request_seen)
+    with wire.serve({("POST", "/v1/chat/completions"): handler}) as server:
+        llm = OpenAICompatClient(server.base_url, "m")
+        state = pipeline_state(Settings(data_dir=tmp_path, rag_enabled=False), llm, redis_store_factory(), embedder)
+        state.rails = LiveRails(LoadedRails("test", guard, dict(BASE_FILES)))
+        try:
+            for _ in range(2):  # the first turn also opens the pooled connection (a real wait); the second is typical
+                request_seen.clear()
+                result = await TurnRunner(state).run(TurnRequest(messages=[{"role": "user", "content": QUESTION}]))
+                assert result.answer == "Open Cards." and not result.blocked
+        finally:
+            await llm.aclose()
+    assert guard.seen_before_rails[-1] is True
