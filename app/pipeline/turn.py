@@ -123,7 +123,7 @@ class TurnRunner:
         rails: LoadedRails = st.rails.current  # read once: a publish mid-turn does not affect this turn
         guard = rails.guard
         texts: AssistantTexts = guard.texts
-        session_id = req.session_id if session is not None else None
+        session_id = req.session_id  # None exactly when `session` is
         turn_id = uuid.uuid4().hex
         trace: dict[str, Any] = {"rails_version": rails.version, "request_id": req.request_id}
         if session is not None:

@@ -71,15 +71,20 @@ class _RedisHeldTurn:
     """`OpenTurn` of the Redis store: `commit` appends the turn and releases the lock in one script."""
 
     def __init__(
-        self, store: RedisSessionStore, session_id: str, keys: list[str], token: str, history: list[Turn]
+        self,
+        store: RedisSessionStore,
+        session_id: str,
+        keys: list[str],
+        token: str,
+        history: list[Turn],
+        stop_renewing: Callable[[], Awaitable[None]],
     ) -> None:
         self.store, self.session_id, self.keys, self.token, self.history = store, session_id, keys, token, history
+        self.stop_renewing = stop_renewing
         self.committed = False
-        self.stop_renewing: Callable[[], Awaitable[None]] | None = None
 
     async def commit(self, turn: Turn) -> None:
-        if self.stop_renewing is not None:  # first: a renewal after the release would report a lost lock
-            await self.stop_renewing()
+        await self.stop_renewing()  # first: a renewal after the release would report a lost lock
         await self.store._commit(self, turn)
 
 
@@ -291,13 +296,14 @@ class RedisSessionStore:
         session_keys = [self._meta_key(session_id), self._turns_key(session_id)]
         extra = [self._ttl_ms, _first_index(last), owner or "", "1" if check_owner else "0"]
         raw_turns = await self._acquire(session_id, keys, token, self._open_turn_script, extra, session_keys)
-        held = _RedisHeldTurn(self, session_id, keys, token, _decode_turns(session_id, raw_turns))
+        history = _decode_turns(session_id, raw_turns)
+        held: _RedisHeldTurn | None = None
         try:
             async with self._renewing(session_id, keys, token) as stop_renewing:
-                held.stop_renewing = stop_renewing
+                held = _RedisHeldTurn(self, session_id, keys, token, history, stop_renewing)
                 yield held
         finally:
-            if not held.committed:
+            if held is None or not held.committed:
                 await self._let_go(session_id, keys, token)
 
     async def _commit(self, held: _RedisHeldTurn, turn: Turn) -> None:
