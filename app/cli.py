@@ -121,10 +121,26 @@ def rails_validate(
 @guard_app.command("train")
 def guard_train(
     eval_dir: Annotated[Path, typer.Option(help="Labelled dev prompt sets")] = Path("../shared/eval"),
+    out: Annotated[Path, typer.Option(help="Where the model goes")] = Path("app/guard/weights/guard_model"),
+    seed: Annotated[int, typer.Option()] = 1234,
+    epochs: Annotated[int, typer.Option(help="Passes over the training rows")] = 4,
+    device: Annotated[str | None, typer.Option(help="torch device (default: cuda if present, else cpu)")] = None,
+    weights: Annotated[Path | None, typer.Option(help="Skip fitting: trained shards from a GPU run")] = None,
+    rows_out: Annotated[Path | None, typer.Option(help="Also write the training rows (for a GPU run)")] = None,
+) -> None:
+    """Fine-tune the guard model (MiniLM, end to end; reproducible with a fixed seed) and export it int8."""
+    from app.guard.finetune_export import train_guard
+
+    train_guard(eval_dir, out, seed=seed, epochs=epochs, device=device, weights=weights, rows_out=rows_out)
+
+
+@guard_app.command("train-linear")
+def guard_train_linear(
+    eval_dir: Annotated[Path, typer.Option(help="Labelled dev prompt sets")] = Path("../shared/eval"),
     out: Annotated[Path, typer.Option(help="Where the weights go")] = Path("app/guard/weights"),
     seed: Annotated[int, typer.Option()] = 1234,
 ) -> None:
-    """Train the MiniLM safety/attack/topic classifier (reproducible with a fixed seed)."""
+    """Train the earlier linear heads on frozen MiniLM embeddings (GUARDCHAT_GUARD_CLASSIFIER=linear)."""
     from app.guard.train import train
     from app.guard.train_report import print_summary
 

@@ -31,7 +31,7 @@ StateFactory = Callable[[Settings], Awaitable[AppState]]
 async def build_state(settings: Settings) -> AppState:
     """Builds every long-lived component once: LLM (starting the embedded server when configured),
     session store, embedder, retriever, detector and the live rails."""
-    from app.guard.detector import Detector
+    from app.guard.detector import Detector, load_classifier
     from app.guard.rails import build_guard
     from app.llm.factory import build_chat_backend
     from app.rag.batching import BatchingEmbedder
@@ -52,8 +52,10 @@ async def build_state(settings: Settings) -> AppState:
     torch.set_num_threads(1)
     # Concurrent turns' query embeddings share one forward pass; alone, a turn runs at once.
     embedder = BatchingEmbedder(get_embedder(threads=settings.embed_threads))
-    detector = Detector.load()
-    retriever = build_retriever(settings, embedder, detector)
+    detector = load_classifier(settings.guard_classifier)
+    # The retrieval rail's injection filter scores chunks on the embeddings the index already stores: the
+    # linear heads, which cost no encoder pass (the fine-tuned guard would read every chunk again).
+    retriever = build_retriever(settings, embedder, Detector.load())
     grounding = build_grounding(embedder)
     guard = build_guard(
         settings.rails_dir, settings, llm=llm, embedder=embedder, detector=detector, grounding=grounding

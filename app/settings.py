@@ -67,6 +67,10 @@ class Settings(BaseSettings):
 
     # --- guard (Llama Guard 3) ---
     guard_backend: Literal["embedded", "openai"] = "embedded"
+    # Stage 1 of the embedded guard: "finetuned" = our MiniLM fine-tuned end to end (app/guard/guard_model.py,
+    # decides alone); "linear" = the earlier linear heads on the query embedding, with the LLM judge for
+    # their uncertain band (kept for comparison: docs/evaluation.md).
+    guard_classifier: Literal["finetuned", "linear"] = "finetuned"
     # The fastest engine that can run the loaded rails config (app/guard/rails.py). "auto": NeMo's IORails
     # when every rail is a NeMo catalog input/output rail, else our flows compiled once from NeMo's parse
     # (app/guard/compiled.py), else NeMo LLMRails; "compiled": the same without IORails; "nemo": always

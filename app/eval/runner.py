@@ -24,7 +24,7 @@ DEFAULT_RAG_TASKS = PROJECT_ROOT / "tests" / "data" / "rag_tasks.jsonl"
 @contextlib.asynccontextmanager
 async def in_process_guard(settings: Any) -> AsyncIterator[tuple[Any, Any]]:
     """(guard, embedder) for the configured rails, closed afterwards."""
-    from app.guard.detector import Detector
+    from app.guard.detector import load_classifier
     from app.guard.rails import build_guard
     from app.llm.factory import build_chat_backend
     from app.rag.embedder import get_embedder
@@ -32,7 +32,8 @@ async def in_process_guard(settings: Any) -> AsyncIterator[tuple[Any, Any]]:
     llm, embedded_server = build_chat_backend(settings)
     try:
         embedder = get_embedder()
-        guard = build_guard(settings.rails_dir, settings, llm=llm, embedder=embedder, detector=Detector.load())
+        detector = load_classifier(settings.guard_classifier)
+        guard = build_guard(settings.rails_dir, settings, llm=llm, embedder=embedder, detector=detector)
         try:
             yield guard, embedder
         finally:

@@ -30,7 +30,7 @@ from app.guard.loader import IntentRailSpec
 from app.rag.base import Embedder
 
 if TYPE_CHECKING:
-    from app.guard.detector import Detector, DetectorScores, DetectorThresholds
+    from app.guard.detector import Classifier, DetectorScores, DetectorThresholds
 
 
 @dataclass
@@ -47,7 +47,7 @@ class Thresholds:
     answer_unsafe_allow: float | None = None
 
     @classmethod
-    def resolve(cls, detector: Detector | None, overrides: dict[str, float]) -> Thresholds:
+    def resolve(cls, detector: Classifier | None, overrides: dict[str, float]) -> Thresholds:
         base: DetectorThresholds | Thresholds = detector.thresholds if detector is not None else cls()
         values: dict[str, float] = {}
         for name in cls.__dataclass_fields__:
@@ -55,6 +55,12 @@ class Thresholds:
             if value is not None:
                 values[name] = float(value)
         values.update(overrides)
+        # A classifier that decides alone stores allow == block (no band for the judge). A config that moves only
+        # the block threshold keeps it that way; an allow above its block would be meaningless.
+        for head in ("unsafe", "attack"):
+            if f"{head}_allow" not in overrides and base_allow_is_block(base, head):
+                values[f"{head}_allow"] = values[f"{head}_block"]
+            values[f"{head}_allow"] = min(values[f"{head}_allow"], values[f"{head}_block"])
         return cls(**values)
 
     def allow_below(self, role: Role) -> float:
@@ -62,6 +68,23 @@ class Thresholds:
         if role == "User":
             return self.unsafe_allow
         return self.unsafe_block if self.answer_unsafe_allow is None else self.answer_unsafe_allow
+
+
+def base_allow_is_block(base: object, head: str) -> bool:
+    return bool(getattr(base, f"{head}_allow", None) == getattr(base, f"{head}_block", None))
+
+
+# A harmful text counts against a category in force when P(category | unsafe) reaches this (multi-label head).
+CATEGORY_PRESENT = 0.3
+
+
+def top_categories(categories: dict[str, float], n: int = 3) -> list[tuple[str, float]]:
+    return sorted(categories.items(), key=lambda kv: -kv[1])[:n]
+
+
+def describe_categories(categories: dict[str, float]) -> str:
+    """"S1 0.93, S9 0.41": what the chat's "why?" shows of a verdict."""
+    return ", ".join(f"{code} {p:.2f}" for code, p in top_categories(categories) if p >= 0.05)
 
 
 @dataclass
@@ -162,13 +185,14 @@ ATTACK_CATEGORY = SafetyCategory(
 class SafetyCascade:
     mode: Literal["embedded", "openai"]
     judge: LlamaGuardClient | None  # embedded judge or remote Llama Guard
-    detector: Detector | None
+    detector: Classifier | None
     thresholds: Thresholds
     topic_matcher: IntentMatcher
     attack_matcher: IntentMatcher
     topic_labels: dict[str, str] = field(default_factory=dict)  # detector topic -> blocked intent
     safety_matcher: IntentMatcher | None = None  # harmful-request examples (input only)
     attack_judge: LlamaGuardClient | None = None  # judges the detector's uncertain attack band
+    categories_in_force: frozenset[str] | None = None  # None: every category the classifier knows
 
     async def safety(
         self,
@@ -190,10 +214,13 @@ class SafetyCascade:
                 return RailResult(name, "block", cats, match.similarity, _ms(started), info)
         if self.mode == "embedded" and scores is not None:
             t = self.thresholds
-            info = f"stage1 detector unsafe={scores.unsafe:.2f}"
+            info = f"stage1 detector unsafe={scores.unsafe:.2f} [{describe_categories(scores.categories)}]"
             if scores.unsafe >= t.unsafe_block:
-                top = sorted(scores.categories.items(), key=lambda kv: -kv[1])[:1]
-                return RailResult(name, "block", [c for c, _ in top], scores.unsafe, _ms(started), info)
+                cats = self._blocking_categories(scores)
+                if not cats:
+                    info += " (no category in force)"
+                    return RailResult(name, "allow", [], scores.unsafe, _ms(started), info)
+                return RailResult(name, "block", cats, scores.unsafe, _ms(started), info)
             if scores.unsafe < t.allow_below(role):
                 if scores.unsafe >= t.unsafe_allow:
                     info += " (an answer: no judge below answer_unsafe_allow)"
@@ -210,6 +237,15 @@ class SafetyCascade:
         detail += f"{stage}: {'safe' if verdict.safe else 'unsafe ' + ','.join(verdict.categories)}"
         score = scores.unsafe if scores is not None else None
         return RailResult(name, "allow" if verdict.safe else "block", verdict.categories, score, _ms(started), detail)
+
+    def _blocking_categories(self, scores: DetectorScores) -> list[str]:
+        """The categories in force this harmful text falls under, most likely first. The top category always
+        counts when in force; others when they reach CATEGORY_PRESENT. Empty: the config checks none of them."""
+        ranked = top_categories(scores.categories, n=len(scores.categories))
+        in_force = self.categories_in_force
+        if in_force is None:
+            return [ranked[0][0]] if ranked else ["S1"]
+        return [c for i, (c, p) in enumerate(ranked) if c in in_force and (i == 0 or p >= CATEGORY_PRESENT)][:3]
 
     def prefetch(self, conversation: Sequence[tuple[Role, str]], role: Role) -> asyncio.Task[LlamaGuardVerdict] | None:
         """Starts the remote Llama Guard call for `conversation` now, so it runs beside the query embedding (it
@@ -281,7 +317,7 @@ class SafetyCascade:
 
 
 async def score_in_thread(
-    detector: Detector, text: str, embedder: Embedder, embedding: np.ndarray | None
+    detector: Classifier, text: str, embedder: Embedder, embedding: np.ndarray | None
 ) -> DetectorScores:
     """The detector may embed extra windows (torch); keep that off the event loop."""
     return await asyncio.to_thread(detector.score, text, embedder, embedding)

@@ -21,7 +21,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -66,6 +66,27 @@ class DetectorThresholds:
     off_topic_block: float
 
 
+class Classifier(Protocol):
+    """What the rails ask of a stage-1 classifier: the fine-tuned guard (app/guard/guard_model.py, the default)
+    or the linear heads on MiniLM embeddings below (`GUARDCHAT_GUARD_CLASSIFIER=linear`)."""
+
+    kind: str
+    thresholds: DetectorThresholds
+
+    def score(self, text: str, embedder: Embedder, embedding: np.ndarray | None = None) -> DetectorScores: ...
+
+    def score_many(self, texts: list[str], embedder: Embedder) -> list[DetectorScores]: ...
+
+
+def load_classifier(kind: Literal["finetuned", "linear"] = "finetuned", threads: int = 0) -> Classifier:
+    """The shipped weights of the chosen classifier (nothing is fetched)."""
+    if kind == "linear":
+        return Detector.load()
+    from app.guard.guard_model import GuardModel
+
+    return GuardModel.load(threads=threads)
+
+
 def text_windows(text: str) -> list[str]:
     """The texts to embed for `text`: the text itself (MiniLM keeps its head), plus for long texts
     overlapping ~WINDOW_WORDS-word windows up to and including the tail, at most MAX_WINDOWS in all."""
@@ -107,6 +128,8 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 
 class Detector:
     """Loads the committed weights once; `score` costs a few matrix-vector products per window."""
+
+    kind = "linear"
 
     def __init__(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
         self.meta = meta

@@ -45,7 +45,7 @@ from app.rag.embedder import bundled_model_path
 from app.settings import Settings
 
 if TYPE_CHECKING:
-    from app.guard.detector import Detector, DetectorScores
+    from app.guard.detector import Classifier, DetectorScores
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class RailsGuard:
         *,
         cascade: SafetyCascade,
         embedder: Embedder,
-        detector: Detector | None,
+        detector: Classifier | None,
         grounding: GroundingCheck | None = None,
         owned_clients: list[ChatBackend] | None = None,
     ) -> None:
@@ -159,7 +159,9 @@ class RailsGuard:
 
     async def _score(self, text: str, embedding: np.ndarray) -> DetectorScores:
         assert self._detector is not None
-        if len(text_windows(text)) == 1:  # nothing left to embed: ~0.1 ms, not worth a thread hop
+        # Linear heads on a short text have nothing left to embed (~0.1 ms): not worth a thread hop. The fine-tuned
+        # guard runs its encoder (ms): off the event loop.
+        if self._detector.kind == "linear" and len(text_windows(text)) == 1:
             return self._detector.score(text, self._embedder, embedding)
         return await score_in_thread(self._detector, text, self._embedder, embedding)
 
@@ -271,7 +273,7 @@ def build_guard(
     *,
     llm: ChatBackend,
     embedder: Embedder,
-    detector: Detector | None = None,
+    detector: Classifier | None = None,
     grounding: GroundingCheck | None = None,
     embedding_model_path: str | None = None,
 ) -> RailsGuard:
@@ -318,6 +320,7 @@ def build_guard(
         attack_matcher=IntentMatcher(section.attack, loaded.user_examples, embedder),
         topic_labels=dict(section.topic.detector_labels),
         safety_matcher=IntentMatcher(section.safety, loaded.user_examples, embedder),
+        categories_in_force=frozenset(c.code for c in loaded.categories),
         attack_judge=LlamaGuardClient(
             judge_backend,
             [ATTACK_CATEGORY],

@@ -125,9 +125,8 @@ def load_sources(eval_dir: Path, rng: random.Random, max_per_source: int | None)
             elif label == "attack":
                 src["our_attack"].append(Item(row["text"], "our_attack", None, 1))
             else:
-                source = {"on_domain": "on_domain", "alarming": "alarming", "lookalike": "lookalike",
-                          "advice": "advice", "off_topic": "off_topic"}.get(kind, "general")
-                src[source].append(Item(row["text"], source, 0, 0, row.get("topic")))
+                source = kind if kind in OWN_BENIGN_KINDS else "general"
+                src.setdefault(source, []).append(Item(row["text"], source, 0, 0, row.get("topic")))
     return {k: cap(v) for k, v in src.items()}
 
 
@@ -136,8 +135,10 @@ def heldout_texts(eval_dir: Path) -> list[str]:
     return [SLOT.sub("", r["text"]) for name in HOLDOUT_SHARE for r in holdout_rows(eval_dir, name)]
 
 
-BENIGN_SOURCES = ("chitchat", "unanswerable", "passage", "on_domain", "alarming", "lookalike", "general", "advice",
-                  "off_topic", "borderline")
+# Kinds of our own benign rows (training_data/*.jsonl `kind`) that are their own report source; others: "general".
+OWN_BENIGN_KINDS = ("on_domain", "alarming", "lookalike", "advice", "off_topic", "injection_lookalike", "instruction",
+                    "technical", "conversation", "fees_deadlines")
+BENIGN_SOURCES = ("chitchat", "unanswerable", "passage", "general", "borderline", *OWN_BENIGN_KINDS)
 UNSAFE_SOURCES = ("harmful", "wrapped")
 ATTACK_SOURCES = ("template", "wrapped", "injection", "our_attack")
-ON_DOMAIN_SOURCES = ("on_domain", "alarming", "lookalike")
+ON_DOMAIN_SOURCES = ("on_domain", "alarming", "lookalike", "conversation", "fees_deadlines")

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from app.guard.base import GuardDecision
-    from app.guard.detector import Detector
+    from app.guard.detector import Classifier
     from app.guard.rails import RailsGuard
 
 log = logging.getLogger(__name__)
@@ -222,7 +222,7 @@ def validate_rails(
     run_tests: bool = True,
     llm: ChatBackend | None = None,
     embedder: Embedder | None = None,
-    detector: Detector | None | Literal["auto"] = "auto",
+    detector: Classifier | None | Literal["auto"] = "auto",
 ) -> ValidationReport:
     """Synchronous entry point (the CLI). From async code use `avalidate_rails`: the LLM client
     belongs to the caller's event loop."""
@@ -242,7 +242,7 @@ async def avalidate_rails(
     run_tests: bool = True,
     llm: ChatBackend | None = None,
     embedder: Embedder | None = None,
-    detector: Detector | None | Literal["auto"] = "auto",
+    detector: Classifier | None | Literal["auto"] = "auto",
 ) -> ValidationReport:
     """`detector="auto"` loads the committed detector weights when present, as the server does."""
     from app.guard.rails import build_guard
@@ -259,7 +259,7 @@ async def avalidate_rails(
 
         embedder = await asyncio.to_thread(get_embedder)
     if detector == "auto":
-        detector = _load_detector()
+        detector = _load_detector(settings)
     try:
         guard = await asyncio.to_thread(
             build_guard,
@@ -297,11 +297,11 @@ def _unknown_actions(guard: RailsGuard) -> list[ValidationError]:
     return errors
 
 
-def _load_detector() -> Detector | None:
+def _load_detector(settings: Settings) -> Classifier | None:
     try:
-        from app.guard.detector import Detector
+        from app.guard.detector import load_classifier
 
-        return Detector.load()
+        return load_classifier(settings.guard_classifier)
     except Exception as exc:  # no weights committed yet: the judge decides safety alone
         log.warning("no detector weights (%s); validating without stage 1", exc)
         return None

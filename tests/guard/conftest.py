@@ -4,7 +4,7 @@
   Llama Guard 3 deployment (vLLM / NIM) does. Llama Guard needs a GPU, so this is the one stand-in
   the project allows; each test queues the raw completions it should answer with and reads back the
   requests it received.
-- `detector`: the committed detector weights.
+- `detector`: the classifier the server loads by default (the fine-tuned guard model).
 - `embedded_guard`: the shipped rails/ config on real NeMo Guardrails, with the detector and the real
   embedded LLM (SmolLM2-135M on xllamacpp) as the stage-2 judge.
 """
@@ -101,9 +101,10 @@ def lg(llama_guard_server: LlamaGuardStandIn) -> Iterator[LlamaGuardStandIn]:
 
 @pytest.fixture(scope="session")
 def detector() -> Any:
-    from app.guard.detector import Detector
+    """The classifier the server loads by default (the fine-tuned guard)."""
+    from app.guard.detector import load_classifier
 
-    return Detector.load()
+    return load_classifier(Settings().guard_classifier)
 
 
 def remote_settings(guard_url: str, **overrides: Any) -> Settings:

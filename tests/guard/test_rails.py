@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import pytest
+import yaml
 
 from app.guard.base import RailResult
 from app.guard.passthrough import PassThroughGuard
@@ -77,20 +78,20 @@ async def test_alarming_but_fine_bank_questions_pass(embedded_guard, embedder, t
 
 
 async def _guard_with_band_everywhere(
-    extra_thresholds: str, llm: Any, settings: Settings, embedder: Any, detector: Any
+    extra_thresholds: dict[str, float], llm: Any, settings: Settings, embedder: Any, detector: Any
 ) -> RailsGuard:
     """The shipped rails with every text in the detector's uncertain band (plus `extra_thresholds` lines)."""
     files = {p.relative_to(RAILS_DIR).as_posix(): p.read_text() for p in RAILS_DIR.rglob("*.*")}
-    files["config.yml"] = files["config.yml"].replace(
-        "  thresholds:\n", f"  thresholds:\n    unsafe_allow: 0.0\n{extra_thresholds}    unsafe_block: 1.01\n"
-    )
+    config = yaml.safe_load(files["config.yml"])
+    config["guardchat"]["thresholds"] = {"unsafe_allow": 0.0, "unsafe_block": 1.01, **extra_thresholds}
+    files["config.yml"] = yaml.safe_dump(config, sort_keys=False)
     return await asyncio.to_thread(build_guard, files, settings, llm=llm, embedder=embedder, detector=detector)
 
 
 async def test_embedded_judge_answers_under_the_grammar(embedder, embedded_judge, detector) -> None:
     """Force every text into the uncertain band so that stage 2 (the embedded LLM) decides."""
     guard = await _guard_with_band_everywhere(
-        "    answer_unsafe_allow: 0.0\n", embedded_judge, Settings(guard_timeout_s=60), embedder, detector
+        {"answer_unsafe_allow": 0.0}, embedded_judge, Settings(guard_timeout_s=60), embedder, detector
     )
     for decision in [
         await _check(guard, embedder, "How do I order new checks?"),
@@ -108,7 +109,7 @@ async def test_answers_in_the_uncertain_band_are_not_sent_to_the_embedded_judge(
     """By default only user messages in the detector's band go to the embedded judge: on answer windows it cut
     off benign answers (docs/rails.md). Here every text is in the band and there is no judge at all: the user
     message fails closed, the answer is allowed by stage 1."""
-    guard = await _guard_with_band_everywhere("", None, Settings(guard_timeout_s=1), embedder, detector)
+    guard = await _guard_with_band_everywhere({}, None, Settings(guard_timeout_s=1), embedder, detector)
     asked = await _check(guard, embedder, "How do I order new checks?")
     assert not asked.allowed and asked.guard_error, asked
     answer = await guard.check_output(

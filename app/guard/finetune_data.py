@@ -1,0 +1,123 @@
+"""The fine-tuned guard's training rows: one JSONL file that a CPU or a GPU machine trains from.
+
+Sources (app/guard/train_data.py `load_sources`): the public dev sets in ../shared/eval minus their held-out
+slice (app/eval/holdout.py), our own rows in app/guard/training_data/, and paragraphs of the shipped knowledge
+base (benign answer-like text: the guard also scores answer windows). Rows within cosine NEAR_DUPLICATE (MiniLM)
+of any evaluation row — the public held-out slice, app/eval/data/guard_heldout.jsonl, topic_dev.jsonl — are
+dropped, so the evaluation never scores a paraphrase of a training row.
+
+Jailbreak templates train twice: bare (attack) and wrapped around harmful requests of the same split (attack
+and unsafe). A tenth of the rows, chosen by a hash of the text, is the validation split that calibration and
+thresholds are fitted on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.guard.guard_model import TOPIC_LABELS
+from app.guard.train_data import SLOT, Item, heldout_texts, load_sources
+
+ROOT = Path(__file__).resolve().parents[2]
+EVAL_DATA = ROOT / "app" / "eval" / "data"
+EVAL_FILES = (EVAL_DATA / "guard_heldout.jsonl", EVAL_DATA / "topic_dev.jsonl")
+KNOWLEDGE_DIR = ROOT / "knowledge"
+NEAR_DUPLICATE = 0.9
+VAL_SHARE = 0.1
+WRAPS_PER_TEMPLATE = 3
+
+
+def split_of(text: str) -> str:
+    digest = hashlib.sha256(f"guard-val-v1\0{text.strip().lower()}".encode()).digest()
+    return "val" if int.from_bytes(digest[:8], "big") / 2**64 < VAL_SHARE else "train"
+
+
+def knowledge_paragraphs(directory: Path = KNOWLEDGE_DIR, min_chars: int = 120) -> list[str]:
+    """Paragraphs of the knowledge base (answers quote them: benign, on-domain prose)."""
+    out: list[str] = []
+    for path in sorted(directory.glob("*.md")):
+        for block in path.read_text(encoding="utf-8").split("\n\n"):
+            text = " ".join(block.split())
+            if len(text) >= min_chars and not text.startswith("#"):
+                out.append(text)
+    return out
+
+
+def evaluation_texts(eval_dir: Path) -> list[str]:
+    texts = heldout_texts(eval_dir)
+    for path in EVAL_FILES:
+        if path.exists():
+            texts += [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").split("\n") if line]
+    return texts
+
+
+def far_from(embedder: Any, texts: list[str], avoid: list[str]) -> np.ndarray:
+    """Mask of `texts` not within cosine NEAR_DUPLICATE (MiniLM) of any text in `avoid`."""
+    if not avoid:
+        return np.ones(len(texts), dtype=bool)
+    vectors = embedder.embed(texts + avoid)
+    return np.asarray((vectors[: len(texts)] @ vectors[len(texts) :].T).max(axis=1) < NEAR_DUPLICATE)
+
+
+def _row(it: Item, split: str) -> dict[str, Any]:
+    return {"text": it.text, "source": it.source, "unsafe": it.unsafe, "attack": it.attack,
+            "topic": TOPIC_LABELS.index(it.topic) if it.topic else None, "cats": it.categories, "split": split}
+
+
+def wrap(templates: list[Item], harmful: list[Item], rng: random.Random) -> list[Item]:
+    out = []
+    for template in templates:
+        if template.slot_text is None or not SLOT.search(template.slot_text):
+            continue
+        for request in rng.sample(harmful, min(WRAPS_PER_TEMPLATE, len(harmful))):
+            text = request.text.join(SLOT.split(template.slot_text))
+            out.append(Item(text, "wrapped", 1, 1, categories=request.categories, payload=request.text))
+    return out
+
+
+def build_rows(eval_dir: Path, embedder: Any, seed: int = 1234) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """All training rows (train and val split) and a summary (counts, dropped near-duplicates)."""
+    rng = random.Random(seed)
+    sources = load_sources(Path(eval_dir), rng, None)
+    sources["kb_passage"] = [Item(t, "kb_passage", 0, 0) for t in knowledge_paragraphs()]
+    bare = [it for name in sorted(sources) for it in sources[name]]
+    held = evaluation_texts(Path(eval_dir))
+    keep = far_from(embedder, [it.text for it in bare], held)
+    dropped: dict[str, int] = {}
+    for it, k in zip(bare, keep, strict=True):
+        if not k:
+            dropped[it.source] = dropped.get(it.source, 0) + 1
+    bare = [it for it, k in zip(bare, keep, strict=True) if k]
+    split = {id(it): split_of(it.text) for it in bare}
+    rows = [_row(it, split[id(it)]) for it in bare]
+    for side in ("train", "val"):
+        templates = [it for it in bare if it.source == "template" and split[id(it)] == side]
+        harmful = [it for it in bare if it.source == "harmful" and split[id(it)] == side]
+        rows += [_row(it, side) for it in wrap(templates, harmful, rng)]
+    counts: dict[str, dict[str, int]] = {}
+    for row in rows:
+        counts.setdefault(row["source"], {"train": 0, "val": 0})[row["split"]] += 1
+    return rows, {"counts": counts, "near_duplicates_dropped": dropped, "evaluation_rows": len(held)}
+
+
+def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").split("\n") if line]
+
+
+def file_hashes(eval_dir: Path) -> dict[str, str]:
+    """sha256 (16 hex) of every data file a training run reads."""
+    from app.guard.train_data import TRAINING_DATA_DIR, file_hash
+
+    files = sorted(Path(eval_dir).glob("*.jsonl")) + sorted(TRAINING_DATA_DIR.glob("*.jsonl"))
+    return {p.name: file_hash(p) for p in files}

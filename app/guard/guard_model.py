@@ -1,0 +1,205 @@
+"""The fine-tuned guard: all-MiniLM-L6-v2 trained end to end with one multi-head output, run int8 on OpenVINO.
+
+One encoder pass per text gives every score the rails need:
+- `unsafe`: the text is a harmful request or harmful content (binary, Platt-calibrated);
+- `categories`: the Llama Guard 3 hazard categories S1-S14 (multi-label, P(category | unsafe));
+- `attack`: jailbreak, prompt injection or system-prompt extraction (binary, calibrated);
+- `topic`: on_domain / investment, legal, tax advice / off_topic (softmax).
+
+The weights ship in app/guard/weights/guard_model/ (OpenVINO IR with int8 weights, the tokenizer, the
+calibration and thresholds in guard.json), made by `guardchat guard train` (app/guard/finetune*.py). Nothing
+is fetched at run time. Inference runs at f32 precision on every CPU (no bf16 where the CPU has it), so a text
+gets the same scores under any load and the same verdict on any x86 machine.
+
+Long texts keep their head and their tail (jailbreak templates put the request at the end): one pass,
+at most MAX_TOKENS tokens, whatever the length.
+
+This module imports only numpy and tokenizers at the top: the training code on a GPU machine shares
+`encode_ids` and the label lists with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from app.guard.detector import DetectorScores
+
+log = logging.getLogger(__name__)
+
+CATEGORY_CODES = tuple(f"S{i}" for i in range(1, 15))
+TOPIC_LABELS = ("on_domain", "investment_advice", "legal_advice", "tax_advice", "off_topic")
+# Output columns of the network: [unsafe, attack, S1..S14, topic logits...]
+UNSAFE_COL, ATTACK_COL = 0, 1
+CATS = slice(2, 2 + len(CATEGORY_CODES))
+TOPICS = slice(2 + len(CATEGORY_CODES), 2 + len(CATEGORY_CODES) + len(TOPIC_LABELS))
+N_OUTPUTS = TOPICS.stop
+
+MAX_TOKENS = 256  # with [CLS] and [SEP]
+HEAD_TOKENS = 96  # a long text keeps its first HEAD_TOKENS and its last MAX_TOKENS - 2 - HEAD_TOKENS
+GUARD_MODEL_DIR = Path(__file__).resolve().parent / "weights" / "guard_model"
+META_FILE = "guard.json"
+IR_FILE = "guard.xml"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def load_tokenizer(path: Path) -> Any:
+    """The MiniLM WordPiece tokenizer from its tokenizer.json, with no truncation or padding of its own."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return tokenizer
+
+
+def encode_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids with [CLS]/[SEP]; texts over MAX_TOKENS keep their head and tail (the same in training)."""
+    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    budget = MAX_TOKENS - 2
+    out = []
+    for enc in tokenizer.encode_batch(texts, add_special_tokens=False):
+        ids = enc.ids
+        if len(ids) > budget:
+            ids = ids[:HEAD_TOKENS] + ids[len(ids) - (budget - HEAD_TOKENS) :]
+        out.append([cls_id, *ids, sep_id])
+    return out
+
+
+def pad_batch(ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded input_ids and attention_mask (int64), as wide as the longest text."""
+    width = max(len(x) for x in ids)
+    input_ids = np.zeros((len(ids), width), dtype=np.int64)
+    mask = np.zeros((len(ids), width), dtype=np.int64)
+    for row, x in enumerate(ids):
+        input_ids[row, : len(x)] = x
+        mask[row, : len(x)] = 1
+    return input_ids, mask
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -40.0, 40.0)))
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+class GuardWeightsMismatch(RuntimeError):
+    """guard.bin is not the file guard.json was calibrated for: the server must not start on it."""
+
+
+def weights_sha256(directory: Path) -> str:
+    return hashlib.sha256((Path(directory) / IR_FILE.replace(".xml", ".bin")).read_bytes()).hexdigest()
+
+
+def verify_weights(directory: Path, meta: dict[str, Any]) -> None:
+    actual = weights_sha256(directory)
+    if meta.get("weights_sha256") != actual:
+        raise GuardWeightsMismatch(
+            f"{directory}: guard.bin sha256 {actual[:16]}… is not the one guard.json records; "
+            "retrain with `guardchat guard train` (thresholds are calibrated for one set of weights)"
+        )
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Platt scaling per binary head (a * logit + b), fitted on the validation split of the training data."""
+
+    unsafe: tuple[float, float] = (1.0, 0.0)
+    attack: tuple[float, float] = (1.0, 0.0)
+
+
+def probabilities(logits: np.ndarray, cal: Calibration) -> dict[str, np.ndarray]:
+    """Network outputs (n, N_OUTPUTS) -> calibrated probabilities per head."""
+    return {
+        "unsafe": sigmoid(cal.unsafe[0] * logits[:, UNSAFE_COL] + cal.unsafe[1]),
+        "attack": sigmoid(cal.attack[0] * logits[:, ATTACK_COL] + cal.attack[1]),
+        "categories": sigmoid(logits[:, CATS]),
+        "topic": softmax(logits[:, TOPICS]),
+    }
+
+
+class GuardModel:
+    """Implements the detector surface the rails use (`score`, `score_many`, `thresholds`); thread-safe.
+
+    `embedder` and `embedding` are accepted and ignored: this model reads the text itself."""
+
+    kind = "finetuned"
+
+    def __init__(self, directory: Path = GUARD_MODEL_DIR, threads: int = 0) -> None:
+        from app.guard.detector import DetectorThresholds
+        from app.rag.openvino_embedder import opt_out_of_openvino_telemetry
+
+        directory = Path(directory)
+        self.meta: dict[str, Any] = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
+        verify_weights(directory, self.meta)
+        self.thresholds = DetectorThresholds(**self.meta["thresholds"])
+        self.calibration = Calibration(**{k: tuple(v) for k, v in self.meta["calibration"].items()})
+        self.category_labels = list(CATEGORY_CODES)
+        self.topic_labels = list(TOPIC_LABELS)
+        self._tokenizer = load_tokenizer(directory / TOKENIZER_FILE)
+        opt_out_of_openvino_telemetry()
+        import openvino as ov
+
+        # f32 on every CPU: bf16 (chosen by default where the CPU has it) would move scores with the machine.
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+        if threads > 0:
+            config["INFERENCE_NUM_THREADS"] = threads
+        core = ov.Core()
+        self._compiled = core.compile_model(core.read_model(directory / IR_FILE), "CPU", config)
+        self._request = self._compiled.create_infer_request()
+        self._lock = threading.Lock()
+        log.info("guard model loaded (%s, OpenVINO int8 weights)", directory.name)
+
+    @classmethod
+    def load(cls, path: Path | None = None, threads: int = 0) -> GuardModel:
+        return cls(Path(path) if path is not None else GUARD_MODEL_DIR, threads=threads)
+
+    def logits(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+        """Raw network outputs (len(texts), N_OUTPUTS). Texts of similar length share a batch."""
+        out = np.zeros((len(texts), N_OUTPUTS), dtype=np.float32)
+        ids = encode_ids(self._tokenizer, texts)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            input_ids, mask = pad_batch([ids[i] for i in rows])
+            with self._lock:
+                result = self._request.infer({"input_ids": input_ids, "attention_mask": mask})
+            out[rows] = np.asarray(result[0], dtype=np.float32)
+        return out
+
+    def score_many(self, texts: list[str], embedder: Any = None) -> list[DetectorScores]:
+        from app.guard.detector import DetectorScores
+
+        started = time.perf_counter()
+        probs = probabilities(self.logits(texts), self.calibration) if texts else {}
+        per_item_ms = (time.perf_counter() - started) * 1000.0 / max(1, len(texts))
+        results = []
+        for i in range(len(texts)):
+            topic_p = probs["topic"][i]
+            results.append(
+                DetectorScores(
+                    unsafe=float(probs["unsafe"][i]),
+                    categories={c: float(p) for c, p in zip(CATEGORY_CODES, probs["categories"][i], strict=True)},
+                    attack=float(probs["attack"][i]),
+                    off_topic=float(1.0 - topic_p[0]),
+                    topic=TOPIC_LABELS[int(np.argmax(topic_p))],
+                    latency_ms=per_item_ms,
+                    topic_probs={t: float(p) for t, p in zip(TOPIC_LABELS, topic_p, strict=True)},
+                )
+            )
+        return results
+
+    def score(self, text: str, embedder: Any = None, embedding: np.ndarray | None = None) -> DetectorScores:
+        return self.score_many([text])[0]
