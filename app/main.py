@@ -125,6 +125,9 @@ def create_app(settings: Settings | None = None, state_factory: StateFactory | N
         # live as long as the process: collect once, then move them out of the collector's reach.
         gc.collect()
         gc.freeze()
+        from app.llm.speed import start_speed_probe  # after startup, in a thread: readiness does not wait for it
+
+        start_speed_probe(state.extras.get("embedded_server"), settings)
         try:
             yield
         finally:

@@ -12,6 +12,7 @@ HTTP error) is an `error` outcome, reported but kept out of the rates.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -171,6 +172,14 @@ def _listing(o: Outcome) -> dict[str, Any]:
     }
 
 
+def verdicts_digest(outcomes: list[Outcome]) -> str:
+    """One hash of every row's decision (text, blocked, deciding rail): two runs decided alike iff equal."""
+    digest = hashlib.sha256()
+    for o in outcomes:
+        digest.update(f"{o.row.text}\0{o.blocked}\0{o.blocked_by}\n".encode())
+    return digest.hexdigest()
+
+
 def summarize(outcomes: list[Outcome], kind: str = "safety") -> dict[str, Any]:
     """The report dict: overall / per-label / per-category / per-rail rates, confusion, latency, misses."""
     ok = [o for o in outcomes if o.error is None]
@@ -195,6 +204,7 @@ def summarize(outcomes: list[Outcome], kind: str = "safety") -> dict[str, Any]:
         "by_rail": _by_rail(ok),
         "latency_ms": percentiles([o.latency_ms for o in ok]),
         "latencies_ms": [round(o.latency_ms, 3) for o in ok],
+        "verdicts_sha256": verdicts_digest(ok),
         "misses": [_listing(o) for o in ok if o.row.expected == "block" and not o.blocked][:MAX_LISTED],
         "false_refusals": [_listing(o) for o in ok if o.row.expected == "allow" and o.blocked][:MAX_LISTED],
         "guard_error_rows": [_listing(o) for o in ok if any(r.get("verdict") == "error" for r in o.rails)][:MAX_LISTED],

@@ -14,11 +14,15 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
+
+if TYPE_CHECKING:
+    from app.llm.speed import LLMSpeed
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +74,8 @@ class EmbeddedLLMServer:
         self.startup_timeout_s = startup_timeout_s
         self._server: Any = None
         self._root_url: str | None = None
+        self.speed: LLMSpeed | None = None  # measured once after startup (app/llm/speed.py), None until then
+        self._close_hooks: list[Callable[[], None]] = []
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------ properties
@@ -174,10 +180,23 @@ class EmbeddedLLMServer:
         """start() off the event loop."""
         return await asyncio.to_thread(self.start)
 
+    def on_close(self, hook: Callable[[], None]) -> None:
+        """Run `hook` at close(), before llama.cpp is torn down. The teardown waits until the client of every open
+        request has left, holding the GIL, so an in-process client still waiting for an answer (the speed probe)
+        could never leave: it must cut its connection here, or close() does not return."""
+        with self._lock:
+            self._close_hooks.append(hook)
+
     def close(self) -> None:
         """Stop serving and free the model. Idempotent."""
         with self._lock:
             server, self._server, self._root_url = self._server, None, None
+            hooks, self._close_hooks = self._close_hooks, []
+        for hook in hooks:
+            try:
+                hook()
+            except Exception:  # best effort: stopping the server matters more
+                log.debug("close hook failed", exc_info=True)
         if server is not None:
             del server  # the Cython object's dealloc stops the HTTP server and frees llama.cpp
             gc.collect()

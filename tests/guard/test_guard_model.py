@@ -103,9 +103,8 @@ def test_same_text_same_scores_alone_in_a_batch_and_again(model: GuardModel) -> 
     alone = np.array([model.logits([t])[0] for t in texts])
     batched = model.logits(texts)
     again = np.array([model.logits([t])[0] for t in texts])
-    assert np.array_equal(alone, again)  # the same request twice: bit-identical
-    assert np.abs(alone - batched).max() < 1e-3  # padding in a batch changes float rounding, not the verdict
-    assert [_blocked(model, t) for t in texts] == [_blocked(model, t) for t in texts]
+    # Bit-identical whatever else is scored with it: the model never pads a text into a batch.
+    assert np.array_equal(alone, again) and np.array_equal(alone, batched)
 
 
 def test_a_long_text_keeps_its_head_and_its_tail() -> None:
@@ -113,8 +112,8 @@ def test_a_long_text_keeps_its_head_and_its_tail() -> None:
     filler = " ".join(f"paragraph {i} of a long story about a lighthouse keeper" for i in range(200))
     [ids] = encode_ids(tokenizer, [filler + " THE END"])
     assert len(ids) == MAX_TOKENS
-    tail = tokenizer.decode(ids[-4:-1])
-    assert tail.replace(" ", "").lower() == "theend", tail
+    tail = tokenizer.decode(ids[-3:-1])  # [..., "the", "end", [SEP]]
+    assert tail == "the end", tail
     head = tokenizer.decode(ids[1 : HEAD_TOKENS + 1])
     assert head.startswith("paragraph 0 of a long story")
 
