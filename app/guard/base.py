@@ -62,10 +62,10 @@ class Guard(Protocol):
     output_context_chars: int
     grounding_blocks: bool  # the config blocks ungrounded answers: windows must be checked with the context
 
-    def prefetch_input(self, messages: list[dict[str, str]]) -> asyncio.Task[Any] | None:
-        """Starts the input checks that need only the text (a remote Llama Guard call), so they run while the
-        turn embeds its query; `check_input` on the same messages then uses their result. Returns the task
-        (the caller cancels it if the turn ends first), or None when there is nothing to start early."""
+    def prefetch_input(self, messages: list[dict[str, str]]) -> asyncio.Future[Any] | None:
+        """Starts the input checks that need only the text (a remote Llama Guard call, the guard model's pass), so
+        they run while the turn embeds its query; `check_input` on the same messages then uses their result.
+        Returns the future (the caller cancels it if the turn ends first), or None when there is nothing to start."""
         ...
 
     async def check_input(self, messages: list[dict[str, str]], embedding: np.ndarray | None = None) -> GuardDecision:

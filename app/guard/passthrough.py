@@ -19,7 +19,7 @@ class PassThroughGuard:
         self.output_context_chars = output_context_chars
         self.grounding_blocks = False
 
-    def prefetch_input(self, messages: list[dict[str, str]]) -> asyncio.Task[Any] | None:
+    def prefetch_input(self, messages: list[dict[str, str]]) -> asyncio.Future[Any] | None:
         return None
 
     async def check_input(self, messages: list[dict[str, str]], embedding: np.ndarray | None = None) -> GuardDecision:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import logging
 import time
@@ -48,6 +49,18 @@ if TYPE_CHECKING:
     from app.guard.detector import Classifier, DetectorScores
 
 log = logging.getLogger(__name__)
+
+# The guard model's scores of a turn's user message, started by `prefetch_input` (by text). A context variable:
+# the turn's rail tasks inherit it, and turns never share one.
+_prefetched_scores: contextvars.ContextVar[dict[str, asyncio.Future[DetectorScores]] | None] = (
+    contextvars.ContextVar("guardchat_prefetched_scores", default=None)
+)
+
+
+def _quietly_done(task: asyncio.Future[Any]) -> None:
+    """A prefetch nobody awaited (an example blocked first, the turn failed) must not log 'never retrieved'."""
+    if not task.cancelled():
+        task.exception()
 
 # The shipped flows and the stable rail names their actions record (metrics and tests key on them).
 SAFETY_INPUT_FLOW = "guardchat check input safety"
@@ -136,10 +149,24 @@ class RailsGuard:
     def files(self) -> dict[str, str]:
         return self.loaded.files
 
-    def prefetch_input(self, messages: list[dict[str, str]]) -> asyncio.Task[Any] | None:
-        if not self._prefetches_safety:
-            return None
-        return self.cascade.prefetch(conversation_from_messages(messages), "User")
+    def prefetch_input(self, messages: list[dict[str, str]]) -> asyncio.Future[Any] | None:
+        """Starts what needs only the text, so it overlaps the turn's embedding: the remote Llama Guard call, and
+        the fine-tuned guard model's pass (it reads the text, not the embedding; 2 cores run both at once)."""
+        tasks: list[asyncio.Future[Any]] = []
+        if self._detector is not None and self._detector.kind == "finetuned" and self.iorails is None:
+            text = last_user_text(messages)
+            task = asyncio.ensure_future(asyncio.to_thread(self._detector.score, text, self._embedder))
+            task.add_done_callback(_quietly_done)
+            _prefetched_scores.set({text: task})
+            tasks.append(task)
+        if self._prefetches_safety:
+            remote = self.cascade.prefetch(conversation_from_messages(messages), "User")
+            tasks += [remote] if remote is not None else []
+        if len(tasks) <= 1:
+            return tasks[0] if tasks else None
+        both = asyncio.ensure_future(asyncio.gather(*tasks))
+        both.add_done_callback(_quietly_done)
+        return both
 
     async def check_input(self, messages: list[dict[str, str]], embedding: np.ndarray | None = None) -> GuardDecision:
         if not self.has_input_rails:
@@ -159,6 +186,9 @@ class RailsGuard:
 
     async def _score(self, text: str, embedding: np.ndarray) -> DetectorScores:
         assert self._detector is not None
+        prefetched = (_prefetched_scores.get() or {}).pop(text, None)
+        if prefetched is not None:
+            return await prefetched
         # Linear heads on a short text have nothing left to embed (~0.1 ms): not worth a thread hop. The fine-tuned
         # guard runs its encoder (ms): off the event loop.
         if self._detector.kind == "linear" and len(text_windows(text)) == 1:

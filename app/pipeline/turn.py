@@ -45,7 +45,7 @@ __all__ = ["Delta", "Done", "Timer", "TurnInputError", "TurnRequest", "TurnResul
 log = logging.getLogger(__name__)
 
 
-def _cancel(task: asyncio.Task[Any] | None) -> None:
+def _cancel(task: asyncio.Future[Any] | None) -> None:
     """Drops a side task whose result is no longer wanted (its exception too, so asyncio does not log it)."""
     if task is None:
         return

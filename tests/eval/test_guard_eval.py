@@ -62,6 +62,9 @@ async def test_eval_guard_matches_the_guards_own_decisions(base_settings: Settin
     assert report["overall"]["refused"] == sum(not d.allowed for d in should_allow)
     assert report["rows"] == len(rows)
     check_arithmetic(report)
+    # Why the two always agree now: the default guard asks no LLM judge, whose timeouts under load once made the
+    # eval and the direct check disagree (issue 17's CI flake on a slow machine).
+    assert not any("judge" in (r.detail or "") for _, d in decisions for r in d.rails)
 
 
 def test_safety_eval_in_process_and_via_server_agree(

@@ -258,6 +258,13 @@ async def test_a_failed_prefetch_fails_the_turn_closed(lg, remote_guard, embedde
     assert not decision.allowed and decision.guard_error and decision.blocked_by == "safety_input"
 
 
-async def test_prefetch_runs_only_for_a_remote_guard(embedded_guard) -> None:
-    # The embedded judge is asked only when the classifier is unsure: asking it ahead would waste the LLM.
-    assert embedded_guard.prefetch_input(_user(BANK_Q)) is None
+async def test_embedded_prefetch_starts_the_guard_model_and_no_llm_call(embedded_guard, embedder, detector) -> None:
+    """On the embedded stack the prefetch is the guard model's pass (it reads the text, not the embedding); the
+    rail takes its scores. No LLM judge is asked ahead (or at all, with the shipped thresholds)."""
+    messages = _user(BANK_Q)
+    task = embedded_guard.prefetch_input(messages)
+    assert task is not None
+    scores = await task
+    assert scores.unsafe == detector.score(BANK_Q).unsafe  # the same text alone: bit-identical
+    decision = await embedded_guard.check_input(messages, embedder.embed([BANK_Q])[0])
+    assert decision.allowed and not any("judge" in (r.detail or "") for r in decision.rails), decision
