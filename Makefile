@@ -38,8 +38,10 @@ fetch: install
 index: install
 	$(BIN)/guardchat ingest --if-missing
 
+# --redis-auto: sessions (and rate limits, rails versions) in the Redis on 127.0.0.1:6379 when one answers and
+# GUARDCHAT_REDIS_URL is not set, else in process; the server logs which store it uses.
 run: fetch index
-	GUARDCHAT_HOST=$(HOST) GUARDCHAT_PORT=$(PORT) $(BIN)/guardchat serve
+	GUARDCHAT_HOST=$(HOST) GUARDCHAT_PORT=$(PORT) $(BIN)/guardchat serve --redis-auto
 
 # Browser tests drive Debian's Chromium (never a downloaded browser). Installed when we can (root + apt);
 # otherwise the browser tests skip with a reason (a failure under CI=true).

@@ -29,22 +29,56 @@ app.add_typer(eval_app, name="eval")
 
 
 def _settings(**overrides: Any) -> Settings:
+    """Settings from GUARDCHAT_* (and .env) plus command-line overrides. A bad value stops the command with one
+    line per setting on stderr and exit code 2, not a traceback; the value itself is never echoed (keys)."""
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError
+
     from app.settings import Settings
 
-    return Settings.model_validate({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Settings.model_validate({k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        lines = [settings_error_line(err) for err in exc.errors(include_input=False, include_url=False)]
+    except SettingsError as exc:  # a source that could not be read at all (e.g. an unparsable complex value)
+        lines = [f"guardchat: invalid settings: {exc}"]
+    for line in lines:
+        typer.secho(line, fg="red", err=True)
+    raise typer.Exit(2)
+
+
+def settings_error_line(err: Any) -> str:
+    """`guardchat: invalid GUARDCHAT_API_KEYS: <reason>` for one pydantic error (no input value in it)."""
+    field, *rest = [str(part) for part in err.get("loc", ())] or ["?"]
+    where = f"GUARDCHAT_{field.upper()}" + "".join(f"[{part}]" for part in rest)
+    reason = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    return f"guardchat: invalid {where}: {reason}"
 
 
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (GUARDCHAT_HOST)")] = None,
     port: Annotated[int | None, typer.Option(help="Port (GUARDCHAT_PORT)")] = None,
+    redis_auto: Annotated[
+        bool,
+        typer.Option(
+            "--redis-auto",
+            help="When GUARDCHAT_REDIS_URL is not set (environment or .env), keep sessions in the Redis on "
+            "127.0.0.1:6379 if it answers, else in process (what `make run` does)",
+        ),
+    ] = False,
 ) -> None:
     """Serve the API and the web chat. Every setting can also come from GUARDCHAT_* variables."""
+    settings = _settings(host=host, port=port)  # first: a bad setting is reported before the heavy imports
     import uvicorn
 
     from app.main import create_app
+    from app.sessions.factory import AUTO
 
-    settings = _settings(host=host, port=port)
+    if redis_auto and not settings.redis_url:
+        # A flag rather than GUARDCHAT_REDIS_URL=auto in the Makefile: an environment variable set there would
+        # override a URL the user keeps in .env.
+        settings.redis_url = AUTO
     uvicorn.run(
         create_app(settings),
         host=settings.host,

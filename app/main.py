@@ -115,9 +115,16 @@ async def close_state(state: AppState) -> None:
 
 def create_app(settings: Settings | None = None, state_factory: StateFactory | None = None) -> FastAPI:
     settings = settings or get_settings()
+    from app.sessions.factory import choose_redis_url
+
+    # Settled here, before the rate limiter, the rails versions and the session store read it: "auto" must
+    # mean the same Redis (or none) for all three. Logged at startup, once logging is configured.
+    store_choice = choose_redis_url(settings.redis_url)
+    settings.redis_url = store_choice.redis_url
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        log.info(store_choice.note)
         state = await (state_factory or build_state)(settings)
         app.state.guardchat = state
         # Startup leaves ~400k long-lived objects (torch, transformers, NeMo, the index). Every full garbage

@@ -2,18 +2,50 @@
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BeforeValidator, Field, SecretStr
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # Project root when running from a checkout; the defaults below resolve against it so
 # `make run` works from any current directory.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 EmbeddedModelName = Literal["qwen2.5-1.5b", "qwen2.5-0.5b", "smollm2-135m"]
+
+
+def split_list(value: Any) -> Any:
+    """A list setting as written in the environment or .env: a JSON list (`["a", "b"]`) or comma-separated
+    values (`a,b`, the way most tools take lists). Items are trimmed and empty ones dropped, so `a, b,` is
+    two items and an empty variable is an empty list. The error never quotes the value: it may be a key."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):  # JSON, so an item may itself contain a comma
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(
+                    f"starts with '[' but is not a valid JSON list ({exc.msg} at character {exc.pos}); "
+                    'write ["a", "b"] or a,b'
+                ) from None
+        else:
+            value = text.split(",")
+    if isinstance(value, list | tuple):
+        return [item.strip() if isinstance(item, str) else item for item in value if not _blank(item)]
+    return value
+
+
+def _blank(item: Any) -> bool:
+    return isinstance(item, str) and not item.strip()
+
+
+# Every list setting uses one of these. NoDecode stops pydantic-settings from insisting on JSON (a bare `a,b`
+# used to stop the server with a traceback); split_list then takes either form.
+StrList = Annotated[list[str], NoDecode, BeforeValidator(split_list)]
+SecretList = Annotated[list[SecretStr], NoDecode, BeforeValidator(split_list)]
 
 
 class Settings(BaseSettings):
@@ -41,7 +73,7 @@ class Settings(BaseSettings):
     llm_max_retries: int = 2
     llm_max_tokens: int = 512
     llm_temperature: float = 0.2
-    lora_adapters: list[str] = Field(
+    lora_adapters: StrList = Field(
         default_factory=list, description="Allow-list of adapter names a request may select"
     )
 
@@ -52,6 +84,9 @@ class Settings(BaseSettings):
     embedded_parallel: int = 2
 
     # --- sessions ---
+    # None = the in-process store. "auto" = Redis at redis://127.0.0.1:6379/0 if it answers, else the
+    # in-process store: settled once by create_app (app/sessions/factory.py choose_redis_url) before anything
+    # reads it; `make run` asks for it (`guardchat serve --redis-auto`) when this is not set.
     redis_url: str | None = None
     session_ttl_s: int = 7 * 24 * 3600
     session_max_turns: int = 200
@@ -118,14 +153,14 @@ class Settings(BaseSettings):
     rag_bm25_weight: float = 1.0  # weight of the keyword list in reciprocal-rank fusion
 
     # --- auth and limits ---
-    api_keys: list[SecretStr] = Field(
+    api_keys: SecretList = Field(
         default_factory=list, description="Chat API keys; empty = no auth (loopback only)"
     )
     admin_token: SecretStr | None = Field(
         default=None, description="Admin token; generated and printed once when unset"
     )
     rate_limit: str | None = Field(default=None, description="Per-key rate limit, e.g. '60/minute'")
-    cors_origins: list[str] = Field(default_factory=list)
+    cors_origins: StrList = Field(default_factory=list)
     docs_enabled: bool = True
     max_body_bytes: int = 1_000_000
     max_message_chars: int = 16_000

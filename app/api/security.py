@@ -5,7 +5,8 @@ Middleware, outermost first:
   DrainMiddleware   graceful shutdown (app/lifecycle.py): 503 for new requests while draining
   CORSMiddleware    only when GUARDCHAT_CORS_ORIGINS is set (outside auth so preflights and errors carry CORS)
   AccessMiddleware  API keys on /v1/* and /api/*, admin-only knowledge writes, chat keys out of /admin/*,
-                    the per-key rate limit; records the caller as `request.state.guardchat_principal`
+                    the per-key rate limit (per address for the web chat's calls that run a turn);
+                    records the caller as `request.state.guardchat_principal`
 Routes use `request_owner()` / `require_session_owner()` for session ownership and `check_message_limits()`.
 """
 
@@ -24,9 +25,10 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, HTTPException, Request
 from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.errors import APIError, error_response
+from app.api.errors import APIError, error_body, error_response
 from app.api.ratelimit import KeyRateLimiter
 from app.lifecycle import Drain, DrainMiddleware, install_sigterm_drain
 from app.sessions.base import SessionInfo, SessionNotFound, SessionStore
@@ -40,6 +42,17 @@ KNOWLEDGE_PREFIX = "/api/knowledge"
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 PRINCIPAL_KEY = "guardchat_principal"  # in scope["state"], i.e. request.state.guardchat_principal
 MULTIPART_OVERHEAD_BYTES = 1_000_000  # form boundaries and fields around an uploaded document
+# The web chat's Gradio calls that start work (a chat turn, feedback, a new chat, an upload): they draw from the
+# same rate limit as the API, per client address (the UI sends no key). Its page, config, static assets and
+# the queue's result stream (/gradio_api/queue/data) stay outside: they run nothing, and a page load must not
+# spend the budget. The admin console's own calls (/admin/...) are not limited, like the admin API.
+UI_WORK_PREFIXES = (
+    "/gradio_api/queue/join",
+    "/gradio_api/run/",
+    "/gradio_api/api/",
+    "/gradio_api/call/",
+    "/gradio_api/upload",
+)
 
 # Gradio renders with inline scripts and styles and loads its fonts from Google Fonts; everything else is
 # same-origin. frame-ancestors 'none' is the modern X-Frame-Options: DENY (both are sent).
@@ -338,16 +351,33 @@ class AccessMiddleware:
                 message = "Changing the knowledge base needs the admin token."
                 await _deny(scope, receive, send, 403, message, "forbidden")
                 return
-            if self.runtime.limiter is not None:
-                identity = principal.owner or f"ip:{_client_host(scope)}"
-                decision = await self.runtime.limiter.check(identity)
-                if not decision.allowed:
-                    retry = str(decision.retry_after_s)
-                    message = f"Rate limit exceeded ({decision.limit}); retry after {retry} s."
-                    await _deny(scope, receive, send, 429, message, "rate_limit_exceeded", {"Retry-After": retry})
-                    return
+            if await self._over_limit(scope, receive, send, principal.owner or f"ip:{_client_host(scope)}", ui=False):
+                return
             scope.setdefault("state", {})[PRINCIPAL_KEY] = principal
+        elif is_ui_work(scope) and await self._over_limit(scope, receive, send, f"ip:{_client_host(scope)}", ui=True):
+            return
         await self.app(scope, receive, send)
+
+    async def _over_limit(self, scope: Scope, receive: Receive, send: Send, identity: str, *, ui: bool) -> bool:
+        """Counts one request for `identity`; past the limit, answers 429 with Retry-After and returns True.
+        The body is the OpenAI-style error; for the web chat also `detail`, the field Gradio's client shows."""
+        if self.runtime.limiter is None:
+            return False
+        decision = await self.runtime.limiter.check(identity)
+        if decision.allowed:
+            return False
+        retry = str(decision.retry_after_s)
+        message = f"Rate limit exceeded ({decision.limit}); retry after {retry} s."
+        body = error_body(429, message, "rate_limit_exceeded")
+        if ui:
+            body["detail"] = message
+        await JSONResponse(body, status_code=429, headers={"Retry-After": retry})(scope, receive, send)
+        return True
+
+
+def is_ui_work(scope: Scope) -> bool:
+    """A web chat request that runs a function (see UI_WORK_PREFIXES)."""
+    return scope["method"] == "POST" and str(scope["path"]).startswith(UI_WORK_PREFIXES)
 
 
 async def _deny(
@@ -405,7 +435,7 @@ def warn_if_exposed(settings: Settings) -> bool:
     bar = "!" * 72
     log.warning(
         "%s\nguardchat binds to %s WITHOUT API KEYS: anyone who can reach it can use the chat API.\n"
-        "Set GUARDCHAT_API_KEYS (a JSON list of keys) or bind to 127.0.0.1.\n%s",
+        "Set GUARDCHAT_API_KEYS (comma-separated keys, or a JSON list) or bind to 127.0.0.1.\n%s",
         bar,
         settings.host,
         bar,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from html.parser import HTMLParser
 from urllib.parse import urlsplit
@@ -279,3 +280,48 @@ def test_loud_warning_when_exposed_without_keys(caplog: pytest.LogCaptureFixture
     assert warn_if_exposed(Settings(host="::1")) is False
     assert warn_if_exposed(Settings(host="0.0.0.0", api_keys=["k"])) is False
     assert not caplog.text
+
+
+# --- the web chat shares the rate limit ----------------------------------------------------------------------
+
+
+def _ui_join(client: httpx.Client, fn_index: int, data: list[object], session_hash: str) -> httpx.Response:
+    """What Gradio's browser client posts to run one event (a chat turn, a new chat) of the chat at `/`."""
+    body = {"data": data, "fn_index": fn_index, "session_hash": session_hash, "event_data": None}
+    return client.post("/gradio_api/queue/join", json=body)
+
+
+def _ui_result(client: httpx.Client, session_hash: str, event_id: str) -> dict[str, object]:
+    """The event's `process_completed` message from the queue's result stream."""
+    with client.stream("GET", "/gradio_api/queue/data", params={"session_hash": session_hash}) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data:"):
+                message = json.loads(line[5:])
+                if message.get("msg") == "process_completed" and message.get("event_id") == event_id:
+                    return dict(message)
+    raise AssertionError("the queue closed before the event completed")
+
+
+def test_web_chat_shares_the_rate_limit(base_settings: Settings) -> None:
+    """Open mode (no keys): the UI's calls and the API's count against one budget per client address; the page,
+    its config and assets stay outside the limit."""
+    settings = base_settings.model_copy(update={"rate_limit": "4/minute", "redis_url": None})
+    with LiveServer(settings) as server, server.client() as client:
+        assert client.get("/").status_code == 200
+        functions = {d["api_name"]: d["id"] for d in client.get("/config").json()["dependencies"]}
+        hash_ = "ratelimit-test"
+        turn = _ui_join(client, functions["respond"], ["What is the ATM withdrawal limit?", None, None, None], hash_)
+        assert turn.status_code == 200, turn.text  # 1: a real turn through the UI
+        result = _ui_result(client, hash_, turn.json()["event_id"])
+        assert result["success"] is True, result
+        assert client.get("/v1/models").status_code == 200  # 2
+        assert _ui_join(client, functions["new_chat"], [], hash_).status_code == 200  # 3
+        assert client.post("/api/sessions").status_code == 201  # 4
+        refused = _ui_join(client, functions["respond"], ["And the daily transfer limit?", None, None, None], hash_)
+        error = assert_openai_error(refused, 429, "rate_limit_exceeded")
+        assert refused.json()["detail"] == error["message"]  # what Gradio's client shows the user
+        assert 0 < int(refused.headers["retry-after"]) <= 60
+        assert client.post("/gradio_api/run/respond", json={"data": []}).status_code == 429
+        assert_openai_error(client.get("/v1/models"), 429, "rate_limit_exceeded")  # one budget for both
+        for path in ("/", "/config", "/gradio_api/info"):
+            assert client.get(path).status_code == 200, path

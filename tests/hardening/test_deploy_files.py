@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import re
+import tomllib
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
 
 from app.settings import PROJECT_ROOT, Settings
 
@@ -129,3 +134,49 @@ def test_dockerignore_keeps_secrets_and_bulk_out() -> None:
     for needed in ("app", "rails", "knowledge", "pyproject.toml"):
         assert needed not in ignored and f"{needed}/" not in ignored
     assert Path(PROJECT_ROOT / "app").is_dir()
+
+
+def _installed_closure(requirements: list[str]) -> dict[str, metadata.Distribution]:
+    """The installed distributions these requirements pull in (with their extras), by normalised name."""
+    found: dict[str, metadata.Distribution] = {}
+    seen: set[tuple[str, frozenset[str]]] = set()
+    todo = [Requirement(r) for r in requirements]
+    while todo:
+        req = todo.pop()
+        key = (canonicalize_name(req.name), frozenset(req.extras))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            dist = metadata.distribution(req.name)
+        except metadata.PackageNotFoundError:
+            continue  # its marker left it out on this platform
+        found[key[0]] = dist
+        for raw in dist.requires or []:
+            sub = Requirement(raw)
+            if sub.marker is None or any(sub.marker.evaluate({"extra": e}) for e in req.extras or {""}):
+                todo.append(sub)
+    return found
+
+
+def test_python_cap_is_only_where_a_dependency_needs_it() -> None:
+    """requires-python admits every minor version all our (installed) dependencies declare support for, and
+    stops at the first one some dependency excludes (nemoguardrails 0.24.1: <3.14). Wheel availability per
+    Python was checked by hand; pyproject.toml's comment says how."""
+    project = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]
+    claimed = SpecifierSet(project["requires-python"])
+    declared = {
+        name: SpecifierSet(dist.metadata["Requires-Python"])
+        for name, dist in _installed_closure(project["dependencies"] + project["optional-dependencies"]["dev"]).items()
+        if dist.metadata.get("Requires-Python")
+    }
+    assert "nemoguardrails" in declared and "torch" in declared
+    minors = [f"3.{m}.99" for m in range(11, 20)]  # a late patch release: some ask for >=3.11.5 (soupsieve)
+    claimed_minors = [v for v in minors if v in claimed]
+    assert claimed_minors[0] == "3.11.99"
+    for version in claimed_minors:
+        excluding = sorted(name for name, spec in declared.items() if version not in spec)
+        assert not excluding, f"requires-python claims {version}, which {excluding} exclude"
+    first_unclaimed = next(v for v in minors if v not in claimed)
+    needing = sorted(name for name, spec in declared.items() if first_unclaimed not in spec)
+    assert needing, f"requires-python stops before {first_unclaimed}, but no dependency excludes it"
