@@ -27,6 +27,7 @@ import numpy as np
 from app.guard.base import RailResult
 from app.guard.llama_guard import GuardBackendError, LlamaGuardClient, LlamaGuardVerdict, Role, SafetyCategory
 from app.guard.loader import IntentRailSpec
+from app.observability import model_time
 from app.rag.base import Embedder
 
 if TYPE_CHECKING:
@@ -319,5 +320,15 @@ class SafetyCascade:
 async def score_in_thread(
     detector: Classifier, text: str, embedder: Embedder, embedding: np.ndarray | None
 ) -> DetectorScores:
-    """The detector may embed extra windows (torch); keep that off the event loop."""
-    return await asyncio.to_thread(detector.score, text, embedder, embedding)
+    """The detector may embed extra windows, the guard model runs its encoder: keep both off the event loop."""
+    return await asyncio.to_thread(timed_score, detector, text, embedder, embedding)
+
+
+def timed_score(
+    detector: Classifier, text: str, embedder: Embedder, embedding: np.ndarray | None = None
+) -> DetectorScores:
+    """The classifier's scores, the guard model's pass counted as model time of the turn (`timings_ms.model`)."""
+    if detector.kind != "finetuned":
+        return detector.score(text, embedder, embedding)
+    with model_time.span():
+        return detector.score(text, embedder, embedding)

@@ -34,7 +34,14 @@ import numpy as np
 import app.guard  # noqa: F401  (NeMo telemetry opt-out)
 from app.guard.actions import GroundingCheck, TurnContext, build_actions, current_turn, last_user_text
 from app.guard.base import AssistantTexts, GuardDecision, RailResult
-from app.guard.cascade import ATTACK_CATEGORY, IntentMatcher, SafetyCascade, Thresholds, score_in_thread
+from app.guard.cascade import (
+    ATTACK_CATEGORY,
+    IntentMatcher,
+    SafetyCascade,
+    Thresholds,
+    score_in_thread,
+    timed_score,
+)
 from app.guard.compiled import CompiledRails, compile_rails
 from app.guard.detector import text_windows
 from app.guard.iorails_engine import IORailsEngine, flow_name
@@ -155,7 +162,7 @@ class RailsGuard:
         tasks: list[asyncio.Future[Any]] = []
         if self._detector is not None and self._detector.kind == "finetuned" and self.iorails is None:
             text = last_user_text(messages)
-            task = asyncio.ensure_future(asyncio.to_thread(self._detector.score, text, self._embedder))
+            task = asyncio.ensure_future(asyncio.to_thread(timed_score, self._detector, text, self._embedder))
             task.add_done_callback(_quietly_done)
             _prefetched_scores.set({text: task})
             tasks.append(task)
