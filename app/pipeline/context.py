@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from app.guard.base import AssistantTexts
+from app.pipeline.conversation import about_conversation, conversation_messages
 from app.pipeline.turn_types import Timer
 from app.rag.base import Chunk
 from app.state import AppState
@@ -83,10 +84,13 @@ def build_prompt(
     use_rag: bool,
 ) -> tuple[list[dict[str, str]] | None, list[Chunk]]:
     """The generation prompt and the sources it actually holds (numbered, cut to the token budget).
-    None when RAG is on and nothing relevant was retrieved: the answer is then "I don't know"."""
+    None when RAG is on and nothing relevant was retrieved: the answer is then "I don't know". A question about the
+    conversation itself, when there is one, is answered from the history alone (app/pipeline/conversation.py)."""
     if not use_rag:
         system = {"role": "system", "content": texts.system_prompt}
         return [system, *history, {"role": "user", "content": question}], []
+    if history and about_conversation(question):  # "what was my name?": the history answers, not the KB
+        return conversation_messages(texts.system_prompt, history, question), []
     from app.rag.chain import build_messages
 
     prepared = build_messages(

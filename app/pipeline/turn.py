@@ -157,6 +157,8 @@ class TurnRunner:
                 messages, sources = context.build_prompt(st, user_text, history, sources, texts, use_rag)
             if messages is not None:
                 trace["prompt_chars"] = sum(len(m["content"]) for m in messages)
+                if use_rag and not sources:
+                    trace["answered_from"] = "conversation"
                 options = GenerationOptions(
                     max_tokens=req.max_tokens or settings.llm_max_tokens,
                     temperature=req.temperature if req.temperature is not None else settings.llm_temperature,

@@ -282,3 +282,38 @@ async def test_the_speculative_llm_request_goes_out_before_the_input_rails_work(
         finally:
             await llm.aclose()
     assert guard.seen_before_rails[-1] is True
+
+
+async def test_a_question_about_the_conversation_is_answered_from_the_history(
+    redis_store_factory: StoreFactory, embedder, tmp_path: Path
+) -> None:
+    """"What was my name?" is no knowledge-base question: the LLM gets the earlier turns and an instruction to
+    answer from them, instead of the turn saying "I don't know"."""
+    settings = make_settings(tmp_path)
+    ingest(write_corpus(settings.knowledge_dir, CORPUS), settings, embedder=embedder, progress=False)
+    prompts: list[list[dict[str, str]]] = []
+
+    async def handler(request, body):
+        prompts.append(body["messages"])
+        return wire.stream_response(wire.sse(["Your name is Ada."]))
+
+    history = [
+        {"role": "user", "content": "Hello! My name is Ada. How do I freeze my card?"},
+        {"role": "assistant", "content": "Open the app and tap Freeze card [1]."},
+    ]
+    with wire.serve({("POST", "/v1/chat/completions"): handler}) as server:
+        llm = OpenAICompatClient(server.base_url, "m")
+        state = pipeline_state(settings, llm, redis_store_factory(), embedder, HybridRetriever(settings))
+        try:
+            about = await TurnRunner(state).run(
+                TurnRequest(messages=[*history, {"role": "user", "content": "And what was my name?"}]))
+            alone = await TurnRunner(state).run(
+                TurnRequest(messages=[{"role": "user", "content": "What was my name?"}]))
+        finally:
+            await llm.aclose()
+    assert about.answer == "Your name is Ada." and about.trace["answered_from"] == "conversation", about.trace
+    [prompt] = prompts
+    assert "about this conversation itself" in prompt[0]["content"]
+    assert [m["content"] for m in prompt[1:]] == [m["content"] for m in history] + ["And what was my name?"]
+    assert "Sources" not in prompt[0]["content"]  # the knowledge base is not what answers it
+    assert alone.answer == state.rails.current.guard.texts.idk  # no history: nothing to answer from

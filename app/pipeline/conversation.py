@@ -1,0 +1,45 @@
+"""Questions about the conversation itself ("what was my name?", "can you say that more simply?").
+
+The knowledge base cannot answer them, so retrieval finds nothing and the turn would say "I don't know". When a
+question refers to the conversation and there is history, the answer is generated from the history alone, with
+an instruction to add no facts of its own (the groundedness and safety output rails still run on it).
+"""
+
+from __future__ import annotations
+
+import re
+
+# Phrases that point back at the conversation. Only consulted when retrieval found nothing and there is history,
+# so a bank question that happens to match ("make it simpler") still gets its sources first.
+_PATTERNS = (
+    r"what(?:'s| is| was) my name|(?:remember|know) my name|who am i",
+    r"what did (?:you|i) (?:just )?(?:say|said|ask|write|mention)",
+    r"what (?:was|were) (?:my|the|your) (?:last |previous |first |earlier )?(?:question|message|answer|name)",
+    r"you (?:just )?(?:said|told|mentioned|wrote)|i (?:just )?(?:said|told you|mentioned|asked)",
+    r"(?:say|explain|put|repeat|rephrase|word) (?:that|it|this)"
+    r"(?: again| more simply| simpler| in (?:simpler|plain|other) (?:words|english|terms)| like| as)?",
+    r"repeat (?:the|that|it|your)|more simply|(?:that|it) simpler|in (?:one|a) sentence",
+    r"summari[sz]e (?:our|this|the) (?:chat|conversation|discussion)|what (?:have we|did we) (?:talk|discuss|cover)",
+    r"(?:the )?(?:second|third|first|last) (?:step|point|one)|earlier you|as (?:you|i) said|like you said",
+)
+_ABOUT_CONVERSATION = re.compile(r"\b(?:" + "|".join(_PATTERNS) + r")\b", re.IGNORECASE)
+
+INSTRUCTION = (
+    "The customer's last message is about this conversation itself. Answer it from the conversation above only: "
+    "repeat, rephrase or summarise what was said, and state no facts that the conversation does not contain."
+)
+
+
+def about_conversation(question: str) -> bool:
+    return bool(_ABOUT_CONVERSATION.search(question))
+
+
+def conversation_messages(system_prompt: str, history: list[dict[str, str]], question: str) -> list[dict[str, str]]:
+    """The prompt for a question about the conversation: instructions, the earlier turns, the question."""
+    turns = [
+        {"role": m["role"], "content": m["content"]}
+        for m in history
+        if m.get("role") in ("user", "assistant") and m.get("content")
+    ]
+    return [{"role": "system", "content": f"{system_prompt.strip()}\n\n{INSTRUCTION}"}, *turns,
+            {"role": "user", "content": question}]
