@@ -52,7 +52,7 @@ async def build_state(settings: Settings) -> AppState:
     torch.set_num_threads(1)
     # Concurrent turns' query embeddings share one forward pass; alone, a turn runs at once.
     embedder = BatchingEmbedder(get_embedder(threads=settings.embed_threads))
-    detector = load_classifier(settings.guard_classifier)
+    detector = load_classifier(settings.guard_classifier, threads=settings.guard_threads)
     # The retrieval rail's injection filter scores chunks on the embeddings the index already stores: the
     # linear heads, which cost no encoder pass (the fine-tuned guard would read every chunk again).
     retriever = build_retriever(settings, embedder, Detector.load())

@@ -32,7 +32,7 @@ async def in_process_guard(settings: Any) -> AsyncIterator[tuple[Any, Any]]:
     llm, embedded_server = build_chat_backend(settings)
     try:
         embedder = get_embedder()
-        detector = load_classifier(settings.guard_classifier)
+        detector = load_classifier(settings.guard_classifier, threads=settings.guard_threads)
         guard = build_guard(settings.rails_dir, settings, llm=llm, embedder=embedder, detector=detector)
         try:
             yield guard, embedder

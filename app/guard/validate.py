@@ -301,7 +301,7 @@ def _load_detector(settings: Settings) -> Classifier | None:
     try:
         from app.guard.detector import load_classifier
 
-        return load_classifier(settings.guard_classifier)
+        return load_classifier(settings.guard_classifier, threads=settings.guard_threads)
     except Exception as exc:  # no weights committed yet: the judge decides safety alone
         log.warning("no detector weights (%s); validating without stage 1", exc)
         return None
