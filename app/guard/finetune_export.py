@@ -71,17 +71,28 @@ def _rates(p: np.ndarray, src: np.ndarray, sources: list[str], t: float) -> list
     return [float((p[src == s] >= t).mean()) for s in sources]
 
 
-def choose_block(p: np.ndarray, src: np.ndarray, positives: tuple[str, ...], negatives: list[str]) -> float:
+def choose_block(p: np.ndarray, src: np.ndarray, positives: tuple[str, ...], negatives: list[str],
+                 blocked_anyway: np.ndarray | None = None) -> float:
     """The threshold minimising mean miss rate over positive sources + FALSE_REFUSAL_COST x mean false-block
-    rate over negative sources (each source counts once, whatever its size)."""
+    rate over negative sources (each source counts once, whatever its size). `blocked_anyway`: rows the other
+    head already blocks (a turn is refused when either head fires, so those are no miss). Among equally good
+    thresholds the middle one: the validation split is small, and the edge of a plateau is where unseen text
+    (e.g. "cite the source [1]") lands."""
     pos = [s for s in positives if (src == s).any()]
     neg = [s for s in negatives if (src == s).any()]
-    best, best_cost = 0.5, float("inf")
-    for t in np.arange(0.10, 0.951, 0.01):
-        cost = np.mean([1 - r for r in _rates(p, src, pos, t)]) + FALSE_REFUSAL_COST * np.mean(_rates(p, src, neg, t))
-        if cost < best_cost - 1e-9:
-            best, best_cost = float(round(t, 2)), float(cost)
-    return best
+    done = np.zeros(len(p), dtype=bool) if blocked_anyway is None else blocked_anyway
+    grid = np.round(np.arange(0.10, 0.951, 0.01), 2)
+    costs = []
+    for t in grid:
+        fires = (p >= t) | done
+        miss = np.mean([1 - float(fires[src == s].mean()) for s in pos])
+        false_block = np.mean([float((p >= t)[src == s].mean()) for s in neg])
+        costs.append(miss + FALSE_REFUSAL_COST * false_block)
+    best = min(costs)
+    plateau = [float(t) for t, c in zip(grid, costs, strict=True) if c <= best + 1e-9]
+    first = plateau[0]
+    contiguous = [t for t in plateau if t - first <= 0.01 * plateau.index(t) + 1e-9]
+    return round(contiguous[len(contiguous) // 2], 2)
 
 
 def calibrate(logits: np.ndarray, rows: list[dict[str, Any]]) -> tuple[Calibration, dict[str, float]]:
@@ -96,7 +107,8 @@ def calibrate(logits: np.ndarray, rows: list[dict[str, Any]]) -> tuple[Calibrati
     benign = sorted({s for s, r in zip(src, rows, strict=True) if r["unsafe"] == 0 and r["attack"] == 0})
     unsafe_block = choose_block(probs["unsafe"], src, POSITIVE["unsafe"], [s for s in benign])
     attack_neg = sorted(set(benign) | {"harmful"})
-    attack_block = choose_block(probs["attack"], src, POSITIVE["attack"], attack_neg)
+    attack_block = choose_block(probs["attack"], src, POSITIVE["attack"], attack_neg,
+                                blocked_anyway=probs["unsafe"] >= unsafe_block)
     on_domain = np.isin(src, ON_DOMAIN_SOURCES) & np.array([r["topic"] == 0 for r in rows])
     off_topic = 1 - probs["topic"][:, 0]
     topic_t = float(np.clip(np.quantile(off_topic[on_domain], 1 - ON_DOMAIN_TOPIC_REFUSAL) + 1e-3, 0.5, 0.95))

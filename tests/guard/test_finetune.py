@@ -89,6 +89,17 @@ def test_threshold_weighs_every_source_once() -> None:
     p = np.concatenate([np.full(10, 0.8), np.full(100, 0.05), np.full(5, 0.7), np.full(5, 0.1)])
     t = choose_block(p, src, ("harmful",), ["chitchat", "lookalike"])
     assert 0.7 < t <= 0.8  # blocks every harmful row and no look-alike, though look-alikes are 10 of 110
+    assert 0.74 <= t <= 0.76  # the middle of the equally good values, not the edge next to the look-alikes
+
+
+def test_a_row_the_other_head_blocks_is_no_miss() -> None:
+    src = np.array(["our_attack"] * 4 + ["instruction"] * 4)
+    attack = np.array([0.9, 0.9, 0.9, 0.2, 0.1, 0.1, 0.3, 0.1])
+    unsafe_blocks = np.array([False, False, False, True, False, False, False, False])
+    alone = choose_block(attack, src, ("our_attack",), ["instruction"])
+    together = choose_block(attack, src, ("our_attack",), ["instruction"], blocked_anyway=unsafe_blocks)
+    assert alone < 0.2 or alone > 0.3  # alone it must trade the 0.2 attack against the 0.3 instruction
+    assert 0.3 < together < 0.9  # with the unsafe head blocking it, nothing is traded: clear of the instruction
 
 
 def test_split_and_knowledge_rows_are_deterministic() -> None:
