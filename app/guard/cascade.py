@@ -77,6 +77,7 @@ def base_allow_is_block(base: object, head: str) -> bool:
 
 # A harmful text counts against a category in force when P(category | unsafe) reaches this (multi-label head).
 CATEGORY_PRESENT = 0.3
+CATEGORIES_SHOWN_FROM = 0.1  # the rail detail ("why?") lists the top categories from this unsafe score up
 
 
 def top_categories(categories: dict[str, float], n: int = 3) -> list[tuple[str, float]]:
@@ -215,7 +216,9 @@ class SafetyCascade:
                 return RailResult(name, "block", cats, match.similarity, _ms(started), info)
         if self.mode == "embedded" and scores is not None:
             t = self.thresholds
-            info = f"stage1 detector unsafe={scores.unsafe:.2f} [{describe_categories(scores.categories)}]"
+            info = f"stage1 detector unsafe={scores.unsafe:.2f}"
+            if scores.unsafe >= CATEGORIES_SHOWN_FROM:  # P(category | unsafe) says nothing about a safe text
+                info += f" [{describe_categories(scores.categories)}]"
             if scores.unsafe >= t.unsafe_block:
                 cats = self._blocking_categories(scores)
                 if not cats:
