@@ -55,7 +55,7 @@ async def build_state(settings: Settings) -> AppState:
     detector = load_classifier(settings.guard_classifier, threads=settings.guard_threads)
     # The retrieval rail's injection filter scores chunks on the embeddings the index already stores: the
     # linear heads, which cost no encoder pass (the fine-tuned guard would read every chunk again).
-    retriever = build_retriever(settings, embedder, Detector.load())
+    retriever = build_retriever(settings, embedder, detector if isinstance(detector, Detector) else Detector.load())
     grounding = build_grounding(embedder)
     guard = build_guard(
         settings.rails_dir, settings, llm=llm, embedder=embedder, detector=detector, grounding=grounding

@@ -166,8 +166,8 @@ _prefetched: contextvars.ContextVar[dict[Any, asyncio.Task[LlamaGuardVerdict]] |
 )
 
 
-def _quietly_done(task: asyncio.Task[Any]) -> None:
-    """A prefetched verdict nobody awaited (a stage-1 example blocked first) must not log 'never retrieved'."""
+def quietly_done(task: asyncio.Future[Any]) -> None:
+    """A prefetched result nobody awaited (a stage-1 example blocked first) must not log 'never retrieved'."""
     if not task.cancelled():
         task.exception()
 
@@ -260,7 +260,7 @@ class SafetyCascade:
         if self.mode != "openai" or self.judge is None:
             return None
         task = asyncio.ensure_future(self.judge.check(conversation, role))
-        task.add_done_callback(_quietly_done)
+        task.add_done_callback(quietly_done)
         _prefetched.set({(tuple(conversation), role): task})
         return task
 

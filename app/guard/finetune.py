@@ -93,7 +93,6 @@ def _targets(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
 
 
 def loss_fn(logits: Any, batch: dict[str, Any]) -> Any:
-    import torch
     import torch.nn.functional as F  # noqa: N812
 
     w = batch["weight"]
@@ -111,7 +110,7 @@ def loss_fn(logits: Any, batch: dict[str, Any]) -> Any:
     if bool(has_topic.any()):
         ce = F.cross_entropy(logits[has_topic][:, TOPICS], topic[has_topic], reduction="none")
         total = total + (ce * w[has_topic]).sum() / w[has_topic].sum()
-    return total + 0.0 * torch.zeros(())
+    return total
 
 
 def _batches(ids: list[list[int]], order: list[int], targets: dict[str, np.ndarray], weights: np.ndarray,

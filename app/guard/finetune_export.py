@@ -89,10 +89,10 @@ def choose_block(p: np.ndarray, src: np.ndarray, positives: tuple[str, ...], neg
         false_block = np.mean([float((p >= t)[src == s].mean()) for s in neg])
         costs.append(miss + FALSE_REFUSAL_COST * false_block)
     best = min(costs)
-    plateau = [float(t) for t, c in zip(grid, costs, strict=True) if c <= best + 1e-9]
-    first = plateau[0]
-    contiguous = [t for t in plateau if t - first <= 0.01 * plateau.index(t) + 1e-9]
-    return round(contiguous[len(contiguous) // 2], 2)
+    start = end = next(i for i, c in enumerate(costs) if c <= best + 1e-9)  # the first best, then while it stays
+    while end + 1 < len(costs) and costs[end + 1] <= best + 1e-9:
+        end += 1
+    return float(grid[start + (end - start + 1) // 2])
 
 
 def calibrate(logits: np.ndarray, rows: list[dict[str, Any]]) -> tuple[Calibration, dict[str, float]]:

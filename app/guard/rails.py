@@ -39,8 +39,8 @@ from app.guard.cascade import (
     IntentMatcher,
     SafetyCascade,
     Thresholds,
+    quietly_done,
     score_in_thread,
-    timed_score,
 )
 from app.guard.compiled import CompiledRails, compile_rails
 from app.guard.detector import text_windows
@@ -62,12 +62,6 @@ log = logging.getLogger(__name__)
 _prefetched_scores: contextvars.ContextVar[dict[str, asyncio.Future[DetectorScores]] | None] = (
     contextvars.ContextVar("guardchat_prefetched_scores", default=None)
 )
-
-
-def _quietly_done(task: asyncio.Future[Any]) -> None:
-    """A prefetch nobody awaited (an example blocked first, the turn failed) must not log 'never retrieved'."""
-    if not task.cancelled():
-        task.exception()
 
 # The shipped flows and the stable rail names their actions record (metrics and tests key on them).
 SAFETY_INPUT_FLOW = "guardchat check input safety"
@@ -162,8 +156,8 @@ class RailsGuard:
         tasks: list[asyncio.Future[Any]] = []
         if self._detector is not None and self._detector.kind == "finetuned" and self.iorails is None:
             text = last_user_text(messages)
-            task = asyncio.ensure_future(asyncio.to_thread(timed_score, self._detector, text, self._embedder))
-            task.add_done_callback(_quietly_done)
+            task = asyncio.ensure_future(score_in_thread(self._detector, text, self._embedder, None))
+            task.add_done_callback(quietly_done)
             _prefetched_scores.set({text: task})
             tasks.append(task)
         if self._prefetches_safety:
@@ -172,7 +166,7 @@ class RailsGuard:
         if len(tasks) <= 1:
             return tasks[0] if tasks else None
         both = asyncio.ensure_future(asyncio.gather(*tasks))
-        both.add_done_callback(_quietly_done)
+        both.add_done_callback(quietly_done)
         return both
 
     async def check_input(self, messages: list[dict[str, str]], embedding: np.ndarray | None = None) -> GuardDecision:

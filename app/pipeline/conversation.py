@@ -1,16 +1,17 @@
 """Questions about the conversation itself ("what was my name?", "can you say that more simply?").
 
-The knowledge base cannot answer them, so retrieval finds nothing and the turn would say "I don't know". When a
-question refers to the conversation and there is history, the answer is generated from the history alone, with
-an instruction to add no facts of its own (the groundedness and safety output rails still run on it).
+The knowledge base cannot answer them: retrieval finds nothing (the turn would say "I don't know") or finds a
+chunk the small model then quotes instead. When a question refers to the conversation and there is history, the
+answer is generated from the history alone, with an instruction to add no facts of its own (the groundedness and
+safety output rails still run on it).
 """
 
 from __future__ import annotations
 
 import re
 
-# Phrases that point back at the conversation. Only consulted when retrieval found nothing and there is history,
-# so a bank question that happens to match ("make it simpler") still gets its sources first.
+# Phrases that point back at the conversation, kept narrow ("what's my name", not "my name"; "that simpler", not
+# "simpler"): a match with history skips the sources, so a bank question must not match.
 _PATTERNS = (
     r"what(?:'s| is| was) my name|(?:remember|know) my name|who am i",
     r"what did (?:you|i) (?:just )?(?:say|said|ask|write|mention)",
@@ -36,10 +37,7 @@ def about_conversation(question: str) -> bool:
 
 def conversation_messages(system_prompt: str, history: list[dict[str, str]], question: str) -> list[dict[str, str]]:
     """The prompt for a question about the conversation: instructions, the earlier turns, the question."""
-    turns = [
-        {"role": m["role"], "content": m["content"]}
-        for m in history
-        if m.get("role") in ("user", "assistant") and m.get("content")
-    ]
-    return [{"role": "system", "content": f"{system_prompt.strip()}\n\n{INSTRUCTION}"}, *turns,
+    from app.rag.chain import dialogue_turns  # the RAG prompt's own turn filter (imported where RAG is used)
+
+    return [{"role": "system", "content": f"{system_prompt.strip()}\n\n{INSTRUCTION}"}, *dialogue_turns(history),
             {"role": "user", "content": question}]

@@ -98,6 +98,15 @@ PROMPT = ChatPromptTemplate.from_messages(
 PROMPT_CHAIN: Runnable[dict[str, Any], list[dict[str, str]]] = PROMPT | RunnableLambda(_to_openai)
 
 
+def dialogue_turns(history: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The user/assistant turns of `history` that say something, as role/content dicts."""
+    return [
+        {"role": m["role"], "content": m["content"]}
+        for m in history
+        if m.get("role") in ("user", "assistant") and m.get("content")
+    ]
+
+
 def build_messages(
     question: str,
     history: list[dict[str, str]],
@@ -110,11 +119,7 @@ def build_messages(
     """`history` holds OpenAI-style messages of earlier turns (only user/assistant roles are kept)."""
     sources, blocks, used = fit_sources(chunks, context_tokens)
     sources_text = "Sources:\n\n" + "\n\n".join(blocks) if blocks else "Sources: none."
-    turns = [
-        {"role": m["role"], "content": m["content"]}
-        for m in history
-        if m.get("role") in ("user", "assistant") and m.get("content")
-    ]
+    turns = dialogue_turns(history)
     # Variables (not template text) carry all user/document content, so braces in it are never interpreted.
     variables = {
         "instructions": f"{system_prompt.strip()}\n\n{RULES.format(idk=idk_text)}",
