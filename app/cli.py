@@ -162,7 +162,7 @@ def guard_train(
     weights: Annotated[Path | None, typer.Option(help="Skip fitting: trained shards from a GPU run")] = None,
     rows_out: Annotated[Path | None, typer.Option(help="Also write the training rows (for a GPU run)")] = None,
 ) -> None:
-    """Fine-tune the guard model (MiniLM, end to end; reproducible with a fixed seed) and export it int8."""
+    """Fine-tune the guard model (MiniLM's top layers; reproducible with a fixed seed) and export it int8."""
     from app.guard.finetune_export import train_guard
 
     train_guard(eval_dir, out, seed=seed, epochs=epochs, device=device, weights=weights, rows_out=rows_out)

@@ -68,12 +68,22 @@ async def build_state(settings: Settings) -> AppState:
         retriever=retriever,
         rails=LiveRails(LoadedRails(version="local", guard=guard)),
         extras={"embedded_server": embedded_server, "detector": detector, "grounding": grounding},
+        query_embedder=query_embedder(detector, embedder),
     )
     from app.admin.wiring import build_rails_publisher
 
     # Serves the live version from the versioned store (Redis or DATA_DIR) and follows publishes.
     await build_rails_publisher(state)
     return state
+
+
+def query_embedder(detector: Any, embedder: Any) -> Any:
+    """The guard model's shared pass embeds a turn's message (it reads the message anyway); None = `embedder`."""
+    from app.guard.guard_model import GuardModel, SharedPassEmbedder
+
+    if isinstance(detector, GuardModel) and detector.shares_embedding:
+        return SharedPassEmbedder(detector, embedder)
+    return None
 
 
 def build_grounding(embedder: Any) -> Any:

@@ -135,6 +135,11 @@ class Settings(BaseSettings):
     rag_top_k: int = 3
     rag_score_threshold: float = 0.3
     rag_context_tokens: int = 900  # prompt eval dominates CPU latency: ~60 tok/s for qwen2.5-1.5b on 2 cores
+    # "passages": the sentences/rows of the retrieved chunks that answer the question, in a budget between
+    # rag_context_min_tokens and rag_context_tokens that adapts to it (app/rag/passages.py); "chunks": whole chunks
+    # up to rag_context_tokens. Passages cut a grounded prompt's tokens (and so CPU time to first token) ~2x.
+    rag_context_mode: Literal["passages", "chunks"] = "passages"
+    rag_context_min_tokens: int = Field(default=120, ge=20)
     query_rewrite: Literal["join", "llm"] = "join"
 
     ingest_max_file_bytes: int = 20_000_000

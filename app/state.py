@@ -50,3 +50,6 @@ class AppState:
     retriever: Retriever | None
     rails: LiveRails
     extras: dict[str, Any] = field(default_factory=dict)  # embedded server handle, admin store, ...
+    # Embeds a turn's user message (and its rewritten query): the guard model's shared pass where it has one
+    # (app/guard/shared_pass.py), which reads the message anyway; None = `embedder`.
+    query_embedder: Embedder | None = None

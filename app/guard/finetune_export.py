@@ -39,8 +39,39 @@ ON_DOMAIN_TOPIC_REFUSAL = 0.02
 FALSE_REFUSAL_COST = 1.5
 
 
-def export_ir(net: Any, out_dir: Path) -> None:
-    """The torch network -> OpenVINO IR with int8-compressed weights (dynamic batch and length)."""
+def shared_network(net: Any, base_dir: Path) -> Any:
+    """One graph, two outputs: the guard's logits and the retrieval embedding (mean-pooled, not normalised) of
+    the same text. Both read the pretrained bottom layers once; then the fine-tuned top layers feed the guard's
+    head and the pretrained top layers the embedding, exactly all-MiniLM-L6-v2's."""
+    import torch
+    from transformers import AutoModel
+
+    from app.guard.finetune import FROZEN_LAYERS, is_trained, mean_pool
+
+    base = AutoModel.from_pretrained(str(base_dir), local_files_only=True, attn_implementation="eager").float().eval()
+    base_state = base.state_dict()
+    for name, param in net.state_dict().items():  # the shared layers must be the pretrained ones, bit for bit
+        key = name.removeprefix("encoder.")
+        shared = name.startswith("encoder.") and not is_trained(name) and key in base_state
+        if shared and not torch.equal(param, base_state[key]):
+            raise ValueError(f"{name} differs from the base model: it cannot be shared with retrieval")
+
+    class SharedNet(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net, self.base_top = net.eval(), base.encoder.layer[FROZEN_LAYERS:]
+
+        def forward(self, input_ids: Any, attention_mask: Any) -> Any:
+            hidden = self.net.bottom(input_ids, attention_mask)
+            logits = self.net.top(hidden, attention_mask)
+            embedding = mean_pool(self.net.run_layers(hidden, attention_mask, self.base_top), attention_mask)
+            return logits, embedding
+
+    return SharedNet()
+
+
+def export_ir(net: Any, base_dir: Path, out_dir: Path) -> None:
+    """The shared network -> OpenVINO IR with int8-compressed weights (dynamic batch and length)."""
     import nncf
     import openvino as ov
     import torch
@@ -53,7 +84,7 @@ def export_ir(net: Any, out_dir: Path) -> None:
     example = {"input_ids": ones, "attention_mask": ones}
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        model = ov.convert_model(net.eval(), example_input=example)
+        model = ov.convert_model(shared_network(net, base_dir), example_input=example)
     with contextlib.redirect_stdout(sys.stderr):
         model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -134,7 +165,7 @@ def write_model(net: Any, base_dir: Path, rows: list[dict[str, Any]], out_dir: P
     """Exports, calibrates on the val split with the exported model, writes guard.json; returns the val table."""
     from app.guard.finetune import predict
 
-    export_ir(net, out_dir)
+    export_ir(net, base_dir, out_dir)
     shutil.copy(base_dir / TOKENIZER_FILE, out_dir / TOKENIZER_FILE)
     placeholder = {"thresholds": {"unsafe_block": 0.5, "unsafe_allow": 0.5, "attack_block": 0.5, "attack_allow": 0.5,
                                   "off_topic_block": 0.7}, "calibration": {"unsafe": [1, 0], "attack": [1, 0]},

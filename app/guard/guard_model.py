@@ -14,6 +14,12 @@ gets the same scores under any load and the same verdict on any x86 machine.
 Long texts keep their head and their tail (jailbreak templates put the request at the end): one pass,
 at most MAX_TOKENS tokens, whatever the length.
 
+One pass, two answers: the graph's bottom layers are the pretrained MiniLM's (only the top ones were
+fine-tuned), and a second branch of pretrained top layers gives the retrieval embedding of the same text
+(`embedding`). A turn's guard check and its query embedding read the user's message once, not twice: two
+encoders, each alone cheap, took turns in a 2-core machine's caches and cost a third of the throughput
+(docs/benchmarks.md). `_Passes` makes the second of the two callers wait for the first one's pass.
+
 This module imports only numpy and tokenizers at the top: the training code on a GPU machine shares
 `encode_ids` and the label lists with it.
 """
@@ -23,8 +29,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import queue
 import threading
 import time
+from collections import OrderedDict
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -130,6 +140,51 @@ def probabilities(logits: np.ndarray, cal: Calibration) -> dict[str, np.ndarray]
     }
 
 
+@dataclass(frozen=True)
+class Pass:
+    """One text's pass: the network's outputs, and its retrieval embedding (L2-normalised) when the graph has
+    one and the text fits unshortened (retrieval shortens differently: a long text is embedded elsewhere)."""
+
+    logits: np.ndarray
+    embedding: np.ndarray | None
+
+
+class _Passes:
+    """The last few texts' passes, and those in flight, by text (thread-safe)."""
+
+    def __init__(self, size: int = 64) -> None:
+        self._size = size
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[str, Future[Pass]] = OrderedDict()
+
+    def get(self, text: str, run: Any) -> Pass:
+        with self._lock:
+            entry = self._entries.get(text)
+            owner = entry is None
+            if entry is None:
+                entry = self._entries[text] = Future()
+                while len(self._entries) > self._size:
+                    self._entries.popitem(last=False)  # a dropped one in flight still completes for its waiters
+            else:
+                self._entries.move_to_end(text)
+        if owner:
+            try:
+                entry.set_result(run(text))
+            except BaseException as exc:
+                with self._lock:
+                    self._entries.pop(text, None)
+                entry.set_exception(exc)
+        return entry.result()
+
+
+def _pool(compiled: Any, size: int) -> queue.SimpleQueue[Any]:
+    """Infer requests to take one at a time (a request is not thread-safe; the compiled model runs `size` at once)."""
+    pool: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    for _ in range(size):
+        pool.put(compiled.create_infer_request())
+    return pool
+
+
 class GuardModel:
     """Implements the detector surface the rails use (`score`, `score_many`, `thresholds`); thread-safe.
 
@@ -137,7 +192,9 @@ class GuardModel:
 
     kind = "finetuned"
 
-    def __init__(self, directory: Path = GUARD_MODEL_DIR, threads: int = 0) -> None:
+    def __init__(self, directory: Path = GUARD_MODEL_DIR, threads: int = 0, streams: int = 0) -> None:
+        """`streams` passes run at once (default: one per core, at most 4), each on `threads` threads (0: the
+        cores divided among the streams). Before, one pass at a time: at 32 concurrent turns they queued."""
         from app.guard.detector import DetectorThresholds
         from app.rag.openvino_embedder import opt_out_of_openvino_telemetry
 
@@ -152,31 +209,63 @@ class GuardModel:
         opt_out_of_openvino_telemetry()
         import openvino as ov
 
+        streams = streams or max(1, min(4, os.cpu_count() or 1))
         # f32 on every CPU: bf16 (chosen by default where the CPU has it) would move scores with the machine.
-        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+        # Every stream runs the same kernels on its own thread(s): a text's scores do not depend on which one.
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32", "NUM_STREAMS": streams}
         if threads > 0:
-            config["INFERENCE_NUM_THREADS"] = threads
+            config["INFERENCE_NUM_THREADS"] = threads * streams
         core = ov.Core()
-        self._compiled = core.compile_model(core.read_model(directory / IR_FILE), "CPU", config)
-        self._request = self._compiled.create_infer_request()
-        self._lock = threading.Lock()
-        log.info("guard model loaded (%s, OpenVINO int8 weights)", directory.name)
+        graph = core.read_model(directory / IR_FILE)
+        # Guards trained before the shared graph have one output, and no embedding to give.
+        self.shares_embedding = len(graph.outputs) > 1
+        self._requests = _pool(core.compile_model(graph, "CPU", config), streams)
+        # A text too long to be embedded the way retrieval embeds it runs the guard branch alone (the embedding
+        # branch's four layers would be wasted on it, and long texts make the latency tail).
+        self._guard_only = self._requests
+        if self.shares_embedding:
+            graph.remove_result(graph.get_results()[1])
+            self._guard_only = _pool(core.compile_model(graph, "CPU", config), streams)
+        self._passes = _Passes()
+        log.info("guard model loaded (%s, OpenVINO int8 weights, %d streams)", directory.name, streams)
 
     @classmethod
-    def load(cls, path: Path | None = None, threads: int = 0) -> GuardModel:
-        return cls(Path(path) if path is not None else GUARD_MODEL_DIR, threads=threads)
+    def load(cls, path: Path | None = None, threads: int = 0, streams: int = 0) -> GuardModel:
+        return cls(Path(path) if path is not None else GUARD_MODEL_DIR, threads=threads, streams=streams)
 
     def logits(self, texts: list[str]) -> np.ndarray:
         """Raw network outputs (len(texts), N_OUTPUTS). Every text runs alone, unpadded: in a padded batch its
         scores would move in the last float digits with its neighbours (measured up to 0.009 in a logit), and
         a verdict must not depend on what else the server is checking at the time."""
         out = np.zeros((len(texts), N_OUTPUTS), dtype=np.float32)
-        for row, ids in enumerate(encode_ids(self._tokenizer, texts)):
-            input_ids, mask = pad_batch([ids])
-            with self._lock:
-                result = self._request.infer({"input_ids": input_ids, "attention_mask": mask})
-            out[row] = np.asarray(result[0], dtype=np.float32)[0]
+        for row, text in enumerate(texts):
+            out[row] = self._passes.get(text, self._run).logits
         return out
+
+    def embedding(self, text: str) -> np.ndarray | None:
+        """The text's retrieval embedding from the shared pass (cached with its scores); None where this graph
+        has none or the text is too long to be embedded the way retrieval embeds it."""
+        if not self.shares_embedding:
+            return None
+        return self._passes.get(text, self._run).embedding
+
+    def _run(self, text: str) -> Pass:
+        ids = encode_ids(self._tokenizer, [text])[0]
+        input_ids, mask = pad_batch([ids])
+        # Untruncated only: over MAX_TOKENS this keeps head and tail, the retrieval embedder only the head.
+        embeds = self.shares_embedding and len(ids) < MAX_TOKENS
+        pool = self._requests if embeds else self._guard_only
+        request = pool.get()
+        try:
+            result = request.infer({"input_ids": input_ids, "attention_mask": mask})
+        finally:
+            pool.put(request)
+        logits = np.asarray(result[0], dtype=np.float32)[0].copy()
+        embedding = None
+        if embeds:
+            vector = np.asarray(result[1], dtype=np.float32)[0]
+            embedding = vector / max(float(np.linalg.norm(vector)), 1e-12)
+        return Pass(logits, embedding)
 
     def score_many(self, texts: list[str], embedder: Any = None) -> list[DetectorScores]:
         from app.guard.detector import DetectorScores
@@ -202,3 +291,27 @@ class GuardModel:
 
     def score(self, text: str, embedder: Any = None, embedding: np.ndarray | None = None) -> DetectorScores:
         return self.score_many([text])[0]
+
+
+class SharedPassEmbedder:
+    """Implements app.rag.base.Embedder for a turn's user message and query: each text the guard's shared
+    pass can embed comes from it (the guard scores the same message from that pass, so the message is read
+    once); the rest (over-long texts, a guard graph without the embedding branch) from `fallback`."""
+
+    def __init__(self, guard: GuardModel, fallback: Any) -> None:
+        self._guard = guard
+        self._fallback = fallback
+        self.dim: int = fallback.dim
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        rest = []
+        for row, text in enumerate(texts):
+            vector = self._guard.embedding(text)
+            if vector is None:
+                rest.append(row)
+            else:
+                out[row] = vector
+        if rest:
+            out[rest] = self._fallback.embed([texts[row] for row in rest])
+        return out

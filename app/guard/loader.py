@@ -68,10 +68,14 @@ class GroundednessSpec(BaseModel):
     """The groundedness output rail: what an answer not supported by the retrieved text gets."""
 
     model_config = ConfigDict(extra="forbid")
-    # flag: recorded in the trace, the answer stands; block: the answer is replaced by the "I don't know"
-    # text (checked per hold-back window while streaming, so no unsupported text is shown).
+    # What an answer whose sentences score below `threshold` similarity gets. flag: recorded in the trace, the
+    # answer stands; block: the answer is replaced by the "I don't know" text (checked per hold-back window
+    # while streaming, so no unsupported text is shown).
     action: Literal["flag", "block"] = "flag"
     threshold: float = Field(default=0.35, ge=0, le=1)  # best cosine of a claim sentence to any chunk
+    # What a sentence stating an amount, number, time or named policy that no source (nor the question, nor
+    # the contact line) holds gets (app/rag/facts.py): block unless the config says otherwise.
+    facts: Literal["flag", "block"] = "block"
     # With action=block, ask the chat LLM to confirm before blocking (only for low-similarity answers).
     judge: bool = True
 

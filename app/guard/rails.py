@@ -106,7 +106,8 @@ class RailsGuard:
         actions = build_actions(cascade, fail_open=self.fail_open, grounding=grounding)
         for name, action in actions.items():
             self._rails.register_action(action, name)
-        self.grounding_blocks = loaded.section.groundedness.action == "block"
+        spec = loaded.section.groundedness
+        self.grounding_blocks = "block" in (spec.action, spec.facts)
         self.compiled: CompiledRails | None = None
         self.iorails: IORailsEngine | None = None
         self.engine_reason = "rails_engine=nemo"
@@ -361,7 +362,7 @@ def build_guard(
         ),
     )
     if grounding is not None:
-        grounding = _bind_grounding_policy(grounding, section.groundedness, llm)
+        grounding = _bind_grounding_policy(grounding, section.groundedness, llm, loaded.texts)
     if settings.guard_fail_open:
         log.warning("GUARD FAIL-OPEN IS ON: turns pass when a safety check cannot run. Never use this in production.")
     return RailsGuard(
@@ -375,12 +376,24 @@ def build_guard(
     )
 
 
-def _bind_grounding_policy(grounding: GroundingCheck, spec: GroundednessSpec, llm: ChatBackend) -> GroundingCheck:
+def _bind_grounding_policy(
+    grounding: GroundingCheck, spec: GroundednessSpec, llm: ChatBackend, texts: AssistantTexts
+) -> GroundingCheck:
     """The server's grounding check with this config's threshold and action. The LLM judge is consulted only
-    when it can change what the user sees: before blocking an answer whose sentences scored low."""
+    when it can change what the user sees: before blocking an answer whose sentences scored low. The turn's
+    question and the "I don't know" text (its contact line) may supply an answer's facts (app/rag/facts.py)."""
     from app.rag.grounding import CachedGroundingCheck, make_llm_judge
 
     if not isinstance(grounding, CachedGroundingCheck):
         return grounding
     judge = make_llm_judge(llm) if spec.judge and spec.action == "block" else None
-    return functools.partial(grounding, threshold=spec.threshold, action=spec.action, judge=judge)
+    bound = functools.partial(
+        grounding, threshold=spec.threshold, action=spec.action, judge=judge, trusted=(texts.idk,),
+        idk_text=texts.idk, facts_action=spec.facts,
+    )
+
+    async def check(answer: str, context: list[str]) -> RailResult:
+        turn = current_turn.get(None)  # set while the rails run; absent when called directly
+        return await bound(answer, context, question=last_user_text(turn.messages) if turn is not None else "")
+
+    return check

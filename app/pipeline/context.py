@@ -3,12 +3,18 @@ with its trace, and the prompt with the sources it holds. Each is timed into the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from app.guard.base import AssistantTexts
-from app.pipeline.conversation import about_conversation, conversation_messages
+from app.pipeline.conversation import (
+    about_conversation,
+    conversation_messages,
+    is_small_talk,
+    small_talk_messages,
+)
 from app.pipeline.turn_types import Timer
 from app.rag.base import Chunk
 from app.state import AppState
@@ -43,7 +49,38 @@ async def rewrite(state: AppState, question: str, history: list[dict[str, str]],
         pairs = [(history[i]["content"], history[i + 1]["content"]) for i in range(0, len(history) - 1, 2)]
         mode = state.settings.query_rewrite
         rw = await rewrite_query(question, pairs, mode=mode, llm=state.llm if mode == "llm" else None)
-        return {"query": rw.query, "mode": rw.mode, "latency_ms": round(rw.latency_ms, 3)}
+        out: dict[str, Any] = {"query": rw.query, "mode": rw.mode, "latency_ms": round(rw.latency_ms, 3)}
+        if rw.implicit:
+            out["implicit"] = True
+        return out
+
+
+def settle_query(
+    state: AppState, question: str, rewrite: dict[str, Any], question_vec: np.ndarray, query_vec: np.ndarray
+) -> tuple[str, np.ndarray]:
+    """The query (and its vector) to search: an implicit follow-up is searched alone when it named its own subject
+    (app/rag/rewrite.py `settle`: two dense top-1 lookups, no embedding). Notes the choice in the rewrite trace."""
+    query = str(rewrite["query"])
+    retriever = state.retriever
+    dense_search = getattr(retriever, "dense_search", None)
+    embeddings_for = getattr(retriever, "embeddings_for", None)
+    if not rewrite.get("implicit") or dense_search is None or embeddings_for is None:
+        return query, query_vec
+    from app.rag.rewrite import Rewrite, settle
+
+    def nearest(vec: np.ndarray) -> np.ndarray | None:
+        found = dense_search(vec, 1)
+        stored = embeddings_for(found) if found else None
+        return None if stored is None else np.asarray(stored[0])
+
+    rw = Rewrite(query, "join", implicit=True)
+    chosen, gap = settle(question, rw, question_vec, query_vec, nearest)
+    if gap is not None:
+        rewrite["subject_gap"] = round(gap, 3)
+    if chosen == question:
+        rewrite["searched"] = "question alone (it names its own subject)"
+        return question, question_vec
+    return query, query_vec
 
 
 async def retrieve(state: AppState, query: str, vec: np.ndarray, timer: Timer) -> tuple[list[Chunk], dict[str, Any]]:
@@ -75,6 +112,18 @@ def prime_grounding(state: AppState, sources: list[Chunk]) -> None:
         grounding.prime([c.content for c in sources], embeddings_for(sources))
 
 
+def answered_from(question: str, history: list[dict[str, str]]) -> str:
+    """What a RAG turn without sources is answered from (the trace's `answered_from`): see `build_prompt`."""
+    return "conversation" if history and about_conversation(question) else "small_talk"
+
+
+def _idf(state: AppState) -> Callable[[str], float] | None:
+    """The live index's BM25 term weights, which passage selection scores the question's words with."""
+    bm25 = getattr(getattr(state.retriever, "snapshot", None), "bm25", None)
+    idf: Callable[[str], float] | None = getattr(bm25, "idf", None)
+    return idf
+
+
 def build_prompt(
     state: AppState,
     question: str,
@@ -84,13 +133,17 @@ def build_prompt(
     use_rag: bool,
 ) -> tuple[list[dict[str, str]] | None, list[Chunk]]:
     """The generation prompt and the sources it actually holds (numbered, cut to the token budget).
-    None when RAG is on and nothing relevant was retrieved: the answer is then "I don't know". A question about the
-    conversation itself, when there is one, is answered from the history alone (app/pipeline/conversation.py)."""
+    None when RAG is on and nothing relevant was retrieved: the turn then answers the "I don't know" text at once,
+    without asking the LLM. A question about the conversation itself, when there is one, is answered from the
+    history alone, and a greeting or thanks that retrieval finds nothing for gets a reply of its own
+    (app/pipeline/conversation.py): neither is a knowledge-base question."""
     if not use_rag:
         system = {"role": "system", "content": texts.system_prompt}
         return [system, *history, {"role": "user", "content": question}], []
     if history and about_conversation(question):  # "what was my name?": the history answers, not the KB
         return conversation_messages(texts.system_prompt, history, question), []
+    if not sources and is_small_talk(question):  # "hi!", "thanks, bye": nothing to look up, nothing to not know
+        return small_talk_messages(texts.system_prompt, history, question), []
     from app.rag.chain import build_messages
 
     prepared = build_messages(
@@ -100,6 +153,9 @@ def build_prompt(
         system_prompt=texts.system_prompt,
         context_tokens=state.settings.rag_context_tokens,
         idk_text=texts.idk,
+        fit=state.settings.rag_context_mode,
+        min_context_tokens=state.settings.rag_context_min_tokens,
+        idf=_idf(state),
     )
     if prepared.no_context:
         return None, []

@@ -31,6 +31,35 @@ INSTRUCTION = (
 )
 
 
+# A message that is only a greeting, thanks or goodbye (with an optional "my name is Ada"): no knowledge-base
+# question, so finding no source must not make it an "I don't know".
+_SMALL_TALK_WORDS = (
+    r"hi|hello|hey|hiya|howdy|yo|greetings|good (?:morning|afternoon|evening|day)|thanks?(?: you)?(?: so much| a lot)?|"
+    r"thank you(?: very much)?|thx|ty|cheers|bye|goodbye|see you|ok(?:ay)?|cool|great|perfect|awesome|nice|got it|"
+    r"sounds good|you(?:'re| are) (?:great|helpful|the best)|that(?:'s| is) (?:all|it|great|helpful)|"
+    r"how are you(?: doing)?(?: today)?|there|again|all|everyone|team|larkspur|bot|assistant"
+)
+_SMALL_TALK = re.compile(
+    r"^(?:\W*(?:" + _SMALL_TALK_WORDS + r"|my name is \w+|i(?:'m| am) \w+)\b)+\W*$", re.IGNORECASE
+)
+SMALL_TALK_INSTRUCTION = (
+    "The customer's last message is a greeting, thanks or goodbye. Reply in one or two friendly sentences and "
+    "offer help with their banking questions. State no facts about accounts, fees or policies."
+)
+
+
+def is_small_talk(message: str) -> bool:
+    return bool(_SMALL_TALK.match(message.strip()))
+
+
+def small_talk_messages(system_prompt: str, history: list[dict[str, str]], message: str) -> list[dict[str, str]]:
+    """The prompt for a greeting: instructions and the earlier turns, no sources (nothing to look up)."""
+    from app.rag.chain import dialogue_turns
+
+    return [{"role": "system", "content": f"{system_prompt.strip()}\n\n{SMALL_TALK_INSTRUCTION}"},
+            *dialogue_turns(history), {"role": "user", "content": message}]
+
+
 def about_conversation(question: str) -> bool:
     return bool(_ABOUT_CONVERSATION.search(question))
 

@@ -47,6 +47,11 @@ def _cut(buffer: str, chunk_chars: int) -> int:
     return last_space + 1 if last_space > 0 else chunk_chars
 
 
+def _mid_figure(text: str) -> bool:
+    """`text` may end inside a number ("$4", "1,", "4:", "1–"): models stream digits one token at a time."""
+    return bool(text) and (text[-1] in "0123456789$,:–-" or (text[-1] == "." and text[-2:-1].isdigit()))
+
+
 async def _close(deltas: AsyncIterator[str]) -> None:
     aclose = getattr(deltas, "aclose", None)
     if aclose is not None:
@@ -84,6 +89,10 @@ async def hold_back(
 
     async def check_chunk(chunk: str) -> GuardDecision:
         preceding = released[-context_chars:] if context_chars > 0 else ""
+        if len(preceding) < len(released) and not released[-context_chars - 1].isspace():
+            # Cut mid-word: drop the fragment ("5,000" of "$25,000"), which the groundedness rail would read as
+            # a figure no source states.
+            preceding = preceding[next((i for i, ch in enumerate(preceding) if ch.isspace()), len(preceding)):]
         return await check(preceding + chunk)
 
     try:
@@ -97,6 +106,8 @@ async def hold_back(
                     break  # all of it is here: the tail check below takes it in one call
                 # The first window takes whole deltas (never "Y" of "You"); later ones cut on whitespace.
                 end = len(pending) if not released and len(pending) <= chunk_chars else _cut(pending, window)
+                if end == len(pending) and _mid_figure(pending):
+                    break  # "$4" of "$45": a figure is checked whole (the groundedness rail reads its value)
                 chunk, pending = pending[:end], pending[end:]
                 window = min(max(window * 2, SECOND_WINDOW_CHARS), chunk_chars)
                 last_decision = await check_chunk(chunk)

@@ -147,6 +147,8 @@ class TurnRunner:
             else:
                 vectors = await self._embed([user_text] if query == user_text else [user_text, query], timer)
                 user_vec, query_vec = vectors[0], vectors[-1]
+            if query != user_text:  # a follow-up that named its own subject is searched alone
+                query, query_vec = context.settle_query(st, user_text, rewrite, user_vec, query_vec)
 
             input_task = asyncio.create_task(self._input_rails(guard, conversation, user_vec, timer))
             sources, retrieval_trace = await context.retrieve(st, query, query_vec, timer)
@@ -158,7 +160,7 @@ class TurnRunner:
             if messages is not None:
                 trace["prompt_chars"] = sum(len(m["content"]) for m in messages)
                 if use_rag and not sources:
-                    trace["answered_from"] = "conversation"
+                    trace["answered_from"] = context.answered_from(user_text, history)
                 options = GenerationOptions(
                     max_tokens=req.max_tokens or settings.llm_max_tokens,
                     temperature=req.temperature if req.temperature is not None else settings.llm_temperature,
@@ -193,6 +195,7 @@ class TurnRunner:
             return
 
         if generation is None:  # nothing relevant retrieved: the configured "I don't know", never a guess
+            trace["answered_from"] = "no_sources"  # at once: no prompt for the LLM to read
             yield Delta(texts.idk)
             result = self._result(texts.idk, False, session_id, turn_id, rail_results, [], timer, trace, t_start)
             result.finish_reason = "stop"
@@ -325,7 +328,7 @@ class TurnRunner:
 
     async def _embed(self, texts: list[str], timer: Timer) -> np.ndarray:
         with timer.stage("embed"), model_time.span():
-            return await asyncio.to_thread(self.state.embedder.embed, texts)
+            return await asyncio.to_thread((self.state.query_embedder or self.state.embedder).embed, texts)
 
     @staticmethod
     def _citations(answer: str, sources: list[Chunk]) -> list[dict[str, Any]]:

@@ -119,6 +119,13 @@ class Bm25Matrix:
         weights = np.concatenate([data[indptr[c] : indptr[c + 1]] for c in cols])
         return np.bincount(rows, weights=weights, minlength=self.n_docs).astype(np.float32)
 
+    def idf(self, term: str) -> float:
+        """How informative a (tokenized) term is: log(1 + N / df). A term no chunk holds weighs the most (df taken
+        as 0.5), so a question's words the knowledge base lacks keep their share of the question."""
+        col = self.vocabulary.get(term)
+        df = 0 if col is None else int(self.weights.indptr[col + 1] - self.weights.indptr[col])
+        return math.log(1 + self.n_docs / max(df, 0.5))
+
     def coverage(self, query: str, row: int) -> float:
         """The share of the query's information (idf mass of its distinct terms) that chunk `row` contains.
         Terms missing from the whole corpus weigh the most, so an off-topic question that shares a few
@@ -130,8 +137,7 @@ class Bm25Matrix:
         total = found = 0.0
         for term in terms:
             col = self.vocabulary.get(term)
-            df = 0 if col is None else int(indptr[col + 1] - indptr[col])
-            idf = math.log(1 + self.n_docs / max(df, 0.5))
+            idf = self.idf(term)
             total += idf
             if col is not None and bool(np.any(indices[indptr[col] : indptr[col + 1]] == row)):
                 found += idf

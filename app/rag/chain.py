@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from langchain_core.messages import BaseMessage, convert_to_openai_messages
 from langchain_core.prompt_values import PromptValue
@@ -24,6 +25,8 @@ from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder
 from langchain_core.runnables import Runnable, RunnableLambda
 
 from app.rag.base import Chunk
+from app.rag.passages import MIN_TOKENS as MIN_PASSAGE_TOKENS
+from app.rag.passages import fit_passages
 
 DEFAULT_IDK = "I don't know. I couldn't find that in our knowledge base."
 RULES = """Rules:
@@ -115,11 +118,27 @@ def build_messages(
     system_prompt: str,
     context_tokens: int,
     idk_text: str = DEFAULT_IDK,
+    fit: Literal["chunks", "passages"] = "chunks",
+    min_context_tokens: int = MIN_PASSAGE_TOKENS,
+    idf: Callable[[str], float] | None = None,
 ) -> PreparedPrompt:
-    """`history` holds OpenAI-style messages of earlier turns (only user/assistant roles are kept)."""
-    sources, blocks, used = fit_sources(chunks, context_tokens)
-    sources_text = "Sources:\n\n" + "\n\n".join(blocks) if blocks else "Sources: none."
+    """`history` holds OpenAI-style messages of earlier turns (only user/assistant roles are kept).
+    `fit="chunks"`: whole chunks in rank order up to `context_tokens`. `fit="passages"`: the sentences, list
+    items and table rows of the chunks that answer the question, within a budget between `min_context_tokens`
+    and `context_tokens` that adapts to it (app/rag/passages.py; `idf` weighs its terms)."""
     turns = dialogue_turns(history)
+    if fit == "passages":
+        previous = next((m["content"] for m in reversed(turns) if m["role"] == "user"), "")
+        picked = fit_passages(
+            chunks, question, heading=source_heading, previous=previous, idf=idf,
+            min_tokens=min_context_tokens, max_tokens=context_tokens,
+        )  # fmt: skip
+        sources, used = picked.chunks, picked.tokens
+        pairs = enumerate(zip(sources, picked.texts, strict=True), 1)
+        blocks = [f"{source_heading(n, c)}\n{text}" for n, (c, text) in pairs]
+    else:
+        sources, blocks, used = fit_sources(chunks, context_tokens)
+    sources_text = "Sources:\n\n" + "\n\n".join(blocks) if blocks else "Sources: none."
     # Variables (not template text) carry all user/document content, so braces in it are never interpreted.
     variables = {
         "instructions": f"{system_prompt.strip()}\n\n{RULES.format(idk=idk_text)}",

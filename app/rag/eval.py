@@ -163,9 +163,12 @@ def eval_rag(
 
 
 async def _answer(llm: ChatBackend, question: str, chunks: list[Chunk], settings: Any) -> tuple[str, list[Chunk]]:
+    # The context the server would give (passages or whole chunks); the question's terms weigh alike here, where
+    # the server weighs them by the live index's idf.
     prepared = build_messages(
-        question, [], chunks, system_prompt=EVAL_SYSTEM_PROMPT, context_tokens=settings.rag_context_tokens
-    )
+        question, [], chunks, system_prompt=EVAL_SYSTEM_PROMPT, context_tokens=settings.rag_context_tokens,
+        fit=settings.rag_context_mode, min_context_tokens=settings.rag_context_min_tokens,
+    )  # fmt: skip
     if prepared.no_context:
         return DEFAULT_IDK, []
     completion = await llm.complete(prepared.messages, GenerationOptions(max_tokens=200, temperature=0.0))

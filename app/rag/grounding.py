@@ -7,8 +7,11 @@ supported — RAG answers mostly restate their sources, and this costs microseco
 costs milliseconds. The rest are embedded (one batch) and compared with the chunks' stored embeddings
 (no re-embedding: the retriever keeps them): supported when the best cosine reaches `threshold`.
 The score is the supported fraction. Embedding similarity catches
-off-topic inventions, not a wrong number in an on-topic sentence; for that, an optional LLM judge
-is consulted only when the embedding check fails (`acheck_groundedness`).
+off-topic inventions, not a wrong number in an on-topic sentence: every sentence's facts (amounts, numbers,
+times, phone numbers, named policies: app/rag/facts.py) must also be found in the sources, the customer's
+question or the trusted texts (the configured contact line), else the sentence is unsupported whatever its
+similarity, and no judge can overrule that. An optional LLM judge is consulted only when the embedding check
+alone fails (`acheck_groundedness`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from app.llm.base import ChatBackend, GenerationOptions
 from app.rag.base import Chunk, Embedder
 from app.rag.chain import DEFAULT_IDK, strip_citations
 from app.rag.chunking import search_text
+from app.rag.facts import Facts, extract, unsupported_facts
 
 log = logging.getLogger(__name__)
 
@@ -113,19 +117,44 @@ def claim_sentences(answer: str, idk_text: str = DEFAULT_IDK) -> list[str]:
 
 @dataclass
 class _WordingPass:
-    """The cheap first step: the claims, and which of them the sources do not support by wording."""
+    """The cheap first step: the claims, which of them the sources do not support by wording, and the sentences
+    stating facts that nothing known holds (sentence -> the facts)."""
 
     sentences: list[str]
     to_embed: list[int]
+    facts: dict[str, list[str]]
 
 
-def _wording_pass(answer: str, chunks: list[Chunk], idk_text: str) -> _WordingPass:
+def fact_sentences(answer: str, idk_text: str = DEFAULT_IDK) -> list[str]:
+    """Every sentence but the "I don't know" ones, short ones included: "It costs $99." states a fee."""
+    text = strip_citations(answer).replace(idk_text, " ")
+    sentences = (_LIST_MARKER.sub("", raw).strip(" \t*_#>") for raw in _SENTENCE_END.split(text))
+    return [s for s in sentences if s and not _IDK.search(s)]
+
+
+def _unsupported_facts(answer: str, chunks: list[Chunk], idk_text: str, known: tuple[str, ...]) -> dict[str, list[str]]:
+    sentences = fact_sentences(answer, idk_text)
+    if not sentences:
+        return {}
+    texts = [*(f"{c.title}\n{c.content}" for c in chunks), *known, idk_text]
+    facts = Facts()
+    for text in texts:
+        facts.merge(extract(text, source=True))
+    known_text = "\n".join(texts).lower().replace("’", "'")
+    found = {s: unsupported_facts(s, facts, known_text) for s in sentences}
+    return {s: missing for s, missing in found.items() if missing}
+
+
+def _wording_pass(answer: str, chunks: list[Chunk], idk_text: str, known: tuple[str, ...] = ()) -> _WordingPass:
     sentences = claim_sentences(answer, idk_text)
+    facts = _unsupported_facts(answer, chunks, idk_text, known)
     if not sentences or not chunks:
-        return _WordingPass(sentences, list(range(len(sentences))))
+        return _WordingPass(sentences, list(range(len(sentences))), facts)
     source_tokens = set().union(*(_content_tokens(f"{c.title} {c.content}") for c in chunks))
     return _WordingPass(
-        sentences, [i for i, sentence in enumerate(sentences) if not lexically_supported(sentence, source_tokens)]
+        sentences,
+        [i for i, sentence in enumerate(sentences) if not lexically_supported(sentence, source_tokens)],
+        facts,
     )
 
 
@@ -139,11 +168,18 @@ def check_groundedness(
     chunk_embeddings: np.ndarray | None = None,
     idk_text: str = DEFAULT_IDK,
     wording: _WordingPass | None = None,
+    facts_action: Literal["flag", "block"] | None = None,
 ) -> RailResult:
     """`chunk_embeddings` (rows aligned with `chunks`, e.g. `HybridRetriever.embeddings_for(chunks)`)
-    avoids re-embedding; without it the chunks are embedded here."""
+    avoids re-embedding; without it the chunks are embedded here. `action` applies to low similarity,
+    `facts_action` (default: `action`) to a sentence stating a fact nothing known holds."""
     started = time.perf_counter()
     wording = wording or _wording_pass(answer, chunks, idk_text)
+    if wording.facts:  # a figure or name nothing known holds: unsupported, whatever the similarity
+        listed = "; ".join(f"{s[:80]!r} ({', '.join(f[:40] for f in missing[:4])})" for s, missing in
+                           list(wording.facts.items())[:3])
+        return RailResult(RAIL_NAME, facts_action or action, score=0.0, latency_ms=_ms(started),
+                          detail=f"unsupported facts: {listed}")
     sentences = wording.sentences
     if not sentences:
         return RailResult(RAIL_NAME, "allow", score=1.0, latency_ms=_ms(started), detail="no claims to check")
@@ -198,11 +234,14 @@ async def acheck_groundedness(
     chunk_embeddings: np.ndarray | None = None,
     judge: GroundednessJudge | None = None,
     idk_text: str = DEFAULT_IDK,
+    known: tuple[str, ...] = (),
+    facts_action: Literal["flag", "block"] | None = None,
 ) -> RailResult:
     """The embedding check off the event loop (inline when the wording alone decides: no thread hop), then
-    the judge only when it failed."""
+    the judge only when the similarity failed (never for an unsupported fact). `known`: texts besides the
+    sources whose facts an answer may state (the customer's question, the configured contact line)."""
     started = time.perf_counter()
-    wording = _wording_pass(answer, chunks, idk_text)
+    wording = _wording_pass(answer, chunks, idk_text, known)
 
     def embedding_check() -> RailResult:
         return check_groundedness(
@@ -214,10 +253,12 @@ async def acheck_groundedness(
             chunk_embeddings=chunk_embeddings,
             idk_text=idk_text,
             wording=wording,
+            facts_action=facts_action,
         )
 
-    result = await asyncio.to_thread(embedding_check) if wording.to_embed and chunks else embedding_check()
-    if result.verdict == "allow" or judge is None or not chunks:
+    threaded = wording.to_embed and chunks and not wording.facts
+    result = await asyncio.to_thread(embedding_check) if threaded else embedding_check()
+    if result.verdict == "allow" or judge is None or not chunks or wording.facts:
         return result
     try:
         supported = await judge(wording.sentences, chunks)
@@ -305,8 +346,14 @@ class CachedGroundingCheck:
         threshold: float | None = None,
         action: Literal["flag", "block"] = "flag",
         judge: GroundednessJudge | None = None,
+        question: str = "",
+        trusted: tuple[str, ...] = (),
+        idk_text: str = DEFAULT_IDK,
+        facts_action: Literal["flag", "block"] | None = None,
     ) -> RailResult:
-        """`threshold`, `action` and `judge` come from the rails config (RailsGuard binds them)."""
+        """`threshold`, `action`, `judge`, `trusted` (texts whose facts an answer may state: the configured
+        "I don't know" text and its contact line) and `idk_text` come from the rails config (RailsGuard binds
+        them); `question` is the turn's user message, whose own figures an answer may repeat."""
         chunks = [Chunk(id=str(i), document_id="", source="", title="", content=t) for i, t in enumerate(context)]
         vectors = self._cached(context)
         if vectors is None and context:
@@ -319,4 +366,7 @@ class CachedGroundingCheck:
             action=action,
             chunk_embeddings=vectors,
             judge=judge,
+            idk_text=idk_text,
+            known=(question, *trusted),
+            facts_action=facts_action,
         )

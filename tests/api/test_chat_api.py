@@ -24,14 +24,18 @@ def test_openai_sdk_plain(live_server: LiveServer) -> None:
     assert resp.choices[0].message.content
     extra = resp.model_extra["guardchat"]  # type: ignore[index]
     assert set(extra) >= {"session_id", "blocked", "rails", "citations", "timings_ms"}
-    assert extra["blocked"] is False
     assert {"input_rails", "embed", "total"} <= set(extra["timings_ms"])
     assert any(r["name"] for r in extra["rails"])
-    # The knowledge base answers this question, so the answer was checked against its sources (flagging
-    # rail: never a block) and the verdict is in the response.
+    # The knowledge base answers this question, so every answer window was checked against its sources (the
+    # shipped rail blocks a figure no source holds, flags low similarity) and the verdicts are in the response.
+    # The 135M test model may well state such a figure: then the groundedness rail, and nothing else, blocked it
+    # with the "I don't know" text.
     grounded = [r for r in extra["rails"] if r["name"] == "groundedness"]
-    assert len(grounded) == 1 and grounded[0]["verdict"] in ("allow", "flag"), extra["rails"]
-    assert "groundedness" in extra["timings_ms"]
+    assert grounded and all(r["verdict"] in ("allow", "flag", "block") for r in grounded), extra["rails"]
+    blocked_by = [r["name"] for r in extra["rails"] if r["verdict"] in ("block", "error")]
+    assert blocked_by == (["groundedness"] if extra["blocked"] else []), extra["rails"]
+    if extra["blocked"]:
+        assert "1-800-555-0142" in (resp.choices[0].message.content or "")
 
 
 def test_openai_sdk_streaming(live_server: LiveServer) -> None:
@@ -45,9 +49,12 @@ def test_openai_sdk_streaming(live_server: LiveServer) -> None:
     assert last.choices[0].finish_reason == "stop"
     assert "guardchat" in (last.model_extra or {})
     extra = last.model_extra["guardchat"]  # type: ignore[index]
-    if not extra["blocked"]:  # a streamed answer that passed the output rails was checked against its sources
-        verdicts = [r["verdict"] for r in extra["rails"] if r["name"] == "groundedness"]
-        assert verdicts in (["allow"], ["flag"]), extra["rails"]
+    verdicts = [r["verdict"] for r in extra["rails"] if r["name"] == "groundedness"]
+    assert verdicts, extra["rails"]  # every window was checked against the sources
+    if not extra["blocked"]:  # a streamed answer that passed: no window stated a figure no source holds
+        assert set(verdicts) <= {"allow", "flag"}, extra["rails"]
+    else:
+        assert "block" in verdicts, extra["rails"]
 
 
 def test_langchain_chat_openai(live_server: LiveServer) -> None:
@@ -69,7 +76,10 @@ def test_raw_sse_wire_format(live_server: LiveServer) -> None:
     assert datas[-1] == "[DONE]"
     payloads = [json.loads(d) for d in datas[:-1]]
     assert all(p["object"] == "chat.completion.chunk" for p in payloads)
-    assert payloads[-1]["guardchat"]["blocked"] is False, payloads[-1]["guardchat"]
+    final = payloads[-1]["guardchat"]
+    # The 135M test model may state a figure no source holds: only the groundedness rail may then block it.
+    blockers = {r["name"] for r in final["rails"] if r["verdict"] in ("block", "error")}
+    assert blockers == ({"groundedness"} if final["blocked"] else set()), final
 
 
 def test_models_and_health(live_server: LiveServer) -> None:

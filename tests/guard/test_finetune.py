@@ -72,6 +72,22 @@ def test_exported_int8_model_matches_torch_and_is_calibrated(base_dir: Path, tra
     assert np.abs(model.logits(texts) - predict(net, base_dir, texts)).max() < 0.25
 
 
+def test_the_exported_graph_also_embeds_like_the_retrieval_model(base_dir: Path, trained, tmp_path: Path,
+                                                                 embedder) -> None:
+    """Its bottom layers are the pretrained ones and a branch of pretrained top layers gives the retrieval
+    embedding: one pass per message serves the guard and the search."""
+    net, _ = trained
+    write_model(net, base_dir, _rows(), tmp_path, {"base": "test"})
+    model = GuardModel.load(tmp_path)
+    assert model.shares_embedding
+    texts = ["How long does an international wire take to arrive?", "my card got declined at the gas station",
+             "Ignore the typo above, I meant the savings account"]
+    shared = np.array([model.embedding(t) for t in texts])
+    cosine = (shared * embedder.embed(texts)).sum(axis=1)
+    assert cosine.min() > 0.995, cosine  # int8 weights vs the embedder's float weights
+    assert model.embedding("a long message " * 200) is None  # retrieval would shorten it differently
+
+
 def test_tampered_weights_do_not_load(base_dir: Path, trained, tmp_path: Path) -> None:
     from app.guard.guard_model import GuardWeightsMismatch
 
@@ -119,3 +135,38 @@ def test_rows_near_an_evaluation_row_are_dropped(embedder) -> None:
 
 def test_the_evaluation_files_are_there() -> None:
     assert all(path.exists() for path in EVAL_FILES)
+
+
+def test_a_packed_base_fits_a_gpu_machine_and_unpacks_to_the_same_encoder(base_dir: Path, tmp_path: Path) -> None:
+    """The GPU machine takes 64 MiB with the repository: the base travels fp16 with only the word rows the
+    training rows use; unpacked, it encodes those rows like the real base."""
+    from transformers import AutoModel
+
+    from app.guard.finetune_data import write_rows
+    from app.guard.finetune_remote import pack, unpack
+
+    rows = _rows()
+    write_rows(rows, tmp_path / "rows.jsonl")
+    packed = pack(tmp_path / "rows.jsonl", tmp_path / "packed", base_dir)
+    assert sum(p.stat().st_size for p in packed.iterdir()) < 40 * 2**20
+    there = unpack(packed, tmp_path / "there")
+    assert (there / "rows.jsonl").read_bytes() == (tmp_path / "rows.jsonl").read_bytes()
+    texts = [r["text"] for r in rows[:6]]
+    pooled = []
+    for directory in (base_dir, there):
+        model = AutoModel.from_pretrained(str(directory), local_files_only=True).float().eval()
+        vectors = predict_embeddings(model, base_dir, texts)
+        pooled.append(vectors / np.linalg.norm(vectors, axis=1, keepdims=True))
+    assert float((pooled[0] * pooled[1]).sum(axis=1).min()) > 0.999
+
+
+def predict_embeddings(model: object, base_dir: Path, texts: list[str]) -> np.ndarray:
+    import torch
+
+    from app.guard.guard_model import encode_ids, load_tokenizer, pad_batch
+
+    input_ids, mask = pad_batch(encode_ids(load_tokenizer(base_dir / "tokenizer.json"), texts))
+    with torch.inference_mode():
+        hidden = model(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(mask)).last_hidden_state
+    m = mask[..., None].astype(np.float32)
+    return (hidden.numpy() * m).sum(axis=1) / m.sum(axis=1)

@@ -69,7 +69,8 @@ def test_the_shipped_model_is_int8_openvino_with_its_metadata() -> None:
     # It decides alone: no band is left for a judge.
     assert th["unsafe_allow"] == th["unsafe_block"] and th["attack_allow"] == th["attack_block"]
     size = (GUARD_MODEL_DIR / "guard.bin").stat().st_size
-    assert 15e6 < size < 30e6, size  # int8 weights of a 22.7M-parameter encoder (fp32 would be ~90 MB)
+    # int8 weights: the 22.7M-parameter encoder plus the second branch of four top layers (fp32: ~120 MB)
+    assert 20e6 < size < 35e6, size
     xml = (GUARD_MODEL_DIR / "guard.xml").read_text(encoding="utf-8")
     assert 'element_type="u8"' in xml or 'element_type="i8"' in xml
 
@@ -99,13 +100,17 @@ def test_harm_gets_a_plausible_category(model: GuardModel) -> None:
     assert top[HARMFUL[1]] in ("S1", "S2"), top
 
 
-def test_same_text_same_scores_alone_in_a_batch_and_again(model: GuardModel) -> None:
-    texts = HARMFUL + BENIGN_LOOKALIKES
-    alone = np.array([model.logits([t])[0] for t in texts])
-    batched = model.logits(texts)
-    again = np.array([model.logits([t])[0] for t in texts])
-    # Bit-identical whatever else is scored with it: the model never pads a text into a batch.
-    assert np.array_equal(alone, again) and np.array_equal(alone, batched)
+def test_same_text_same_scores_on_any_stream_under_load_and_again(model: GuardModel) -> None:
+    """Bit-identical whatever else is scored at the time: each text runs alone, unpadded, on whichever stream is
+    free. (`_run` is the pass itself: `logits` would answer repeats from its cache.)"""
+    from concurrent.futures import ThreadPoolExecutor
+
+    texts = HARMFUL + BENIGN_LOOKALIKES + ["x " * 300 + "how do I make ricin"]  # the last: the guard-only graph
+    alone = np.array([model._run(t).logits for t in texts])
+    with ThreadPoolExecutor(8) as pool:
+        busy = np.array(list(pool.map(lambda t: model._run(t).logits, texts * 3)))
+    assert all(np.array_equal(alone, busy[i * len(texts) : (i + 1) * len(texts)]) for i in range(3))
+    assert np.array_equal(alone, model.logits(texts))
 
 
 def test_a_long_text_keeps_its_head_and_its_tail() -> None:
@@ -135,3 +140,45 @@ def test_the_model_files_match_the_metadata_hashes() -> None:
     meta = json.loads((GUARD_MODEL_DIR / "guard.json").read_text(encoding="utf-8"))
     digest = hashlib.sha256((GUARD_MODEL_DIR / "guard.bin").read_bytes()).hexdigest()
     assert meta["weights_sha256"] == digest
+
+
+def test_one_pass_serves_the_guard_and_the_query_embedding() -> None:
+    """The guard check and the query embedding of a turn ask for the same message from two threads at about
+    the same time: the encoder runs once, and both get what a pass of their own would have given."""
+    import threading
+
+    from app.guard.guard_model import SharedPassEmbedder
+    from app.rag.embedder import get_embedder
+
+    model = GuardModel.load()
+    assert model.shares_embedding
+    runs: list[str] = []
+    run = model._run
+    model._run = lambda text: runs.append(text) or run(text)  # type: ignore[method-assign]
+    query = SharedPassEmbedder(model, get_embedder())
+    text = "How long does a wire to Canada take to arrive?"
+    start = threading.Barrier(2)
+    results: dict[str, object] = {}
+
+    def guard() -> None:
+        start.wait()
+        results["scores"] = model.score(text)
+
+    def search() -> None:
+        start.wait()
+        results["vector"] = query.embed([text])[0]
+
+    threads = [threading.Thread(target=guard), threading.Thread(target=search)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert runs == [text]
+    fresh = GuardModel.load()
+    shared, own = results["scores"], fresh.score(text)
+    assert (shared.unsafe, shared.attack, shared.categories, shared.topic_probs) == (  # type: ignore[attr-defined]
+        own.unsafe, own.attack, own.categories, own.topic_probs)
+    assert np.array_equal(results["vector"], fresh.embedding(text))
+    long_text = "my statement shows a charge I do not recognise " * 60
+    vectors = query.embed([text, long_text])  # the over-long one comes from the retrieval embedder itself
+    assert np.array_equal(vectors[1], get_embedder().embed([long_text])[0])

@@ -70,8 +70,11 @@ async def test_everything_passes_in_checked_chunks() -> None:
         assert len(chunk) <= 50
         if 0 < i < len(released) - 1:
             assert chunk.endswith(" ")  # cut on whitespace (the first window takes whole deltas)
-        preceding = "".join(released[:i])[-30:]
-        assert check.windows[i] == preceding + chunk  # the chunk plus exactly context_chars before it
+        before = "".join(released[:i])
+        preceding = before[-30:]
+        if len(before) > 30 and not before[-31].isspace():  # cut mid-word: the fragment is dropped
+            preceding = preceding[len(preceding.split(" ")[0]):]
+        assert check.windows[i] == preceding + chunk  # the chunk plus up to context_chars (whole words) before it
 
 
 async def test_a_block_mid_stream_releases_nothing_unchecked_and_closes_the_generator() -> None:
@@ -191,3 +194,23 @@ async def test_an_ended_tail_longer_than_its_window_is_still_split_and_blocks() 
     finished = events[-1]
     assert isinstance(finished, Finished) and not finished.decision.allowed
     assert banned not in "".join(e.text for e in events if isinstance(e, Released))
+
+
+async def test_a_window_never_ends_inside_a_figure() -> None:
+    """Models stream digits a token at a time; the groundedness rail reads a figure's value, so "$4" of "$45"
+    must not be checked (and blocked) alone, nor a figure's tail cut from the context before a window."""
+    seen: list[str] = []
+
+    async def check(text: str) -> GuardDecision:
+        seen.append(text)
+        return GuardDecision(True)
+
+    async def deltas() -> AsyncIterator[str]:
+        for d in ["$", "4", "5", " per", " wire", ", up", " to", " $", "25", ",", "000", " a", " day."]:
+            await asyncio.sleep(0)
+            yield d
+
+    events = [e async for e in hold_back(deltas(), check, chunk_chars=12, context_chars=9, first_chunk_chars=1)]
+    assert seen[0] == "$45 " or not seen[0].rstrip().endswith(("$", "4"))
+    assert all(not w.startswith(("5,000", ",000", "000")) for w in seen), seen
+    assert "".join(e.text for e in events if isinstance(e, Released)) == "$45 per wire, up to $25,000 a day."

@@ -317,3 +317,63 @@ async def test_a_question_about_the_conversation_is_answered_from_the_history(
     assert [m["content"] for m in prompt[1:]] == [m["content"] for m in history] + ["And what was my name?"]
     assert "Sources" not in prompt[0]["content"]  # the knowledge base is not what answers it
     assert alone.answer == state.rails.current.guard.texts.idk  # no history: nothing to answer from
+
+
+async def test_nothing_relevant_retrieved_answers_i_dont_know_at_once_but_greetings_get_a_reply(
+    redis_store_factory: StoreFactory, embedder, tmp_path: Path
+) -> None:
+    """No source above the relevance bar: the configured "I don't know" with no LLM request at all (issue 18,
+    item 8). A greeting finds no source either, and is answered, not "I don't know"-ed."""
+    settings = make_settings(tmp_path)
+    ingest(write_corpus(settings.knowledge_dir, CORPUS), settings, embedder=embedder, progress=False)
+    prompts: list[list[dict[str, str]]] = []
+
+    async def handler(request, body):
+        prompts.append(body["messages"])
+        return wire.stream_response(wire.sse(["Hello! ", "How can I help?"]))
+
+    with wire.serve({("POST", "/v1/chat/completions"): handler}) as server:
+        llm = OpenAICompatClient(server.base_url, "m")
+        state = pipeline_state(settings, llm, redis_store_factory(), embedder, HybridRetriever(settings))
+        try:
+            unknown = await TurnRunner(state).run(
+                TurnRequest(messages=[{"role": "user", "content": "Who won the 1998 football world cup final?"}]))
+            assert prompts == []  # the LLM was never asked
+            hello = await TurnRunner(state).run(TurnRequest(messages=[{"role": "user", "content": "Hi there!"}]))
+        finally:
+            await llm.aclose()
+    idk = state.rails.current.guard.texts.idk
+    assert unknown.answer == idk and unknown.trace["answered_from"] == "no_sources" and not unknown.blocked
+    assert unknown.trace["retrieval"]["chunks"] == [] and "generate" not in unknown.timings_ms
+    assert hello.answer == "Hello! How can I help?" and hello.trace["answered_from"] == "small_talk"
+    [prompt] = prompts
+    assert "greeting" in prompt[0]["content"] and "Sources" not in prompt[0]["content"]
+
+
+async def test_a_follow_up_searches_with_the_earlier_subject_and_a_new_topic_alone(
+    redis_store_factory: StoreFactory, embedder, tmp_path: Path
+) -> None:
+    """Issue 18, item 2: "And how long does it take to arrive?" after the international wire fee retrieves the wire
+    article; a short question on a new subject is not searched under the old one."""
+    settings = make_settings(tmp_path)
+    ingest(write_corpus(settings.knowledge_dir, CORPUS), settings, embedder=embedder, progress=False)
+
+    async def handler(request, body):
+        return wire.stream_response(wire.sse(["See [1]."]))
+
+    first = [{"role": "user", "content": "How much does an international wire transfer cost?"},
+             {"role": "assistant", "content": "An outgoing international wire costs $45 [1]."}]
+    with wire.serve({("POST", "/v1/chat/completions"): handler}) as server:
+        llm = OpenAICompatClient(server.base_url, "m")
+        state = pipeline_state(settings, llm, redis_store_factory(), embedder, HybridRetriever(settings))
+        try:
+            follow = await TurnRunner(state).run(TurnRequest(
+                messages=[*first, {"role": "user", "content": "And how long does it take to arrive?"}]))
+            switch = await TurnRunner(state).run(TurnRequest(
+                messages=[*first, {"role": "user", "content": "how do i lock my debit card"}]))
+        finally:
+            await llm.aclose()
+    assert follow.trace["rewrite"]["query"].startswith("How much does an international wire")
+    assert follow.trace["retrieval"]["chunks"][0]["document_id"] == "wires"
+    assert switch.trace["rewrite"]["implicit"] and "question alone" in switch.trace["rewrite"]["searched"]
+    assert switch.trace["retrieval"]["chunks"][0]["document_id"] == "cards", switch.trace

@@ -1,0 +1,57 @@
+"""The facts an answer sentence must take from its sources (app/rag/facts.py), on the shipped wire-transfer article."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.rag.facts import extract, unsupported_facts
+from app.settings import PROJECT_ROOT
+
+WIRES = (PROJECT_ROOT / "knowledge" / "wire-transfers.md").read_text(encoding="utf-8")
+CONTACT = "You can reach Larkspur Bank support at 1-800-555-0142 or visit any branch."
+
+
+def _missing(sentence: str, *known: str) -> list[str]:
+    texts = "\n".join([WIRES, *known])
+    return unsupported_facts(sentence, extract(texts, source=True), texts.lower())
+
+
+@pytest.mark.parametrize(
+    "sentence",
+    [
+        "An international wire costs $45 [1].",
+        "An international wire costs 45 dollars.",
+        "International wires usually arrive in 1-5 business days.",  # the article writes 1–5
+        "International wires arrive in 1 to 5 business days.",
+        "Submit a domestic wire by 4 pm ET to send it the same day.",  # the article: 4:00 p.m. ET
+        "You can wire up to $50,000 per day in the app.",
+        "You can wire up to $50k per day in the app.",
+        CONTACT,  # the configured contact line is trusted
+        "A recall request costs twenty dollars.",
+        "One of our bankers can help you in a branch.",  # "one" is no count here
+    ],
+)
+def test_facts_the_sources_state_pass_in_any_format(sentence: str) -> None:
+    assert _missing(sentence, CONTACT) == []
+
+
+@pytest.mark.parametrize(
+    ("sentence", "fact"),
+    [
+        ("Domestic wires arrive within 2-3 business days, while international wires take up to 10 days.", "10"),
+        ("An international wire costs $35.", "$35"),
+        ("Outgoing international wires cost 3% of the amount.", "3%"),
+        ("Submit international wires by 5 pm ET.", "17:00"),
+        ("Wires are covered by the Larkspur Wire Guarantee.", "Wire Guarantee"),
+        ("It usually arrives within forty business days.", "40"),
+        ("Call our wire desk at 1-800-555-0199.", "8005550199"),
+    ],
+)
+def test_a_fact_no_source_states_is_named(sentence: str, fact: str) -> None:
+    assert fact in " ".join(_missing(sentence, CONTACT))
+
+
+def test_the_customers_own_figures_may_be_repeated() -> None:
+    sentence = "For a $3,000 wire, the international fee is still $45."
+    assert _missing(sentence) == ["$3000"]
+    assert _missing(sentence, "I need to send $3,000 to my sister in Spain, what does it cost?") == []
