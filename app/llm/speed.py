@@ -70,9 +70,14 @@ class LLMSpeed:
 
 
 def grounded_prompt_tokens(settings: Settings) -> int:
-    """Prompt tokens of a typical grounded answer under these settings (~945 with the defaults)."""
+    """Prompt tokens of a typical grounded answer under these settings (~510 with the defaults). Whole chunks:
+    the smaller of the budget and top_k chunks. Passages (the default): about twice the minimum budget, which
+    grows with the question (whole prompts measured 488-529 Qwen tokens on the task sets: docs/benchmarks.md)."""
     full_chunks = settings.rag_top_k * math.ceil(settings.rag_chunk_chars / CHARS_PER_TOKEN)
-    return PROMPT_OVERHEAD_TOKENS + min(settings.rag_context_tokens, full_chunks)
+    sources = min(settings.rag_context_tokens, full_chunks)
+    if settings.rag_context_mode == "passages":
+        sources = min(sources, 2 * settings.rag_context_min_tokens)
+    return PROMPT_OVERHEAD_TOKENS + sources
 
 
 class SpeedProbe:

@@ -44,9 +44,12 @@ def test_ttft_estimate_arithmetic(embedded_llm_url: str) -> None:
     speed = measure_speed(embedded_llm_url)
     assert speed.ttft_s(850) == pytest.approx(850 / speed.prompt_tps + 1 / speed.decode_tps)
     assert LLMSpeed(prompt_tps=17.0, decode_tps=5.0, prompt_tokens=200).ttft_s(850) == pytest.approx(50.2)
-    # Defaults: 270 (system prompt, rules, question) + min(900 budget, 3 chunks x 900 chars / 4) = 270 + 675.
-    assert grounded_prompt_tokens(settings()) == 945
-    assert grounded_prompt_tokens(settings(rag_context_tokens=400)) == 670  # the budget binds
+    # Whole chunks: 270 (system prompt, rules, question) + min(900 budget, 3 chunks x 900 chars / 4) = 270 + 675.
+    assert grounded_prompt_tokens(settings(rag_context_mode="chunks")) == 945
+    assert grounded_prompt_tokens(settings(rag_context_mode="chunks", rag_context_tokens=400)) == 670  # budget binds
+    # Passages (the default): about twice the 120-token minimum budget.
+    assert grounded_prompt_tokens(settings()) == 270 + 240
+    assert grounded_prompt_tokens(settings(rag_context_tokens=200)) == 270 + 200
 
 
 def test_slow_estimate_warns_with_the_faster_model_setting(
