@@ -98,10 +98,6 @@ def platt(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     return float(model.coef_[0, 0]), float(model.intercept_[0])
 
 
-def _rates(p: np.ndarray, src: np.ndarray, sources: list[str], t: float) -> list[float]:
-    return [float((p[src == s] >= t).mean()) for s in sources]
-
-
 def choose_block(p: np.ndarray, src: np.ndarray, positives: tuple[str, ...], negatives: list[str],
                  blocked_anyway: np.ndarray | None = None) -> float:
     """The threshold minimising mean miss rate over positive sources + FALSE_REFUSAL_COST x mean false-block
