@@ -143,8 +143,21 @@ class Bm25Matrix:
                 found += idf
         return found / total
 
+    def weighted_scores(self, parts: Sequence[tuple[str, float]]) -> np.ndarray:
+        """Sum of `weight * scores(text)`: a query whose parts count differently (a long message's question and the
+        situation around it, app/rag/long_query.py)."""
+        total = np.zeros(self.n_docs, dtype=np.float32)
+        for text, weight in parts:
+            if weight:
+                total += np.float32(weight) * self.scores(text)
+        return total
+
     def top(self, query: str, n: int) -> list[tuple[int, float]]:
-        scores = self.scores(query)
+        return self.top_of(self.scores(query), n)
+
+    @staticmethod
+    def top_of(scores: np.ndarray, n: int) -> list[tuple[int, float]]:
+        """The `n` best rows of a score vector with a positive score, best first (ties in row order)."""
         hits = np.flatnonzero(scores > 0)
         if hits.size == 0:
             return []

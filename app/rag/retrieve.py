@@ -3,7 +3,9 @@
     dense   top-N by inner product of the caller's query embedding (computed once per turn)
     sparse  top-N by BM25 over a precomputed sparse matrix (app/rag/bm25.py; exact Okapi scores,
             sub-millisecond at 100k chunks, unlike rank-bm25's per-document Python loop)
-    fuse    RRF: sum over the two lists of 1 / (60 + rank)
+    fuse    RRF: sum over the two lists of 1 / (10 + rank)
+    long    a message of 3+ sentences with a question among them is keyword-searched by its question sentences,
+            the rest at half weight (app/rag/long_query.py); the dense search keeps the whole message
     exact   a third RRF list: BM25 hits containing an exact identifier from the query (a product or
             error code like "LX-4471"), which dense embeddings barely distinguish
     gate    a query retrieves anything only if its best dense cosine >= `rag_score_threshold` (so an
@@ -31,13 +33,19 @@ from typing import Any
 import numpy as np
 
 from app.rag.base import Chunk
+from app.rag.bm25 import Bm25Matrix
 from app.rag.chunking import record_to_chunk
 from app.rag.filters import ChunkFilter
 from app.rag.index import CURRENT_FILE, IndexSnapshot, current_version, hnsw_ef_search, load_snapshot
+from app.rag.long_query import split_message
 
 log = logging.getLogger(__name__)
 
-RRF_K = 60
+# Small k: a list's top ranks count much more than its middle. At 60 a chunk ranked ~15th by both lists outranked
+# each list's first hit, so a question whose words are all generic ("my mother passed away, what do I need to do")
+# lost its clear dense winner to chunks that BM25 matched on noise. Chosen on the dev sets, short and long, with
+# and without 299 off-topic distractor documents (docs/rag.md "Long messages").
+RRF_K = 10
 BM25_WEIGHT = 1.0
 MIN_CANDIDATES = 50
 CANDIDATE_FACTOR = 10
@@ -47,13 +55,37 @@ CHUNK_FLOOR = 0.15  # per-chunk dense cosine floor once the query passed the thr
 # off-domain SQuAD questions in the margin reaches 0.45.
 KEYWORD_GATE_MARGIN = 0.1
 KEYWORD_GATE_COVERAGE = 0.6
+# A long message's keyword search: its question sentences count fully, the situation around them this much
+# (app/rag/long_query.py). 0 (the question alone) lost the subject ("Is that allowed?"); 0.5 was best on dev.
+LONG_CONTEXT_WEIGHT = 0.5
 RELOAD_CHECK_S = 2.0  # how often a retrieve looks for a version written by another process (CLI ingest)
 # Tokens with both letters and digits (and optional dashes): account types, product and error codes.
 _IDENTIFIER = re.compile(r"\b(?=[\w-]*\d)(?=[\w-]*[a-z])[a-z0-9]+(?:[-/.][a-z0-9]+)*\b", re.IGNORECASE)
 
 
+# Numbers with a unit or an ordinal are how people write ("3pm", "the 15th", "20k", "a 17-year-old", "24-month"),
+# not codes: as identifiers they are substring-matched ("5th" in "25th birthday") and bypass the gate, so a long
+# message's story would pull in chunks by its dates and ages.
+_NUMBER_WITH_UNIT = re.compile(
+    r"^\d+(?:[.,]\d+)?(?:st|nd|rd|th|am|pm|k|s|"
+    r"(?:-(?:year|years|month|months|week|weeks|day|days|hour|hours|minute|minutes|old|mile|miles|digit|digits|"
+    r"page|pages|percent|time|times))+)$",
+    re.IGNORECASE,
+)
+
+
 def query_identifiers(query: str) -> list[str]:
-    return [m.lower() for m in _IDENTIFIER.findall(query) if len(m) >= 3]
+    """Product and error codes in the query ("LM-403", "FIDO2", "1099-INT"), lowercased."""
+    return [m.lower() for m in _IDENTIFIER.findall(query) if len(m) >= 3 and not _NUMBER_WITH_UNIT.match(m)]
+
+
+def keyword_candidates(bm25: Bm25Matrix, query: str, n: int) -> list[tuple[int, float]]:
+    """BM25 top-n; a long message is searched by what it asks, the situation around it weighted down (its story's
+    words otherwise weigh as much as the question's)."""
+    parts = split_message(query)
+    if not parts.split:
+        return bm25.top(query, n)
+    return bm25.top_of(bm25.weighted_scores([(parts.asking, 1.0), (parts.context, LONG_CONTEXT_WEIGHT)]), n)
 
 
 def _contains_identifier(record: dict[str, Any], identifiers: list[str]) -> bool:
@@ -161,7 +193,7 @@ class HybridRetriever:
         dense_scores, dense_ids = snap.index.search(qvec, n_candidates)
         dense = [(int(i), float(s)) for i, s in zip(dense_ids[0], dense_scores[0], strict=True) if i >= 0]
         t1 = time.perf_counter()
-        sparse = snap.bm25.top(query, n_candidates)
+        sparse = keyword_candidates(snap.bm25, query, n_candidates)
         t2 = time.perf_counter()
 
         bm25_weight = float(getattr(self.settings, "rag_bm25_weight", BM25_WEIGHT))
