@@ -157,7 +157,7 @@ def guard_train(
     eval_dir: Annotated[Path, typer.Option(help="Labelled dev prompt sets")] = Path("../shared/eval"),
     out: Annotated[Path, typer.Option(help="Where the model goes")] = Path("app/guard/weights/guard_model"),
     seed: Annotated[int, typer.Option()] = 1234,
-    epochs: Annotated[int, typer.Option(help="Passes over the training rows")] = 4,
+    epochs: Annotated[int, typer.Option(help="Passes over the training rows")] = 6,
     device: Annotated[str | None, typer.Option(help="torch device (default: cuda if present, else cpu)")] = None,
     weights: Annotated[Path | None, typer.Option(help="Skip fitting: trained shards from a GPU run")] = None,
     rows_out: Annotated[Path | None, typer.Option(help="Also write the training rows (for a GPU run)")] = None,

@@ -67,7 +67,8 @@ def far_from(embedder: Any, texts: list[str], avoid: list[str]) -> np.ndarray:
 
 def _row(it: Item, split: str) -> dict[str, Any]:
     return {"text": it.text, "source": it.source, "unsafe": it.unsafe, "attack": it.attack,
-            "topic": TOPIC_LABELS.index(it.topic) if it.topic else None, "cats": it.categories, "split": split}
+            "topic": TOPIC_LABELS.index(it.topic) if it.topic else None, "cats": it.categories, "split": split,
+            "origin": it.group or it.source}
 
 
 def wrap(templates: list[Item], harmful: list[Item], rng: random.Random) -> list[Item]:

@@ -216,6 +216,11 @@ def train_guard(eval_dir: Path, out_dir: Path, *, seed: int = 1234, epochs: int 
     val = write_model(net, base, rows, Path(out_dir), provenance)
     report = {**val, "heldout": heldout_report(GuardModel.load(Path(out_dir)), Path(eval_dir)),
               "fit": fit_summary, "data": data_summary}
+    oof = Path(weights) / "oof.jsonl" if weights is not None else None
+    if oof is not None and oof.exists():  # `python -m app.guard.finetune_cv` ran beside the fit
+        from app.guard.finetune_cv import read_oof, summary
+
+        report["cv"] = {"out_of_fold_rows": len(read_oof(oof)), "threshold": 0.5, "by_source": summary(read_oof(oof))}
     (Path(out_dir) / "train_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     log(render(report["heldout"]))
     return report

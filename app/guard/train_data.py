@@ -70,7 +70,7 @@ class Item:
     attack: int | None
     topic: str | None = None
     categories: list[str] = field(default_factory=list)
-    group: str = ""
+    group: str = ""  # where a harmful row comes from (a dataset's category, or our file): the CV report's rows
     payload: str | None = None  # for wrapped templates: only windows holding it train the unsafe head
     slot_text: str | None = None  # for templates: the text with its {{ prompt }} slot
 
@@ -107,7 +107,7 @@ def load_sources(eval_dir: Path, rng: random.Random, max_per_source: int | None)
             src["borderline"].append(Item(text, "borderline", None, 0, "off_topic"))
         else:
             src["harmful"].append(Item(text, "harmful", 1, 0, "off_topic",
-                                       categories=llama_guard_categories(text, cat)))
+                                       categories=llama_guard_categories(text, cat), group=cat))
     for row in dev("jailbreak_templates_dev.jsonl"):
         src["template"].append(Item(SLOT.sub("", row["text"]), "template", None, 1, slot_text=row["text"]))
     src["injection"] = [Item(r["text"], "injection", 0, 1) for r in dev("injection_dev.jsonl")]
@@ -121,7 +121,8 @@ def load_sources(eval_dir: Path, rng: random.Random, max_per_source: int | None)
         for row in _jsonl(path):
             kind, label = row.get("kind", ""), row["label"]
             if label == "harmful":
-                src["harmful"].append(Item(row["text"], "harmful", 1, 0, "off_topic", categories=row["llama_guard"]))
+                src["harmful"].append(Item(row["text"], "harmful", 1, 0, "off_topic", categories=row["llama_guard"],
+                                           group=path.stem))
             elif label == "attack":
                 src["our_attack"].append(Item(row["text"], "our_attack", None, 1))
             else:

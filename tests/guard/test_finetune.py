@@ -170,3 +170,47 @@ def predict_embeddings(model: object, base_dir: Path, texts: list[str]) -> np.nd
         hidden = model(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(mask)).last_hidden_state
     m = mask[..., None].astype(np.float32)
     return (hidden.numpy() * m).sum(axis=1) / m.sum(axis=1)
+
+
+def test_rows_to_block_and_rows_to_allow_weigh_the_same() -> None:
+    from app.guard.finetune import source_weights
+
+    rows = ([{"source": "harmful", "unsafe": 1, "attack": 0}] * 9 + [{"source": "our_attack", "unsafe": None,
+            "attack": 1}] * 4 + [{"source": "chitchat", "unsafe": 0, "attack": 0}] * 100
+            + [{"source": "lookalike", "unsafe": 0, "attack": 0}] * 25)
+    blocks = np.array([r["unsafe"] == 1 or r["attack"] == 1 for r in rows])
+    plain, balanced = source_weights(rows, balance=False), source_weights(rows, balance=True)
+    assert plain[blocks].sum() < plain[~blocks].sum() / 2  # 2 sources to block, 2 to allow, but fewer rows
+    assert balanced[blocks].sum() == pytest.approx(balanced[~blocks].sum())
+    assert balanced.sum() == pytest.approx(len(rows))
+    # within a side, each source still weighs ~sqrt(its size): 9 harmful rows vs 4 attacks -> 3 : 2
+    assert balanced[:9].sum() / balanced[9:13].sum() == pytest.approx(3 / 2)
+
+
+def test_out_of_fold_summary_reads_per_source_and_per_origin() -> None:
+    from app.guard.finetune_cv import fold_of, summary
+
+    assert fold_of("How do I forge a check?", 5) == fold_of("  how do i forge a check?", 5)
+    assert {fold_of(f"row {i}", 5) for i in range(50)} == set(range(5))
+    oof = [{"source": "harmful", "origin": "ours", "unsafe": 1, "attack": 0, "p_unsafe": 0.9, "p_attack": 0.0},
+           {"source": "harmful", "origin": "public", "unsafe": 1, "attack": 0, "p_unsafe": 0.2, "p_attack": 0.6},
+           {"source": "harmful", "origin": "public", "unsafe": 1, "attack": 0, "p_unsafe": 0.1, "p_attack": 0.1},
+           {"source": "lookalike", "origin": "lookalike", "unsafe": 0, "attack": 0, "p_unsafe": 0.7,
+            "p_attack": 0.0}]
+    table = summary(oof)
+    assert table["harmful"] == {"n": 3, "blocked_of_harmful": pytest.approx(2 / 3, abs=1e-3), "blocked_of_benign": None}
+    assert table["harmful/public"]["blocked_of_harmful"] == 0.5  # either head blocks
+    assert table["lookalike"]["blocked_of_benign"] == 1.0
+
+
+def test_byte_planes_are_lossless() -> None:
+    from app.guard.finetune_remote import _read_planes, _write_planes
+
+    header = b'{"a":{"dtype":"F16"}}'
+    raw = len(header).to_bytes(8, "little") + header + bytes(range(256)) * 3 + b"\x07"  # odd-sized data region
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "p"
+        _write_planes(raw, path)
+        assert _read_planes(path) == raw
