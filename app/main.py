@@ -74,6 +74,10 @@ async def build_state(settings: Settings) -> AppState:
 
     # Serves the live version from the versioned store (Redis or DATA_DIR) and follows publishes.
     await build_rails_publisher(state)
+    from app.rag.shared_knowledge import start_shared_knowledge
+
+    # With Redis: uploads and deletions made on any replica reach this one (and this one's reach the others).
+    await start_shared_knowledge(state)
     return state
 
 
@@ -109,9 +113,9 @@ def build_retriever(settings: Settings, embedder: Any, detector: Any) -> Any:
 
 
 async def close_state(state: AppState) -> None:
-    publisher = state.extras.get("rails_publisher")
-    if publisher is not None:
-        await publisher.stop()
+    for follower in ("rails_publisher", "shared_knowledge"):
+        if state.extras.get(follower) is not None:
+            await state.extras[follower].stop()
     # The live guard's own clients too (its Llama Guard HTTP sessions).
     for closer in (state.llm.aclose, state.store.aclose, state.rails.current.guard.aclose):
         try:

@@ -1,7 +1,9 @@
 """Publishing rails configs: check paths -> validate (incl. rails tests) -> build the guard once -> store the
 version (compare-and-set) -> swap this replica's `LiveRails`. Every other replica follows the store: it
 is woken by the store's change feed (Redis pub/sub) and also polls the live number every
-`poll_interval_s`, then loads the new live version, builds its guard and swaps.
+`poll_interval_s`, then loads the new live version, builds its guard and swaps. With a `Preparation`
+(Redis), the publishing replica first asks the others to build the new guard and announces the version
+only once they have (app/admin/prepare.py), so they swap at once instead of building after the announcement.
 
 The validator and the guard builder are injected (see `validator_for` / `builder_for` for the real
 ones in app/guard), so a replica never serves a config that did not pass validation, and a publish
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.admin.paths import DEFAULT_LIMITS, FileLimits, check_files
+from app.admin.prepare import PeerRequest, Preparation
 from app.admin.versions import RailsVersion, RailsVersionStore, VersionConflict
 from app.guard.base import Guard, GuardDecision
 from app.rag.base import Embedder
@@ -86,6 +89,7 @@ class RailsPublisher:
         poll_interval_s: float = 1.0,
         owns_store: bool = False,
         retire_after_s: float = 600.0,
+        preparation: Preparation | None = None,
     ) -> None:
         self.store = store
         self.live = live
@@ -95,6 +99,7 @@ class RailsPublisher:
         self._builder = builder
         self._embedder = embedder
         self._owns_store = owns_store
+        self.preparation = preparation
         # Held from the store's compare-and-set to the swap, and by `sync`, so a replica never builds
         # the version it is itself publishing a second time.
         self._apply_lock = asyncio.Lock()
@@ -134,7 +139,12 @@ class RailsPublisher:
         live_number = await self.store.live_number()
         if live_number != base_version:  # cheap early answer; the compare-and-set below is the real check
             raise VersionConflict(base_version, live_number)
+        # The other replicas build the draft while this one validates it. Safe before validation: a
+        # prepared guard is only swapped in once its version is live, and only valid versions go live.
+        request = await self._ask_peers(files) if not check_files(files, self.limits) else None
         guard = await self._validated_guard(files, run_tests=True)
+        if request is not None and self.preparation is not None:
+            await self.preparation.wait(request)
         async with self._apply_lock:
             try:
                 version = await self.store.publish(base_version, files, message, author, rollback_of=rollback_of)
@@ -145,6 +155,15 @@ class RailsPublisher:
         self._retire(old)
         log.info("rails version %d published by %s: %s", version.number, author, message)
         return version
+
+    async def _ask_peers(self, files: Mapping[str, Any]) -> PeerRequest | None:
+        if self.preparation is None:
+            return None
+        try:
+            return await self.preparation.ask_peers(dict(files))
+        except Exception as exc:  # an optimisation only: the followers build after the announcement instead
+            log.warning("could not ask the other replicas to prepare the rails: %s", exc)
+            return None
 
     async def rollback(self, number: int, author: str, message: str | None = None) -> RailsVersion:
         """Publishes the content of version `number` as a new version (validated again: the code that
@@ -205,8 +224,9 @@ class RailsPublisher:
             version = await self.store.get(number)
             current = self.live.current
             try:
-                # Same content (e.g. the seed of the config loaded from disk): keep the built guard.
-                guard = current.guard if current.files == version.files else await self._builder(dict(version.files))
+                # Same content (e.g. the seed of the config loaded from disk): keep the built guard; else the
+                # guard built when the publishing replica staged this content, else build it now.
+                guard = current.guard if current.files == version.files else await self._prepared_or_built(version)
             except Exception as exc:
                 # Keep serving the old (validated) config; retry only when the live version changes.
                 self._failed_number = number
@@ -220,6 +240,10 @@ class RailsPublisher:
             self._retire(old)
         log.info("now serving rails version %d", number)
         return True
+
+    async def _prepared_or_built(self, version: RailsVersion) -> Guard:
+        prepared = await self.preparation.take(version.sha) if self.preparation is not None else None
+        return prepared if prepared is not None else await self._builder(dict(version.files))
 
     def _retire(self, old: LoadedRails) -> None:
         """Closes a replaced guard's clients once the turns that grabbed it before the swap are done."""
@@ -237,6 +261,11 @@ class RailsPublisher:
         self._stopping.clear()
         self._tasks.append(asyncio.create_task(self._follow(), name="rails-follow"))
         self._tasks.append(asyncio.create_task(self._listen(), name="rails-listen"))
+        if self.preparation is not None:
+            with contextlib.suppress(Exception):  # the follow loop retries the heartbeat every tick
+                await self.preparation.tick()
+            prepare = self.preparation.run(self._stopping, self._read_timeout_s)
+            self._tasks.append(asyncio.create_task(prepare, name="rails-prepare"))
 
     async def stop(self) -> None:
         # The loops notice `_stopping` within one poll interval and clean up themselves (see
@@ -252,6 +281,8 @@ class RailsPublisher:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
+        if self.preparation is not None:
+            await self.preparation.close()
         if self._owns_store:
             await self.store.close()
 
@@ -265,6 +296,8 @@ class RailsPublisher:
                 return
             try:
                 await self.sync()
+                if self.preparation is not None:
+                    await self.preparation.tick()
             except Exception as exc:  # the store is down: keep serving, try again next tick
                 if not store_down:
                     log.warning("rails store unreachable, still serving %s: %s", self.live.current.version, exc)

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from app.admin.paths import read_rails_dir
+from app.admin.prepare import Preparation, RedisPrepareChannel
 from app.admin.publisher import GuardBuilder, RailsPublisher, RailsValidator, ValidationOutcome, version_label
 from app.admin.versions import FileRailsVersionStore, RailsVersionStore
 from app.guard.base import Guard
@@ -32,6 +33,15 @@ def open_version_store(settings: Settings) -> RailsVersionStore:
         prefix = str(getattr(settings, "redis_key_prefix", "guardchat:")) + "rails:"
         return RedisRailsVersionStore(client, prefix, owns_client=True)
     return FileRailsVersionStore(settings.data_dir / "rails_versions")
+
+
+def preparation_for(store: RailsVersionStore, builder: GuardBuilder) -> Preparation | None:
+    """Build-before-announce needs a store every replica shares (Redis); the file store has one host."""
+    from app.admin.versions_redis import RedisRailsVersionStore
+
+    if not isinstance(store, RedisRailsVersionStore):
+        return None
+    return Preparation(RedisPrepareChannel(store.redis, store.prefix), builder)
 
 
 async def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -140,20 +150,22 @@ async def build_rails_publisher(state: AppState) -> RailsPublisher:
     # The lifespan keeps the loaded detector (None without weights) in extras; validate with the same one.
     detector = state.extras.get("detector", "auto")
     grounding = state.extras.get("grounding") or _app_grounding(state)
+    builder = builder_for(
+        settings,
+        llm=state.llm,
+        embedder=state.embedder,
+        detector=None if detector == "auto" else detector,
+        grounding=grounding,
+    )
     publisher = RailsPublisher(
         store,
         state.rails,
         validator=validator_for(settings, llm=state.llm, embedder=state.embedder, detector=detector),
-        builder=builder_for(
-            settings,
-            llm=state.llm,
-            embedder=state.embedder,
-            detector=None if detector == "auto" else detector,
-            grounding=grounding,
-        ),
+        builder=builder,
         embedder=state.embedder,
         poll_interval_s=float(getattr(settings, "rails_poll_interval_s", 1.0)),
         owns_store=True,
+        preparation=preparation_for(store, builder),
     )
     await publisher.start()
     state.extras[PUBLISHER_KEY] = publisher

@@ -3,6 +3,8 @@
 Uploads are saved under `knowledge_dir/uploads/` with a sanitised file name (no directory parts,
 no path escape) and ingested immediately; the retriever reloads so /v1/search and chat see the
 change on the next request. Ingests are serialised (an asyncio lock here, a file lock in ingest()).
+With Redis, every upload and deletion is then published to the other replicas (app/rag/shared_knowledge.py);
+when that fails the answer is 503 `knowledge_store_unavailable`: the change was made on this replica only.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from app.api.errors import APIError
 from app.rag.index import load_snapshot
 from app.rag.ingest import IngestReport, ingest
 from app.rag.loaders import SUPPORTED_SUFFIXES, max_file_bytes
+from app.rag.shared_knowledge import EXTRAS_KEY, SharedKnowledge, SharedKnowledgeUnavailable, ingest_lock
 from app.state import AppState
 
 router = APIRouter(tags=["knowledge"])
@@ -49,8 +52,20 @@ def safe_filename(name: str | None) -> str:
 
 
 def _ingest_lock(state: AppState) -> asyncio.Lock:
-    lock: asyncio.Lock = state.extras.setdefault("rag_ingest_lock", asyncio.Lock())
-    return lock
+    return ingest_lock(state.extras)
+
+
+def _shared(state: AppState) -> SharedKnowledge | None:
+    shared: SharedKnowledge | None = state.extras.get(EXTRAS_KEY)
+    return shared
+
+
+def _store_unavailable(exc: SharedKnowledgeUnavailable, what: str) -> APIError:
+    return APIError(
+        503,
+        f"{what} on this replica only: {exc}. Repeat the request once the store is back.",
+        "knowledge_store_unavailable",
+    )
 
 
 def _documents(state: AppState) -> dict[str, dict[str, Any]]:
@@ -137,8 +152,11 @@ async def upload_documents(state: StateDep, files: Annotated[list[UploadFile], F
             report: IngestReport = await asyncio.to_thread(
                 ingest, paths, settings, embedder=state.embedder, progress=False, prune=False
             )
+            kept: list[Path] = []  # added, updated or unchanged: what the other replicas must have too
             for file_result in report.files:
                 original, path, previous = saved[file_result.path]
+                if file_result.status != "error":
+                    kept.append(path)
                 if file_result.status == "error":
                     # Keep the uploads dir in step with the index: restore or remove the rejected file.
                     if previous is not None:
@@ -157,6 +175,7 @@ async def upload_documents(state: StateDep, files: Annotated[list[UploadFile], F
                     }
                 )
             await asyncio.to_thread(_reload, state)
+            await _share_uploads(state, kept)
     ok = sum(1 for r in results if r["status"] != "error")
     return {"results": results, "ingested": ok, "errors": len(results) - ok}
 
@@ -179,4 +198,20 @@ async def delete_document(document_id: str, state: StateDep) -> dict[str, Any]:
         if removed_file:
             path.unlink()
         await asyncio.to_thread(_reload, state)
+        shared = _shared(state)
+        if shared is not None:
+            try:
+                await shared.publish_deletion(document_id, path)
+            except SharedKnowledgeUnavailable as exc:
+                raise _store_unavailable(exc, f"Deleted {document_id!r}") from exc
     return {"deleted": document_id, "chunks": entry.get("chunks", 0), "file_removed": removed_file}
+
+
+async def _share_uploads(state: AppState, paths: list[Path]) -> None:
+    shared = _shared(state)
+    if shared is None or not paths:
+        return
+    try:
+        await shared.publish_uploads(paths)
+    except SharedKnowledgeUnavailable as exc:
+        raise _store_unavailable(exc, "Indexed") from exc

@@ -1,17 +1,20 @@
 """The admin console's Knowledge tab without Gradio: list, upload, delete and re-index documents with the
 RAG package's own incremental `ingest` (app/rag/ingest.py), then make the live retriever load the new
-index version. Uploads are stored under `<knowledge_dir>/uploads/` so a full re-index keeps them.
+index version. Uploads are stored under `<knowledge_dir>/uploads/` so a full re-index keeps them. With
+Redis, uploads and deletions are published to the other replicas too (app/rag/shared_knowledge.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from app.rag.shared_knowledge import EXTRAS_KEY, SharedKnowledge, SharedKnowledgeUnavailable, ingest_lock
 from app.state import AppState
 
 UPLOAD_SUBDIR = "uploads"
@@ -70,25 +73,28 @@ def report_markdown(report: Any) -> str:
 
 
 async def upload(state: AppState, paths: Sequence[str | Path], *, progress: bool = False) -> str:
-    """Copies the uploaded files into the knowledge dir and ingests exactly those."""
+    """Copies the uploaded files into the knowledge dir, ingests exactly those and shares them."""
     from app.rag.ingest import ingest
 
     settings = state.settings
     target_dir = Path(settings.knowledge_dir) / UPLOAD_SUBDIR
-    target_dir.mkdir(parents=True, exist_ok=True)
-    stored = []
-    for path in paths:
-        destination = target_dir / safe_upload_name(Path(path).name)
-        shutil.copyfile(path, destination)
-        stored.append(destination)
-    report = await asyncio.to_thread(
-        ingest, stored, settings, embedder=state.embedder, progress=progress, prune=False
-    )
-    # Files the loader rejected must not stay behind to break the next full re-index.
-    for result in report.errors:
-        Path(result.path).unlink(missing_ok=True)
-    _reload_retriever(state)
-    return report_markdown(report)
+    async with ingest_lock(state.extras):
+        target_dir.mkdir(parents=True, exist_ok=True)
+        stored = []
+        for path in paths:
+            destination = target_dir / safe_upload_name(Path(path).name)
+            shutil.copyfile(path, destination)
+            stored.append(destination)
+        report = await asyncio.to_thread(
+            ingest, stored, settings, embedder=state.embedder, progress=progress, prune=False
+        )
+        # Files the loader rejected must not stay behind to break the next full re-index.
+        for result in report.errors:
+            Path(result.path).unlink(missing_ok=True)
+        _reload_retriever(state)
+        rejected = {result.path for result in report.errors}
+        note = await _share(state, lambda shared: shared.publish_uploads(p for p in stored if str(p) not in rejected))
+    return report_markdown(report) + note
 
 
 async def delete(state: AppState, document_id: str) -> str:
@@ -96,23 +102,46 @@ async def delete(state: AppState, document_id: str) -> str:
     from app.rag.ingest import ingest
 
     settings = state.settings
-    report = await asyncio.to_thread(
-        ingest, [], settings, embedder=state.embedder, delete_ids=[document_id], progress=False, prune=False
-    )
-    knowledge_dir = Path(settings.knowledge_dir).resolve()
-    for candidate in knowledge_dir.glob(f"{document_id}.*"):
-        if candidate.resolve().is_relative_to(knowledge_dir / UPLOAD_SUBDIR):
-            candidate.unlink(missing_ok=True)
-    _reload_retriever(state)
-    return report_markdown(report)
+    async with ingest_lock(state.extras):
+        report = await asyncio.to_thread(
+            ingest, [], settings, embedder=state.embedder, delete_ids=[document_id], progress=False, prune=False
+        )
+        knowledge_dir = Path(settings.knowledge_dir).resolve()
+        uploaded = None
+        for candidate in knowledge_dir.glob(f"{document_id}.*"):
+            if candidate.resolve().is_relative_to(knowledge_dir / UPLOAD_SUBDIR):
+                candidate.unlink(missing_ok=True)
+                uploaded = candidate
+        _reload_retriever(state)
+        note = ""
+        if not report.errors:
+            note = await _share(state, lambda shared: shared.publish_deletion(document_id, uploaded))
+    return report_markdown(report) + note
+
+
+async def _share(state: AppState, publish: Callable[[SharedKnowledge], Awaitable[int]]) -> str:
+    """Publishes a change to the other replicas; a markdown warning when it could not be."""
+    shared: SharedKnowledge | None = state.extras.get(EXTRAS_KEY)
+    if shared is None:
+        return ""
+    try:
+        await publish(shared)
+    except SharedKnowledgeUnavailable as exc:
+        return f"\n\n**Warning:** made on this replica only ({exc}); repeat it once the store is back."
+    return ""
 
 
 async def reindex(state: AppState, *, progress: bool = False) -> str:
     """Re-ingests the whole knowledge dir (unchanged files are skipped; files gone are pruned)."""
     from app.rag.ingest import ingest_directory
 
-    report = await asyncio.to_thread(
-        ingest_directory, None, state.settings, embedder=state.embedder, progress=progress
-    )
-    _reload_retriever(state)
+    async with ingest_lock(state.extras):
+        report = await asyncio.to_thread(
+            ingest_directory, None, state.settings, embedder=state.embedder, progress=progress
+        )
+        _reload_retriever(state)
+    shared: SharedKnowledge | None = state.extras.get(EXTRAS_KEY)
+    if shared is not None:  # the re-index brought back shipped documents deleted on some replica: drop them again
+        with contextlib.suppress(Exception):  # the follower retries on its own
+            await shared.resync()
     return report_markdown(report)
