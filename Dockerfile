@@ -1,7 +1,10 @@
-# guardchat: the API + web chat. CPU image; the GPU model servers (trtllm-serve) run as their own
+# guardchat: the API + web chat. The model servers of the GPU shape (trtllm-serve) run as their own
 # containers (docker-compose.yml, profile "gpu").
-#   docker build -t guardchat .
-#   docker build --build-arg FETCH_EMBEDDED=0 -t guardchat:gpu .   # no embedded weights (LLM on trtllm-serve/NIM)
+#   docker build -t guardchat .                                      # CPU: embedded llama.cpp model
+#   docker build --build-arg FETCH_EMBEDDED=0 -t guardchat:remote .  # CPU, no embedded weights (LLM on trtllm-serve/NIM)
+#   docker build --build-arg FETCH_EMBEDDED=0 --build-arg GPU=1 -t guardchat:gpu .
+#       GPU: MiniLM on CUDA and FAISS on the GPU (torch's CUDA build, faiss-gpu); run it with a GPU attached
+#       (compose's app-gpu reserves one). Without a GPU it runs on the CPU and logs why (docs/deployment.md).
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -15,13 +18,21 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /opt/guardchat
 
-# torch first, from the CPU wheel index: resolved through PyPI it would be a multi-GB CUDA build.
-RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
+# torch first. CPU image: the CPU wheel index (resolved through PyPI it would be a multi-GB CUDA build).
+# GPU image: PyPI's build, which is the CUDA 13.0 one (its Requires-Dist: cuda-toolkit==13.0.3).
+ARG GPU=0
+RUN if [ "$GPU" = "1" ]; then pip install torch==2.13.0; \
+    else pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0; fi
 
 # Dependencies before the source, so a code change does not reinstall them.
 COPY pyproject.toml README.md ./
 COPY app ./app
 RUN pip install .
+# One FAISS at a time: faiss-cpu (a base dependency) and faiss-gpu both install the `faiss` module. The GPU image
+# swaps them, keeping the release (index files stay readable by CPU replicas); faiss-gpu 1.15.1 brings its CUDA
+# 12 runtime as nvidia-*-cu12 wheels, which live beside torch's CUDA 13 ones (driver >= 580 serves both).
+# (`pip check` then names faiss-cpu as missing: expected.) tests/hardening/test_gpu_install.py checks this.
+RUN if [ "$GPU" = "1" ]; then pip uninstall -y faiss-cpu && pip install faiss-gpu==1.15.1; fi
 
 COPY rails ./rails
 COPY knowledge ./knowledge

@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, SecretStr
+from pydantic import BeforeValidator, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # Project root when running from a checkout; the defaults below resolve against it so
@@ -87,7 +87,15 @@ class Settings(BaseSettings):
     # None = the in-process store. "auto" = Redis at redis://127.0.0.1:6379/0 if it answers, else the
     # in-process store: settled once by create_app (app/sessions/factory.py choose_redis_url) before anything
     # reads it; `make run` asks for it (`guardchat serve --redis-auto`) when this is not set.
+    # Also redis+sentinel://host:port[,host:port]/<service>[/db] and redis+cluster://host:port[,host:port]
+    # (app/redis_client.py, docs/deployment.md "Redis high availability").
     redis_url: str | None = None
+    # Replicas that must have a new session or turn before it is answered (Redis WAIT), so a failover cannot lose
+    # it. None = 1 with a redis+sentinel:// URL, else 0. Ignored with Redis Cluster.
+    redis_replica_acks: int | None = Field(default=None, ge=0)
+    # How long a write waits for those replicas; past it the sentinels are asked whether the server is still the
+    # primary (then the write stands) or was replaced (then the request fails with 503).
+    redis_replica_ack_timeout_ms: int = Field(default=250, ge=1)
     session_ttl_s: int = 7 * 24 * 3600
     session_max_turns: int = 200
     history_turns_in_prompt: int = 6
@@ -131,6 +139,9 @@ class Settings(BaseSettings):
     output_rails_context_chars: int = 400
 
     # --- retrieval ---
+    # Where MiniLM embeds (queries and ingestion): "auto" = CUDA when torch sees a device, else the CPU (logged);
+    # "cuda" fails fast without one (app/rag/embedder.py select_device).
+    embed_device: Literal["auto", "cpu", "cuda"] = "auto"
     rag_enabled: bool = True
     rag_top_k: int = 3
     rag_score_threshold: float = 0.3
@@ -182,6 +193,19 @@ class Settings(BaseSettings):
     ui_secret: SecretStr | None = Field(
         default=None, description="Key for the browser-kept session id; set it so chats survive restarts"
     )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str | None) -> str | None:
+        """A URL the app cannot use stops it at start with the reason (never the password), not a traceback."""
+        if value is None or not value.strip():
+            return None
+        if value.strip().lower() == "auto":
+            return value
+        from app.redis_client import parse_redis_url
+
+        parse_redis_url(value)  # RedisURLError is a ValueError: pydantic reports it as this setting's error
+        return value
 
     @property
     def lora_adapter_names(self) -> list[str]:

@@ -2,7 +2,11 @@
 
 The same prompt serves two judges:
 - remote: a real Llama Guard 3 behind an OpenAI-compatible server, asked over /v1/completions with
-  the raw prompt (the chat template would wrap it a second time);
+  the raw prompt (the chat template would wrap it a second time) and `add_special_tokens: false`. The
+  prompt begins with `<|begin_of_text|>`, and Llama Guard 3's tokenizer (Llama 3.1's) prepends that BOS
+  itself when asked to add special tokens, which /v1/completions does by default on trtllm-serve and vLLM
+  (their CompletionRequest: `add_special_tokens` defaults to true, the chat route's to false). Without the
+  flag the model would read two BOS tokens (tests/guard/test_llama_guard_wire.py);
 - embedded: the embedded llama.cpp model, with a GBNF grammar that can only produce a well-formed
   Llama Guard answer over the categories in force.
 
@@ -197,9 +201,12 @@ class LlamaGuardClient:
         use_grammar: bool = False,
         max_tokens: int = 24,
         budget_chars: int | None = None,
+        verbatim_prompt: bool | None = None,
     ) -> None:
         """`budget_chars`: clip what the judge reads (fit_conversation); by default the embedded judge
-        (`use_grammar`) reads EMBEDDED_JUDGE_BUDGET_CHARS and a remote Llama Guard (GPU, 8k context) all."""
+        (`use_grammar`) reads EMBEDDED_JUDGE_BUDGET_CHARS and a remote Llama Guard (GPU, 8k context) all.
+        `verbatim_prompt` (default: a remote judge, i.e. not `use_grammar`): ask the server to tokenize the
+        prompt as written, adding no BOS of its own, since the prompt carries Llama Guard's one BOS."""
         if not categories:
             raise ValueError("Llama Guard needs at least one category in force")
         self.backend = backend
@@ -210,10 +217,12 @@ class LlamaGuardClient:
             budget_chars if budget_chars is not None else (EMBEDDED_JUDGE_BUDGET_CHARS if use_grammar else None)
         )
         # Built once: the options (and the grammar in them) are the same for every call.
+        verbatim = not use_grammar if verbatim_prompt is None else verbatim_prompt
         self._options = GenerationOptions(
             max_tokens=max_tokens,
             temperature=0.0,
             grammar=verdict_grammar(self.codes) if use_grammar else None,
+            extra={"add_special_tokens": False} if verbatim else {},
         )
 
     async def check(self, conversation: Sequence[tuple[Role, str]], role: Role | None = None) -> LlamaGuardVerdict:

@@ -9,6 +9,7 @@ import logging
 import os
 import threading
 from functools import lru_cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -24,7 +25,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 log = logging.getLogger(__name__)
 
-Precision = Literal["auto", "float32", "bfloat16"]
+Precision = Literal["auto", "float32", "bfloat16", "float16"]
+Device = Literal["cpu", "cuda"]
+# Texts per forward pass when ingesting on a GPU (MiniLMEmbedder.bulk_batch; app/rag/ingest.py's embed_batched
+# uses it): CPU ingestion embeds 8 at a time (less padding), but a GPU needs hundreds to be kept busy.
+CUDA_BULK_BATCH = 512
 
 
 def bundled_model_path() -> str:
@@ -45,34 +50,95 @@ def native_bf16() -> bool:
 
 
 def resolve_precision(precision: Precision) -> Literal["float32", "bfloat16"]:
+    """The CPU precision: "auto" = bfloat16 where the CPU runs it natively, else float32 (float16 too: on a CPU
+    it is emulated, slow and less precise)."""
     if precision == "auto":
         return "bfloat16" if native_bf16() else "float32"
-    return precision
+    return "float32" if precision == "float16" else precision
+
+
+def resolve_cuda_precision(precision: Precision) -> Literal["float32", "bfloat16", "float16"]:
+    """The GPU precision: "auto" = float16 (tensor cores; vectors within cosine ~0.9999 of float32, as
+    bfloat16 is on the CPU: bench/gpu_retrieval.py measures it)."""
+    return "float16" if precision == "auto" else precision
+
+
+def cuda_device_count() -> int:
+    """CUDA devices torch can use: 0 with a CPU-only torch build, no driver, or CUDA_VISIBLE_DEVICES=""."""
+    import torch
+
+    try:
+        return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
+    except RuntimeError:  # a driver that is there but broken
+        return 0
+
+
+def torch_is_cpu_build() -> bool:
+    """True when the installed torch has no CUDA, read from torch/version.py without importing torch: the CPU
+    server never imports torch otherwise (OpenVINO embeds), and the import costs ~1.3 s and its memory."""
+    import importlib.util
+    import re
+
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return True
+    version_file = Path(next(iter(spec.submodule_search_locations))) / "version.py"
+    try:
+        text = version_file.read_text(encoding="utf-8")
+    except OSError:
+        return False  # unknown: let torch answer
+    return re.search(r"^cuda\b[^=\n]*=\s*None\s*$", text, re.M) is not None
+
+
+def select_device(requested: str = "auto") -> Device:
+    """Where MiniLM runs: "cuda" when asked for or ("auto") when torch sees a CUDA device, else the CPU, saying
+    why in the log. Asking for "cuda" where there is none is an error, not a silent CPU run."""
+    if requested == "cpu":
+        return "cpu"
+    if requested == "auto" and torch_is_cpu_build():
+        log.info("MiniLM embeds on the CPU: this torch build has no CUDA")
+        return "cpu"
+    if cuda_device_count() > 0:
+        return "cuda"
+    import torch
+
+    reason = "this torch build has no CUDA" if torch.version.cuda is None else "torch sees no CUDA device"
+    if requested == "cuda":
+        raise RuntimeError(f"embed_device=cuda, but {reason} (torch {torch.__version__})")
+    log.info("MiniLM embeds on the CPU: %s (torch %s)", reason, torch.__version__)
+    return "cpu"
 
 
 class MiniLMEmbedder:
     dim = 384
 
-    def __init__(self, model_path: str | None = None, device: str = "cpu", precision: Precision = "auto") -> None:
+    def __init__(self, model_path: str | None = None, device: Device = "cpu", precision: Precision = "auto") -> None:
         import torch
         from sentence_transformers import SentenceTransformer
 
         self.model_path = model_path or bundled_model_path()
-        self.precision = resolve_precision(precision) if device == "cpu" else "float32"
-        dtype = torch.bfloat16 if self.precision == "bfloat16" else torch.float32
+        self.device = device
+        self.precision = resolve_cuda_precision(precision) if device == "cuda" else resolve_precision(precision)
+        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(self.precision, torch.float32)
         self._model = SentenceTransformer(
             self.model_path, device=device, local_files_only=True, model_kwargs={"dtype": dtype}
         )
+        # Bulk ingestion's batch (None: the caller's CPU default). On a GPU, small batches leave it idle.
+        self.bulk_batch: int | None = CUDA_BULK_BATCH if device == "cuda" else None
         log.info("MiniLM embedder loaded (%s, %s)", device, self.precision)
         # torch releases the GIL, but one model instance is not meant for concurrent forward passes.
         self._lock = threading.Lock()
 
-    def embed(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+    def embed(self, texts: list[str], batch_size: int | None = None) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         with self._lock:
             vecs = self._model.encode(
-                texts, batch_size=batch_size, normalize_embeddings=False, convert_to_numpy=True, show_progress_bar=False
+                texts,
+                batch_size=batch_size or self.bulk_batch or 64,
+                normalize_embeddings=False,
+                convert_to_numpy=True,
+                show_progress_bar=False,
             )
         # Normalise in float32: a bf16 normalisation leaves norms ~0.3% off 1, which inner-product
         # search and the classifier's cosine features would feel.
@@ -90,11 +156,16 @@ def _openvino_minilm(settings: Settings, **options: Any) -> Embedder:
 
 @lru_cache(maxsize=2)
 def get_embedder(threads: int = 0) -> Embedder:
-    """The process's MiniLM, per settings: OpenVINO when available ("auto"), else PyTorch. `threads` (0 = all
-    cores) is for OpenVINO; the server passes GUARDCHAT_EMBED_THREADS, the CLI uses all cores."""
+    """The process's MiniLM, per settings: PyTorch on CUDA when torch sees a GPU (`select_device`), else
+    OpenVINO when available ("auto"), else PyTorch on the CPU. `threads` (0 = all cores) is for OpenVINO; the
+    server passes GUARDCHAT_EMBED_THREADS, the CLI uses all cores."""
     from app.settings import get_settings
 
     settings = get_settings()
+    device = select_device(settings.embed_device)
+    if device == "cuda" and settings.embed_engine != "openvino":
+        # OpenVINO is the CPU runtime here; on a GPU, PyTorch runs MiniLM (fp16 on tensor cores).
+        return MiniLMEmbedder(device="cuda", precision=settings.embed_precision)
     precision = resolve_precision(settings.embed_precision)
     if settings.embed_engine in ("auto", "openvino"):
         from app.rag.openvino_embedder import OpenVINOUnavailable
@@ -118,6 +189,9 @@ def get_ingest_embedder() -> Embedder:
     from app.settings import get_settings
 
     settings = get_settings()
+    query_embedder = get_embedder()
+    if getattr(query_embedder, "device", "cpu") == "cuda":
+        return query_embedder  # the GPU embeds thousands of chunks/s in fp16: int8 on the CPU would be slower
     if settings.embed_ingest_precision != "same" and settings.embed_engine in ("auto", "openvino"):
         try:
             return _openvino_minilm(
@@ -127,4 +201,4 @@ def get_ingest_embedder() -> Embedder:
             if settings.embed_ingest_precision == "int8":
                 raise
             log.warning("ingestion embeds with the query embedder (no int8 MiniLM: %r)", exc)
-    return get_embedder()
+    return query_embedder

@@ -32,6 +32,9 @@ import numpy as np
 
 from app.rag.bm25 import TOKENIZER_VERSION, Bm25Matrix
 from app.rag.chunking import search_text
+from app.rag.gpu_index import LockedGpuIndex, maybe_to_gpu
+
+__all__ = ["maybe_to_gpu"]  # re-exported: callers load snapshots through this module
 
 log = logging.getLogger(__name__)
 
@@ -68,20 +71,11 @@ def build_faiss_index(vectors: np.ndarray, *, exact_max: int = EXACT_MAX_VECTORS
     return index
 
 
-def index_kind(index: faiss.Index) -> str:
+def index_kind(index: faiss.Index | LockedGpuIndex) -> str:
+    """The kind of a CPU index ("flat", "hnsw") or of one on the GPU ("gpu-flat", "gpu-ivf": app/rag/gpu_index.py)."""
+    if isinstance(index, LockedGpuIndex):
+        return index.kind
     return "hnsw" if isinstance(index, faiss.IndexHNSW) else "flat"
-
-
-def maybe_to_gpu(index: faiss.Index) -> faiss.Index:
-    """Moves a flat index to GPU 0 when faiss-gpu and a GPU are present (the `[gpu]` extra); else unchanged.
-    HNSW has no GPU implementation in FAISS, so it stays on the CPU."""
-    try:
-        if faiss.get_num_gpus() < 1 or not hasattr(faiss, "StandardGpuResources") or index_kind(index) != "flat":
-            return index
-        return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
-    except Exception as exc:  # a broken CUDA setup must not take retrieval down: CPU search still works
-        log.warning("faiss GPU unavailable, using CPU: %s", exc)
-        return index
 
 
 def measure_recall(index: faiss.Index, vectors: np.ndarray, queries: np.ndarray, k: int = 10) -> float:
@@ -106,7 +100,7 @@ class IndexSnapshot:
     version: str | None
     chunks: list[dict[str, Any]]
     embeddings: np.ndarray
-    index: faiss.Index
+    index: faiss.Index | LockedGpuIndex
     bm25: Bm25Matrix
     manifest: dict[str, Any] = field(default_factory=dict)
     row_of: dict[str, int] = field(default_factory=dict)
@@ -165,8 +159,8 @@ def _load_version(directory: Path, version: str, *, ef_search: int, gpu: bool) -
     index = faiss.read_index(str(directory / "index.faiss"))
     if isinstance(index, faiss.IndexHNSW):
         index.hnsw.efSearch = ef_search
-    if gpu:
-        index = maybe_to_gpu(index)
+    if gpu:  # GPU faiss + a GPU: exact or IVF search there (app/rag/gpu_index.py); else this CPU index, logged
+        index = maybe_to_gpu(index, embeddings)
     stale = not bm25_is_current(manifest)
     if stale:
         # Query tokens must match the stored ones (a stemmed query finds nothing in an unstemmed matrix),
@@ -199,7 +193,7 @@ def write_version(
     *,
     chunks: list[dict[str, Any]],
     embeddings: np.ndarray,
-    index: faiss.Index,
+    index: faiss.Index | LockedGpuIndex,
     bm25: Bm25Matrix,
     manifest: dict[str, Any],
 ) -> str:
@@ -211,7 +205,7 @@ def write_version(
     tmp = versions / f".tmp-{uuid.uuid4().hex}"
     tmp.mkdir()
     try:
-        faiss.write_index(faiss.index_gpu_to_cpu(index) if _is_gpu(index) else index, str(tmp / "index.faiss"))
+        faiss.write_index(_cpu_copy(index), str(tmp / "index.faiss"))
         np.save(tmp / "embeddings.npy", np.ascontiguousarray(embeddings, dtype=np.float32))
         lines = "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in chunks)
         _fsync_write(tmp / "chunks.jsonl", lines.encode("utf-8"))
@@ -234,8 +228,10 @@ def write_version(
     return version
 
 
-def _is_gpu(index: faiss.Index) -> bool:
-    return "Gpu" in type(index).__name__
+def _cpu_copy(index: faiss.Index | LockedGpuIndex) -> faiss.Index:
+    if isinstance(index, LockedGpuIndex):
+        return faiss.index_gpu_to_cpu(index.index)
+    return faiss.index_gpu_to_cpu(index) if "Gpu" in type(index).__name__ else index
 
 
 def collect_garbage(index_dir: Path, keep: set[str]) -> None:

@@ -110,9 +110,10 @@ def embed_batched(embedder: Embedder, texts: list[str], *, progress: bool) -> np
         return np.zeros((0, embedder.dim), dtype=np.float32)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out = np.zeros((len(texts), embedder.dim), dtype=np.float32)
+    batch = getattr(embedder, "bulk_batch", None) or EMBED_BATCH  # a GPU embedder wants hundreds per pass
     with tqdm(total=len(texts), unit="chunk", desc="embedding", disable=not progress, leave=False) as bar:
-        for start in range(0, len(order), EMBED_BATCH):
-            rows = order[start : start + EMBED_BATCH]
+        for start in range(0, len(order), batch):
+            rows = order[start : start + batch]
             out[rows] = np.asarray(embedder.embed([texts[i] for i in rows]), dtype=np.float32)
             bar.update(len(rows))
     return out

@@ -4,6 +4,7 @@ so a test can assert both that the real manifests pass and that a broken copy is
 from __future__ import annotations
 
 from functools import cache
+from pathlib import PurePosixPath
 from typing import Any
 from urllib.parse import urlparse
 
@@ -257,8 +258,10 @@ def _trtllm_servers(objs: list[Obj]) -> list[tuple[Obj, Obj]]:
     ]
 
 
-def _flag(command: list[str], flag: str) -> str | None:
-    return command[command.index(flag) + 1] if flag in command else None
+def served_name(command: list[str]) -> str:
+    """The model name trtllm-serve answers to: the basename of its MODEL path (TensorRT-LLM's OpenAIServer takes
+    a directory's name; the pinned 1.0.0 CLI has no --served_model_name)."""
+    return PurePosixPath(command[1]).name
 
 
 def gpu_problems(objs: list[Obj]) -> list[str]:
@@ -276,7 +279,7 @@ def gpu_problems(objs: list[Obj]) -> list[str]:
             problems.append(f"{name}: no {GPU} limit (extended resources are scheduled by their limit)")
         if resources.get("requests", {}).get(GPU, limit) != limit:
             problems.append(f"{name}: {GPU} request and limit differ")
-        served[_flag(container["command"], "--served_model_name")] = (workload, container)
+        served[served_name(container["command"])] = (workload, container)
     for prefix in ("GUARDCHAT_LLM", "GUARDCHAT_GUARD"):
         url_var, model_var = f"{prefix}_URL", f"{prefix}_MODEL"
         model, url = _value(env, model_var), _value(env, url_var) or ""
