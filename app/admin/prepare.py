@@ -3,7 +3,7 @@ guard first, and moves the live pointer only once they have (or a bounded wait i
 replicas then swap the moment the publish is announced, instead of starting a build that costs seconds
 on a busy 2-core machine.
 
-Redis layout (under the rails prefix, e.g. "guardchat:rails:"):
+Redis layout (under the rails prefix, e.g. "guardchat:{rails}:"):
   replicas          -> sorted set {replica id: last heartbeat (unix s)}; who the publisher waits for
   staged:<sha>      -> JSON {path: content} of a validated draft (expires after STAGED_TTL_S)
   prepared:<sha>    -> hash {replica id: "ok" | "error: ..."} (expires after STAGED_TTL_S)
@@ -26,11 +26,11 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
-from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
 from app.admin.versions import files_sha
 from app.guard.base import Guard
+from app.redis_client import AsyncRedisClient
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,12 @@ class RedisPrepareChannel:
     """The Redis side: heartbeats, staged drafts, acks and the `prepare` channel."""
 
     def __init__(
-        self, redis: Redis, prefix: str, replica_id: str | None = None, *, heartbeat_window_s: float = 5.0
+        self,
+        redis: AsyncRedisClient,
+        prefix: str,
+        replica_id: str | None = None,
+        *,
+        heartbeat_window_s: float = 5.0,
     ) -> None:
         self.redis = redis
         self.prefix = prefix
@@ -83,10 +88,9 @@ class RedisPrepareChannel:
 
     async def stage(self, files: Mapping[str, str]) -> str:
         sha = files_sha(files)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.set(f"{self.prefix}staged:{sha}", json.dumps(dict(files), ensure_ascii=False), ex=STAGED_TTL_S)
-            pipe.publish(self.channel, json.dumps({"sha": sha, "origin": self.replica_id}))
-            await pipe.execute()
+        # Two calls, not one pipeline: a Redis Cluster pipeline refuses PUBLISH. The draft is stored first.
+        await self.redis.set(f"{self.prefix}staged:{sha}", json.dumps(dict(files), ensure_ascii=False), ex=STAGED_TTL_S)
+        await self.redis.publish(self.channel, json.dumps({"sha": sha, "origin": self.replica_id}))
         return sha
 
     async def staged_files(self, sha: str) -> dict[str, str] | None:

@@ -1,6 +1,7 @@
 """The rails version store shared by all replicas: Redis.
 
-Keys (under `prefix`, e.g. "guardchat:rails:"):
+Keys (under `prefix`, e.g. "guardchat:{rails}:"; the `{rails}` hash tag keeps them in one Redis Cluster slot,
+which the publish script needs):
   live          -> the live version number
   meta          -> hash {number: JSON of VersionInfo}  (listings never load files)
   files:<n>     -> JSON {path: content} of version n
@@ -16,7 +17,6 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
 from app.admin.versions import (
@@ -28,6 +28,7 @@ from app.admin.versions import (
     new_version,
     version_from_dict,
 )
+from app.redis_client import AsyncRedisClient
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,9 @@ class RedisChangeSubscription:
 
 
 class RedisRailsVersionStore(VersionStoreBase):
-    def __init__(self, redis: Redis, prefix: str = "guardchat:rails:", *, owns_client: bool = False) -> None:
+    def __init__(
+        self, redis: AsyncRedisClient, prefix: str = "guardchat:{rails}:", *, owns_client: bool = False
+    ) -> None:
         self.redis = redis
         self.prefix = prefix
         self.channel = f"{prefix}events"

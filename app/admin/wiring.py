@@ -25,12 +25,12 @@ PUBLISHER_KEY = "rails_publisher"  # in AppState.extras
 def open_version_store(settings: Settings) -> RailsVersionStore:
     """Redis when `redis_url` is set (shared by all replicas), else files under `data_dir/rails_versions`."""
     if settings.redis_url:
-        from redis.asyncio import Redis
-
         from app.admin.versions_redis import RedisRailsVersionStore
+        from app.redis_client import redis_client
 
-        client = Redis.from_url(settings.redis_url, decode_responses=True)
-        prefix = str(getattr(settings, "redis_key_prefix", "guardchat:")) + "rails:"
+        client = redis_client(settings.redis_url, decode_responses=True)
+        # `{rails}`: one Redis Cluster slot for every rails key, so the publish script may touch several.
+        prefix = str(getattr(settings, "redis_key_prefix", "guardchat:")) + "{rails}:"
         return RedisRailsVersionStore(client, prefix, owns_client=True)
     return FileRailsVersionStore(settings.data_dir / "rails_versions")
 

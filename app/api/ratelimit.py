@@ -12,12 +12,22 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
 
 from limits import RateLimitItem, parse_many
-from limits.aio.storage import MemoryStorage, RedisStorage, Storage
+from limits.aio.storage import MemoryStorage, RedisClusterStorage, RedisStorage, Storage
 from limits.aio.strategies import MovingWindowRateLimiter
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from app.redis_client import parse_redis_url, redis_client
 
 log = logging.getLogger(__name__)
+
+# Short timeouts and one immediate reconnect: an outage or a failover falls back to memory at once.
+REDIS_OPTIONS: dict[str, Any] = {"socket_timeout": 0.5, "socket_connect_timeout": 0.5}
 
 # How long the limiter stays on memory after a Redis failure before it tries Redis again; keeps a dead Redis
 # from costing every request a connect timeout.
@@ -50,17 +60,28 @@ class KeyRateLimiter:
         self._memory = MovingWindowRateLimiter(MemoryStorage())
         self._redis_storage: Storage | None = None
         self._redis: MovingWindowRateLimiter | None = None
+        self._client: Any = None
         if redis_url:
-            # redis-py (already a dependency) instead of coredis; short timeouts so an outage fails fast.
-            self._redis_storage = RedisStorage(
-                "async+" + redis_url,
-                implementation="redispy",
-                key_prefix=f"{key_prefix}ratelimit",
-                socket_timeout=0.5,
-                socket_connect_timeout=0.5,
-            )
+            # Each limit is one key, read and written by one script: any Redis Cluster slot will do.
+            self._redis_storage = self._open_storage(redis_url, f"{key_prefix}ratelimit")
             self._redis = MovingWindowRateLimiter(self._redis_storage)
         self._redis_failed_at: float | None = None
+
+    def _open_storage(self, redis_url: str, key_prefix: str) -> Storage:
+        """limits' Redis storage (redis-py, already a dependency) on a client from app/redis_client.py; limits
+        builds Redis Cluster clients itself, so those get the URL in its own syntax."""
+        target = parse_redis_url(redis_url)
+        if target.kind == "cluster":
+            auth = ""
+            if target.password is not None:
+                auth = f"{quote(target.username or '', safe='')}:{quote(target.password, safe='')}@"
+            hosts = ",".join(f"{host}:{port}" for host, port in target.nodes)
+            uri = f"async+redis+cluster://{auth}{hosts}"
+            return RedisClusterStorage(uri, implementation="redispy", key_prefix=key_prefix, **REDIS_OPTIONS)
+        retry = Retry(NoBackoff(), retries=1, supported_errors=(RedisConnectionError,))
+        self._client = redis_client(redis_url, retry=retry, **REDIS_OPTIONS)
+        pool = self._client.connection_pool  # a Sentinel pool follows the primary through a failover
+        return RedisStorage("async+redis://", implementation="redispy", key_prefix=key_prefix, connection_pool=pool)
 
     @property
     def shared(self) -> bool:
@@ -98,6 +119,12 @@ class KeyRateLimiter:
         return RateDecision(True)
 
     async def aclose(self) -> None:
+        if self._client is not None:  # the storage's own client does not close a pool it was given
+            try:
+                await self._client.aclose()
+            except Exception:  # best effort at shutdown
+                log.debug("closing the rate limit store failed", exc_info=True)
+            return
         storage = self._redis_storage
         bridge = getattr(storage, "bridge", None)
         client = getattr(bridge, "storage", None)

@@ -1,7 +1,8 @@
 """Knowledge shared by every replica: uploads and deletions made through one replica reach the others.
 
 Each replica keeps its own index (DATA_DIR), so nothing on the search path changes. Redis holds what
-replicas must agree on, under `<GUARDCHAT_REDIS_KEY_PREFIX>knowledge:`:
+replicas must agree on, under `<GUARDCHAT_REDIS_KEY_PREFIX>{knowledge}:` (the `{knowledge}` hash tag puts them
+in one Redis Cluster slot, which a MULTI/EXEC over several of them needs):
   version          -> a counter, moved by every change
   files            -> hash {"uploads/<name>": sha256 of the content} of the uploaded files
   file:<relpath>   -> the uploaded file's bytes
@@ -29,10 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from redis.asyncio import Redis
-
 from app.rag.chunking import document_identity
 from app.rag.loaders import SUPPORTED_SUFFIXES
+from app.redis_client import AsyncRedisClient, redis_client
 from app.state import AppState
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ ApplyChanges = Callable[[list[Path], list[str]], Any]
 class SharedKnowledge:
     def __init__(
         self,
-        redis: Redis,
+        redis: AsyncRedisClient,
         prefix: str,
         knowledge_dir: Path,
         *,
@@ -353,8 +353,8 @@ async def start_shared_knowledge(state: AppState) -> SharedKnowledge | None:
         return None
     reload = getattr(state.retriever, "reload", None) or (lambda: None)
     shared = SharedKnowledge(
-        Redis.from_url(settings.redis_url),
-        f"{settings.redis_key_prefix}knowledge:",
+        redis_client(settings.redis_url),
+        f"{settings.redis_key_prefix}{{knowledge}}:",
         settings.knowledge_dir,
         documents=lambda: _index_documents(state),
         apply_changes=apply_with_ingest(settings, state.embedder, reload),

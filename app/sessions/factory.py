@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import redis
 from redis.exceptions import RedisError
 
+from app.redis_client import redis_client
 from app.sessions.base import SessionStore
 from app.sessions.memory import DEFAULT_LOCK_WAIT_S, MemorySessionStore
 from app.sessions.redis import RedisSessionStore, redact_url
@@ -54,7 +54,7 @@ def _ping(url: str) -> str | None:
     """None when the Redis at `url` answers PING, else the reason (the exception's type: its text may hold the
     URL, password included)."""
     try:
-        client = redis.Redis.from_url(url, socket_timeout=PROBE_TIMEOUT_S, socket_connect_timeout=PROBE_TIMEOUT_S)
+        client = redis_client(url, async_=False, socket_timeout=PROBE_TIMEOUT_S, socket_connect_timeout=PROBE_TIMEOUT_S)
     except ValueError as exc:
         return type(exc).__name__
     try:
@@ -77,6 +77,8 @@ def build_session_store(settings: Settings) -> SessionStore:
             key_prefix=str(getattr(settings, "redis_key_prefix", "guardchat:")),
             lock_ttl_s=float(getattr(settings, "session_lock_ttl_s", 30.0)),
             lock_wait_s=lock_wait_s,
+            replica_acks=getattr(settings, "redis_replica_acks", None),
+            replica_ack_timeout_ms=int(getattr(settings, "redis_replica_ack_timeout_ms", 250)),
         )
     return MemorySessionStore(
         ttl_s=settings.session_ttl_s, max_turns=settings.session_max_turns, lock_wait_s=lock_wait_s

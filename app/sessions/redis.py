@@ -6,6 +6,13 @@ Layout per session (the `{id}` hash tag keeps a session's keys in one cluster sl
     <prefix>session:{<id>}:lock   str   token of the turn in progress (+ :queue, :beats, :seq for its waiters)
 Both data keys carry the session TTL, refreshed on every load and write. Writes that touch more than
 one key run as one Lua script, so a turn is stored whole or not at all.
+
+Failover (Sentinel): with `replica_acks` (1 by default with a redis+sentinel:// URL) a new session and a turn are
+answered only once that many replicas have them (WAIT, on the connection that wrote), so promoting a replica
+cannot lose an answered turn. When fewer acknowledge in time the sentinels are asked: if the server written to is
+still the primary (a replica is down or slow) the write stands; if not, it went to a primary that was just
+replaced and will be discarded with it, so the call fails (StoreUnavailable, a 503) and nothing is kept. A turn
+re-sent after a dropped connection is not stored twice (APPEND_FUNCTION compares the last stored turn).
 """
 
 from __future__ import annotations
@@ -21,12 +28,15 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
-import redis.asyncio as redis_async
+from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
+from app.redis_client import is_current_primary, parse_redis_url, redis_client
 from app.sessions import redis_scripts as scripts
 from app.sessions.base import OpenTurn, SessionInfo, SessionNotFound, StoreUnavailable, Turn
 from app.sessions.memory import DEFAULT_LOCK_WAIT_S, SessionBusy, is_valid_session_id
@@ -34,6 +44,7 @@ from app.sessions.memory import DEFAULT_LOCK_WAIT_S, SessionBusy, is_valid_sessi
 __all__ = ["RedisSessionStore", "SessionBusy", "redact_url"]
 
 logger = logging.getLogger(__name__)
+
 
 def redact_url(url: str) -> str:
     """The URL with any password replaced, fit for logs and error messages."""
@@ -114,6 +125,8 @@ class RedisSessionStore:
         lock_waiter_ttl_s: float = 3.0,
         socket_timeout_s: float = 1.0,
         health_check_interval_s: int = 10,
+        replica_acks: int | None = None,
+        replica_ack_timeout_ms: int = 250,
     ) -> None:
         if ttl_s <= 0:
             raise ValueError("ttl_s must be positive")
@@ -130,7 +143,11 @@ class RedisSessionStore:
         self._lock_wait_s = lock_wait_s
         self._lock_poll_s = lock_poll_s
         self._lock_waiter_ttl_ms = max(1, int(max(lock_waiter_ttl_s, 10 * lock_poll_s) * 1000))
-        self._client: redis_async.Redis = redis_async.Redis.from_url(
+        if replica_acks is None:
+            replica_acks = 1 if parse_redis_url(url).kind == "sentinel" else 0
+        self._replica_acks = max(0, replica_acks)
+        self._replica_ack_timeout_ms = max(1, replica_ack_timeout_ms)
+        self._client = redis_client(
             url,
             decode_responses=True,
             socket_timeout=socket_timeout_s,
@@ -140,6 +157,11 @@ class RedisSessionStore:
             retry=Retry(NoBackoff(), retries=1, supported_errors=(RedisConnectionError,)),
             health_check_interval=health_check_interval_s,
         )
+        if isinstance(self._client, RedisCluster) and self._replica_acks:
+            # A cluster pipeline may send WAIT to another node than the write; cluster failover is Redis's own.
+            logger.warning("redis: replica_acks is ignored with a Redis Cluster URL")
+            self._replica_acks = 0
+        self._create_script = self._client.register_script(scripts.CREATE_LUA)
         self._history_script = self._client.register_script(scripts.HISTORY_LUA)
         self._append_script = self._client.register_script(scripts.APPEND_LUA)
         self._feedback_script = self._client.register_script(scripts.SET_FEEDBACK_LUA)
@@ -175,12 +197,9 @@ class RedisSessionStore:
         fields: dict[str, str | int] = {"created_at": repr(info.created_at), "turn_count": 0}
         if owner is not None:
             fields["owner"] = owner
-        meta_key = self._meta_key(info.id)
+        pairs = [item for name, value in fields.items() for item in (name, value)]
         with self._redis_errors("create"):
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.hset(meta_key, mapping=fields)  # type: ignore[arg-type]
-                pipe.pexpire(meta_key, self._ttl_ms)
-                await pipe.execute()
+            await self._write(self._create_script, [self._meta_key(info.id)], [self._ttl_ms, *pairs])
         return info
 
     async def get(self, session_id: str) -> SessionInfo | None:
@@ -213,9 +232,10 @@ class RedisSessionStore:
         if not is_valid_session_id(session_id):
             raise SessionNotFound(session_id)
         with self._redis_errors("append"):
-            turn_count = await self._append_script(
-                keys=[self._meta_key(session_id), self._turns_key(session_id)],
-                args=[_encode_turn(turn), self._max_turns, self._ttl_ms],
+            turn_count = await self._write(
+                self._append_script,
+                [self._meta_key(session_id), self._turns_key(session_id)],
+                [_encode_turn(turn), self._max_turns, self._ttl_ms],
             )
         if int(turn_count) < 0:
             raise SessionNotFound(session_id)
@@ -309,13 +329,32 @@ class RedisSessionStore:
     async def _commit(self, held: _RedisHeldTurn, turn: Turn) -> None:
         session_id = held.session_id
         with self._redis_errors("append"):
-            turn_count = await self._commit_turn_script(
-                keys=[self._meta_key(session_id), self._turns_key(session_id), *held.keys[:3]],
-                args=[_encode_turn(turn), self._max_turns, self._ttl_ms, held.token],
+            turn_count = await self._write(
+                self._commit_turn_script,
+                [self._meta_key(session_id), self._turns_key(session_id), *held.keys[:3]],
+                [_encode_turn(turn), self._max_turns, self._ttl_ms, held.token],
             )
         held.committed = True  # the script released the lock, whatever it returned
         if int(turn_count) < 0:
             raise SessionNotFound(session_id)
+
+    async def _write(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """Runs a write script; with replica_acks, waits on the same connection until replicas have it."""
+        if not self._replica_acks:
+            return await script(keys=keys, args=args)
+        # Never a cluster pipeline: replica_acks is 0 with a cluster URL.
+        async with cast(Pipeline, self._client.pipeline(transaction=False)) as pipe:
+            await script(keys=keys, args=args, client=pipe)
+            pipe.execute_command("WAIT", self._replica_acks, self._replica_ack_timeout_ms)
+            await pipe.load_scripts()  # also takes the connection the pipeline will write on
+            connection = cast(Connection, pipe.connection)
+            address = (connection.host, connection.port)
+            reply, acks = await pipe.execute()
+        if int(acks) < self._replica_acks and await is_current_primary(self._client, address) is False:
+            raise RedisConnectionError(
+                f"the write reached {address[0]}:{address[1]}, which is no longer the primary (failover)"
+            )
+        return reply
 
     def _lock_keys(self, session_id: str) -> list[str]:
         lock_key = self._lock_key(session_id)
@@ -346,9 +385,7 @@ class RedisSessionStore:
                     acquired = True
                     return reply[1] if isinstance(reply, list) else reply
                 if loop.time() + self._lock_poll_s > give_up_at:
-                    raise SessionBusy(
-                        f"session {session_id} is busy with another turn (waited {self._lock_wait_s:g}s)"
-                    )
+                    raise SessionBusy(f"session {session_id} is busy with another turn (waited {self._lock_wait_s:g}s)")
                 await asyncio.sleep(self._lock_poll_s)
         finally:
             if not acquired:

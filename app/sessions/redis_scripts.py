@@ -2,6 +2,13 @@
 that touches several keys of a session is whole or absent, and a turn's start and end are one round trip each.
 All of a session's keys share its `{id}` hash tag, so every script stays in one cluster slot."""
 
+# KEYS: meta. ARGV: ttl_ms, then field, value pairs. A script (not MULTI) so a WAIT can follow it in one pipeline.
+CREATE_LUA = """
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+
 # KEYS: meta, turns. ARGV: ttl_ms, first index (0, or -N for the last N). Returns nil for an unknown session,
 # else the turns (oldest first).
 HISTORY_LUA = """

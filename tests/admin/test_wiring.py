@@ -60,7 +60,7 @@ async def test_redis_store_shared_by_replicas(tmp_path: Path, redis_url: str) ->
             publishers.append(await build_rails_publisher(state))
             assert state.rails.current.version == "1"
         assert isinstance(publishers[0].store, RedisRailsVersionStore)
-        assert publishers[0].store.prefix == f"{prefix}rails:"
+        assert publishers[0].store.prefix == f"{prefix}{{rails}}:"
         assert [v.number for v in await publishers[1].store.list()] == [1]
     finally:
         for publisher in publishers:

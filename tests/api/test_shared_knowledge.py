@@ -147,7 +147,7 @@ async def test_names_from_the_store_never_leave_the_uploads_dir(
     async with replica_on(tmp_path, "a", redis_url, prefix, embedder) as a:
         redis = Redis.from_url(redis_url)
         try:
-            knowledge = f"{prefix}knowledge:"
+            knowledge = f"{prefix}{{knowledge}}:"
             for rel in ("../escape.md", "uploads/../../escape.md", "uploads/.hidden.md", "notes.md", "uploads/x.exe"):
                 await redis.set(f"{knowledge}file:{rel}", b"# Escape\n\nNot allowed.")
                 await redis.hset(f"{knowledge}files", rel, "0" * 64)
