@@ -56,20 +56,34 @@ def eval_rag(
     data: DataOpt = None,
     server: ServerOpt = None,
     out: OutOpt = Path("eval-report"),
-    limit: LimitOpt = None,
+    limit: Annotated[int | None, typer.Option(help="First N tasks per data file (after --kind/--split)")] = None,
     api_key: KeyOpt = None,
     k: Annotated[int, typer.Option(help="Retrieval depth for recall@k / MRR")] = 5,
-    answers: Annotated[bool, typer.Option(help="Also run every task end to end (citations, I-don't-know)")] = True,
+    answers: Annotated[bool, typer.Option(help="Also run every task's turns end to end (real turn pipeline)")] = True,
+    retrieval: Annotated[bool, typer.Option(help="Retrieval metrics (recall@k, MRR) on the one-turn tasks")] = True,
+    kind: Annotated[list[str] | None, typer.Option(help="Only tasks of this kind (repeatable): single, fees, "
+                                                        "alarming, followup, conversation, unanswerable")] = None,
+    split: Annotated[str | None, typer.Option(help="dev or test: the sha1-parity half of each task file")] = None,
     judge: Annotated[bool, typer.Option(help="LLM-as-judge answer correctness with the configured LLM")] = False,
     unanswerable: Annotated[Path | None, typer.Option(help="Off-domain question/context set (e.g. "
                                                            "../shared/eval/unanswerable_dev.jsonl)")] = None,
+    rescore: Annotated[Path | None, typer.Option(help="Score a run's rag_turns.jsonl again; runs no turn")] = None,
 ) -> None:
-    """recall@k, MRR (hybrid vs dense), citation precision, unanswerable → "I don't know" rate, judge score
-    (default tasks: tests/data/rag_tasks.jsonl)."""
+    """recall@k, MRR (hybrid vs dense vs BM25); per task kind: correct, "I don't know", refusals (which rail),
+    citations, TTFT p50/p95, unsupported facts per 100 answers (default tasks: tests/data/rag_tasks.jsonl).
+    A progress line per task goes to stderr."""
     from app.eval.runner import run_rag_eval
 
+    if rescore is not None:
+        from app.eval.rag import rescore as rescore_run
+
+        _finish(rescore_run(rescore, _settings(), out), out)
+        return
+    if split not in (None, "dev", "test"):
+        raise typer.BadParameter("--split must be dev or test")
     _finish(run_rag_eval(list(data or []), _settings(), server=server, out_dir=out, limit=limit, api_key=api_key,
-                         k=k, answers=answers, judge=judge, unanswerable=unanswerable), out)
+                         k=k, answers=answers, judge=judge, unanswerable=unanswerable, retrieval=retrieval,
+                         kinds=list(kind or []) or None, split=split), out)
 
 
 @eval_app.command("all")

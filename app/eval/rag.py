@@ -1,22 +1,28 @@
-"""RAG eval: retrieval metrics from app.rag.eval (recall@k, MRR, hybrid vs dense) plus end-to-end answer
-metrics from real turns (in-process TurnRunner, or a running server's /v1/chat/completions):
-citation precision, the "I don't know" rate on unanswerable tasks, answer accuracy against
-`answer_contains`, and optionally an LLM-as-judge correctness score using the configured LLM.
+"""`guardchat eval rag`: retrieval metrics from app.rag.eval (recall@k, MRR, hybrid vs dense vs BM25) plus the
+end-to-end answers of real turns — every task a conversation in its own session, each turn through the real turn
+pipeline (app/eval/rag_turns.py: in-process `TurnRunner`, or a running server's streamed
+`/v1/chat/completions` with `X-Session-Id`), scored per kind by app/eval/rag_score.py, and optionally an
+LLM-as-judge correctness score using the configured LLM.
 
-Tasks (JSONL): {"question", "gold_document_ids": [...], "answer_contains": [...], "unanswerable": bool}.
+Tasks (JSONL): the multi-turn format of app/eval/rag_turns.py, or the single-question format
+`{"question", "gold_document_ids": [...], "answer_contains": [...], "unanswerable": bool}`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import sys
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from app.eval.data import read_jsonl
+from app.eval.rag_score import ChunkTexts, is_idk, legacy_answer_keys, summarise, verdict
+from app.eval.rag_turns import Driver, InProcessDriver, ServerDriver, TurnOutcome, is_scored, load_tasks, run_tasks
 
-Answerer = Callable[[str], Awaitable[dict[str, Any]]]  # question -> {"answer", "citations", "blocked"}
+__all__ = ["is_idk", "is_unanswerable", "run_rag_eval"]
 
 JUDGE_PROMPT = (
     "You grade a bank support assistant's answer.\nQuestion: {question}\nFacts a correct answer must state: {facts}\n"
@@ -26,171 +32,202 @@ JUDGE_GRAMMAR = 'root ::= "CORRECT" | "INCORRECT"'
 
 
 def is_unanswerable(task: dict[str, Any]) -> bool:
+    """For a single-question row: marked unanswerable, or no gold document."""
     return bool(task.get("unanswerable")) or not task.get("gold_document_ids")
 
 
-def is_idk(answer: str) -> bool:
-    from app.rag.eval import _is_idk  # the RAG engineer's definition, shared so both evals agree
-
-    return _is_idk(answer)
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
-def server_answerer(url: str, api_key: str | None = None, timeout_s: float = 300) -> tuple[Answerer, Any]:
-    import httpx
-
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    client = httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=timeout_s)
-
-    async def answer(question: str) -> dict[str, Any]:
-        response = await client.post("/v1/chat/completions",
-                                     json={"messages": [{"role": "user", "content": question}]})
-        body = response.json()
-        if response.status_code != 200:
-            raise RuntimeError(f"HTTP {response.status_code}: {body}")
-        extra = body.get("guardchat") or {}
-        return {"answer": body["choices"][0]["message"]["content"] or "", "citations": extra.get("citations") or [],
-                "blocked": bool(extra.get("blocked"))}
-
-    return answer, client.aclose
-
-
-def state_answerer(state: Any) -> Answerer:
-    from app.pipeline.turn import TurnRequest, TurnRunner
-
-    runner = TurnRunner(state)
-
-    async def answer(question: str) -> dict[str, Any]:
-        result = await runner.run(TurnRequest(messages=[{"role": "user", "content": question}]))
-        return {"answer": result.answer, "citations": result.citations, "blocked": result.blocked}
-
-    return answer
-
-
-async def judge_answer(llm: Any, question: str, facts: list[str], answer: str) -> bool:
+async def judge_answer(llm: Any, question: str, facts: list[Any], answer: str) -> bool:
     from app.llm.base import GenerationOptions
 
-    prompt = JUDGE_PROMPT.format(question=question, facts="; ".join(facts) or "(none given)", answer=answer)
+    shown = "; ".join(f if isinstance(f, str) else " or ".join(f) for f in facts) or "(none given)"
+    prompt = JUDGE_PROMPT.format(question=question, facts=shown, answer=answer)
     completion = await llm.complete([{"role": "user", "content": prompt}],
                                     GenerationOptions(max_tokens=4, temperature=0.0, grammar=JUDGE_GRAMMAR))
     return completion.text.strip().upper().startswith("CORRECT")
 
 
-async def answer_metrics(tasks: list[dict[str, Any]], answerer: Answerer, judge_llm: Any = None) -> dict[str, Any]:
-    cited = cited_gold = with_citation = contains_ok = contains_n = idk_unans = idk_ans = judged_ok = 0
-    answerable = [t for t in tasks if not is_unanswerable(t)]
-    unanswerable = [t for t in tasks if is_unanswerable(t)]
-    examples: list[dict[str, Any]] = []
-    for task in answerable:
-        out = await answerer(task["question"])
-        gold = set(task["gold_document_ids"])
-        docs = [c.get("document_id") for c in out["citations"]]
-        cited += len(docs)
-        cited_gold += sum(1 for d in docs if d in gold)
-        with_citation += int(bool(docs))
-        idk_ans += int(is_idk(out["answer"]))
-        expected = task.get("answer_contains") or []
-        if expected:
-            contains_n += 1
-            ok = all(e.lower() in out["answer"].lower() for e in expected)
-            contains_ok += int(ok)
-        if judge_llm is not None:
-            judged_ok += int(await judge_answer(judge_llm, task["question"], expected, out["answer"]))
-        if len(examples) < 20:
-            examples.append({"question": task["question"], "answer": out["answer"][:400], "cited": docs,
-                             "gold": sorted(gold)})
-    for task in unanswerable:
-        out = await answerer(task["question"])
-        idk_unans += int(is_idk(out["answer"]) or out["blocked"])
-
-    def rate(a: int, b: int) -> float | None:
-        return round(a / b, 4) if b else None
-
-    return {
-        "answerable": len(answerable),
-        "unanswerable": len(unanswerable),
-        "citation_precision": rate(cited_gold, cited),
-        "answers_with_citations": rate(with_citation, len(answerable)),
-        "answer_accuracy_contains": rate(contains_ok, contains_n),
-        "idk_rate_unanswerable": rate(idk_unans, len(unanswerable)),
-        "idk_rate_answerable": rate(idk_ans, len(answerable)),
-        "judge_correctness": rate(judged_ok, len(answerable)) if judge_llm is not None else None,
-        "examples": examples,
-    }
+def retrieval_tasks(tasks: list[dict[str, Any]]) -> Path:
+    """The one-turn tasks in the single-question format app.rag.eval reads (a follow-up's retrieval is measured by
+    bench/followup_retrieval.py), in a temp file the caller deletes."""
+    rows = []
+    for task in tasks:
+        if len(task["turns"]) == 1 and is_scored(task["turns"][0]):
+            turn = task["turns"][0]
+            rows.append({"question": turn["user"], "gold_document_ids": turn.get("gold_document_ids") or [],
+                         "unanswerable": bool(turn.get("unanswerable"))})
+    path = Path(tempfile.mkstemp(prefix="guardchat-rag-tasks-", suffix=".jsonl")[1])
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
 
 
-def merged_tasks(paths: list[Path], limit: int | None) -> tuple[list[dict[str, Any]], Path]:
-    tasks: list[dict[str, Any]] = []
-    for path in paths:
-        tasks += read_jsonl(Path(path), limit)
-    tmp = Path(tempfile.mkstemp(prefix="guardchat-rag-tasks-", suffix=".jsonl")[1])
-    tmp.write_text("".join(json.dumps(t) + "\n" for t in tasks), encoding="utf-8")
-    return tasks, tmp
+def chunk_lookup(retriever: Any) -> ChunkTexts:
+    """Chunk ids -> "title\\ncontent" from the retriever's live index (ids it does not hold are skipped)."""
+
+    def texts(ids: list[str]) -> list[str]:
+        snapshot = getattr(retriever, "snapshot", None)
+        if snapshot is None:
+            return []
+        rows = [snapshot.row_of.get(i) for i in ids]
+        return [f"{snapshot.chunks[r].get('title', '')}\n{snapshot.chunks[r].get('content', '')}"
+                for r in rows if r is not None]
+
+    return texts
 
 
-def render_rag_markdown(report: dict[str, Any], charts: dict[str, str]) -> str:
-    def pct(v: Any) -> str:
-        return "–" if v is None else f"{float(v) * 100:.1f}%"
+@contextlib.asynccontextmanager
+async def _driver(settings: Any, server: str | None, api_key: str | None) -> AsyncIterator[tuple[Driver, Any, str]]:
+    """(driver, retriever for the chunk texts, the "I don't know" text) for a server or an in-process app."""
+    from app.rag.chain import DEFAULT_IDK
 
-    r = report.get("retrieval") or {}
-    k = r.get("k")
-    lines = ["# RAG eval", ""]
-    if report.get("target"):
-        lines += [f"Target: `{report['target']}`", ""]
-    if r:
-        lines += ["## Retrieval", "", f"Tasks: {r.get('answerable_tasks')} answerable, "
-                  f"{r.get('unanswerable_tasks')} unanswerable; k = {k}, threshold = {r.get('threshold')}", "",
-                  "| retriever | recall@1 | recall@k | gold coverage | MRR |", "|---|---|---|---|---|"]
-        for name in ("hybrid", "dense", "bm25"):
-            m = r.get(name)
-            if m:
-                lines.append(f"| {name} | {pct(m.get('recall@1'))} | {pct(m.get(f'recall@{k}'))} | "
-                             f"{pct(m.get('gold_coverage'))} | {m.get('mrr', 0):.3f} |")
-        lines += ["", f"Unanswerable tasks with nothing retrieved: {pct(r.get('unanswerable_retrieval_abstention'))}"]
-    a = report.get("answers")
-    if a:
-        lines += ["", "## Answers (end to end)", "",
-                  f"- citation precision (cited sources that are gold): {pct(a['citation_precision'])}",
-                  f"- answers with at least one citation: {pct(a['answers_with_citations'])}",
-                  f"- answer accuracy (all `answer_contains` present): {pct(a['answer_accuracy_contains'])}",
-                  f"- unanswerable → \"I don't know\" rate: {pct(a['idk_rate_unanswerable'])}",
-                  f"- answerable answered \"I don't know\": {pct(a['idk_rate_answerable'])}",
-                  f"- LLM-as-judge correctness: {pct(a['judge_correctness'])}"]
-    if charts:
-        lines += ["", "## Charts", ""] + [f"![{n}]({p})" for n, p in charts.items()]
-    return "\n".join(lines) + "\n"
+    if server:
+        from app.rag.retrieve import HybridRetriever
+
+        driver = ServerDriver(server, api_key)
+        try:
+            # The local index (the one retrieval is measured on) and the local rails' text: the server's own.
+            yield driver, HybridRetriever(settings), _rails_idk(settings) or DEFAULT_IDK
+        finally:
+            await driver.aclose()
+        return
+    from app.main import build_state, close_state
+
+    _say("eval rag: starting the app in-process (LLM, guard, retriever)...")
+    state = await build_state(settings)
+    try:
+        yield InProcessDriver(state), state.retriever, state.rails.current.guard.texts.idk
+    finally:
+        await close_state(state)
 
 
-def write_rag_report(report: dict[str, Any], out_dir: Path) -> dict[str, Any]:
-    import matplotlib
+async def turn_answers(tasks: list[dict[str, Any]], settings: Any, *, server: str | None = None,
+                       api_key: str | None = None, judge: bool = False, log_path: Path | None = None) -> dict[str, Any]:
+    """Runs every task's turns and scores them: the report's `answers` section (each task's outcomes also go to
+    `log_path` as it finishes)."""
+    async with _driver(settings, server, api_key) as (driver, retriever, idk_text):
+        _say(f"eval rag: {len(tasks)} tasks, {sum(len(t['turns']) for t in tasks)} turns "
+             f"({'server ' + server if server else 'in-process'})")
+        results = await run_tasks(tasks, driver, verdict=verdict, on_progress=_say, log_path=log_path,
+                                  log_extra={"idk_text": idk_text})
+        report = {**legacy_answer_keys(tasks, results),
+                  "turns": summarise(tasks, results, chunk_texts=chunk_lookup(retriever), idk_text=idk_text)}
+    report["judge_correctness"] = await _judge(tasks, results, settings) if judge else None
+    return report
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    charts: dict[str, str] = {}
-    bars: dict[str, float] = {}
-    r = report.get("retrieval") or {}
-    k = r.get("k")
-    for name in ("hybrid", "dense"):
-        if r.get(name):
-            bars[f"{name} recall@{k}"] = r[name][f"recall@{k}"]
-            bars[f"{name} MRR"] = r[name]["mrr"]
-    for key in ("citation_precision", "idk_rate_unanswerable", "answer_accuracy_contains", "judge_correctness"):
-        value = (report.get("answers") or {}).get(key)
-        if value is not None:
-            bars[key] = value
-    if bars:
-        fig, ax = plt.subplots(figsize=(8, 0.4 * len(bars) + 1.5))
-        ax.barh(list(bars)[::-1], [v * 100 for v in bars.values()][::-1], color="#2b7bb9")
-        ax.set_xlim(0, 100)
-        ax.set_xlabel("%")
-        ax.set_title("RAG eval")
-        fig.tight_layout()
-        fig.savefig(out_dir / "rag_metrics.png", dpi=100)
-        plt.close(fig)
-        charts["metrics"] = "rag_metrics.png"
-    markdown = render_rag_markdown(report, charts)
-    files = {"json": "rag.json", "markdown": "rag.md", "charts": charts}
-    (out_dir / "rag.md").write_text(markdown, encoding="utf-8")
-    (out_dir / "rag.json").write_text(json.dumps({**report, "files": files}, indent=2, default=str), encoding="utf-8")
-    return {**report, "files": files, "markdown": markdown}
+async def _judge(tasks: list[dict[str, Any]], results: list[list[TurnOutcome]], settings: Any) -> float | None:
+    from app.llm.factory import build_chat_backend
+
+    llm, embedded = build_chat_backend(settings)
+    ok = n = 0
+    try:
+        for task, outcomes in zip(tasks, results, strict=True):
+            for turn, out in zip(task["turns"], outcomes, strict=False):
+                if is_scored(turn) and not turn.get("unanswerable"):
+                    n += 1
+                    ok += int(await judge_answer(llm, out.user, turn["answer_contains"], out.answer))
+    finally:
+        await llm.aclose()
+        if embedded is not None:
+            embedded.close()
+    return round(ok / n, 4) if n else None
+
+
+def run_rag_eval(
+    data: list[Path],
+    settings: Any,
+    *,
+    server: str | None = None,
+    out_dir: Path = Path("eval-report"),
+    limit: int | None = None,
+    api_key: str | None = None,
+    k: int = 5,
+    answers: bool = True,
+    judge: bool = False,
+    unanswerable: Path | None = None,
+    retrieval: bool = True,
+    kinds: list[str] | None = None,
+    split: str | None = None,
+) -> dict[str, Any]:
+    """Retrieval metrics (always in-process, on the local index — built from KNOWLEDGE_DIR if missing) and, with
+    `answers`, every task's turns end to end. `limit` takes the first N tasks of each file (after the `kinds` and
+    `split` filters)."""
+    from app.eval.report import write_rag_report
+    from app.eval.runner import DEFAULT_RAG_TASKS
+
+    paths = list(data) or [DEFAULT_RAG_TASKS]
+    tasks = load_tasks(paths, limit=limit, kinds=kinds, split=split)
+    if not tasks:
+        raise ValueError(f"no tasks in {', '.join(map(str, paths))} (kinds={kinds}, split={split})")
+    report: dict[str, Any] = {"kind": "rag", "target": server or "in-process", "data": [str(p) for p in paths],
+                              "split": split, "kinds": kinds}
+    _ensure_index(settings)
+    if retrieval:
+        report["retrieval"] = _retrieval(tasks, settings, k, unanswerable)
+    if answers or judge:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        log_path = out_dir / "rag_turns.jsonl"
+        log_path.unlink(missing_ok=True)
+        _say(f"eval rag: each task's turns are written to {log_path} as it finishes")
+        report["answers"] = asyncio.run(turn_answers(tasks, settings, server=server, api_key=api_key, judge=judge,
+                                                     log_path=log_path))
+    return write_rag_report(report, out_dir)
+
+
+def rescore(log_path: Path, settings: Any, out_dir: Path) -> dict[str, Any]:
+    """Scores a run's `rag_turns.jsonl` again (after a scoring change, or of a run stopped early) without running a
+    turn: chunk texts come from the local index, which must be the one the run retrieved from."""
+    from app.eval.report import write_rag_report
+    from app.rag.chain import DEFAULT_IDK
+    from app.rag.retrieve import HybridRetriever
+
+    rows = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    tasks = [r["task"] for r in rows]
+    results = [[TurnOutcome(**o) for o in r["outcomes"]] for r in rows]
+    idk_text = next((r["idk_text"] for r in rows if r.get("idk_text")), None) or _rails_idk(settings) or DEFAULT_IDK
+    answers = {**legacy_answer_keys(tasks, results), "judge_correctness": None,
+               "turns": summarise(tasks, results, chunk_texts=chunk_lookup(HybridRetriever(settings)),
+                                  idk_text=idk_text)}
+    return write_rag_report({"kind": "rag", "target": f"rescored {log_path}", "answers": answers}, out_dir)
+
+
+def _rails_idk(settings: Any) -> str | None:
+    """The configured "I don't know" text (`define bot inform idk` in the rails dir), read without loading NeMo."""
+    import re
+
+    from app.guard.loader import read_rails_files
+
+    for text in read_rails_files(Path(settings.rails_dir)).values():
+        found = re.search(r'define bot inform idk\s*\n\s*"([^"]+)"', text)
+        if found:
+            return found.group(1)
+    return None
+
+
+def _ensure_index(settings: Any) -> None:
+    """Without an index every turn would answer "I don't know" at once: build it from KNOWLEDGE_DIR first."""
+    from app.rag.embedder import get_embedder
+    from app.rag.ingest import index_exists, ingest_directory
+
+    if settings.rag_enabled and not index_exists(settings):
+        _say(f"eval rag: no index in {settings.index_dir}: ingesting {settings.knowledge_dir} first")
+        ingest_directory(None, settings, embedder=get_embedder(), progress=True)
+
+
+def _retrieval(tasks: list[dict[str, Any]], settings: Any, k: int, unanswerable: Path | None) -> dict[str, Any]:
+    from app.rag.embedder import get_embedder
+    from app.rag.eval import eval_rag
+
+    _say("eval rag: retrieval metrics" + (" (+ the unanswerable contexts, ingested apart)" if unanswerable else ""))
+    tasks_file = retrieval_tasks(tasks)
+    if not tasks_file.read_text(encoding="utf-8").strip():
+        tasks_file.unlink(missing_ok=True)
+        return {}  # only multi-turn tasks: nothing for the one-question retrieval metrics
+    try:
+        return eval_rag(tasks_file, settings, embedder=get_embedder(), k=k, unanswerable_path=unanswerable,
+                        ingest_first=False)
+    finally:
+        tasks_file.unlink(missing_ok=True)

@@ -165,3 +165,118 @@ def write_guard_report(report: dict[str, Any], out_dir: Path, prefix: str | None
     (out_dir / f"{prefix}.json").write_text(json.dumps({**report, "files": files}, indent=2, default=str),
                                             encoding="utf-8")
     return {**report, "files": files, "markdown": markdown}
+
+
+# --- RAG ----------------------------------------------------------------------------------------------------------
+
+
+def _retrieval_lines(r: dict[str, Any]) -> list[str]:
+    k = r.get("k")
+    lines = ["## Retrieval", "", f"Tasks: {r.get('answerable_tasks')} answerable, "
+             f"{r.get('unanswerable_tasks')} unanswerable (one-turn tasks only); k = {k}, threshold = "
+             f"{r.get('threshold')}", "", "| retriever | recall@1 | recall@k | gold coverage | MRR |",
+             "|---|---|---|---|---|"]
+    for name in ("hybrid", "dense", "bm25"):
+        m = r.get(name)
+        if m:
+            lines.append(f"| {name} | {_pct(m.get('recall@1'))} | {_pct(m.get(f'recall@{k}'))} | "
+                         f"{_pct(m.get('gold_coverage'))} | {m.get('mrr', 0):.3f} |")
+    abstained = _pct(r.get("unanswerable_retrieval_abstention"))
+    return lines + ["", f"Unanswerable tasks with nothing retrieved: {abstained}"]
+
+
+def _turn_lines(t: dict[str, Any]) -> list[str]:
+    lines = ["", f"## Turns through the pipeline, per kind ({t['tasks']} tasks, {t['turns']} turns)", ""]
+    rows = []
+    for kind, g in t["by_kind"].items():
+        main = _pct(g.get("abstain_rate")) + " abstained" if "abstain_rate" in g else _pct(g.get("correct_rate"))
+        blocked_by = ", ".join(f"{k}: {v}" for k, v in g["blocked_by"].items()) or "–"
+        rows.append([kind, str(g["n"]), main, _pct(g.get("wrong_rate")), _pct(g["idk_rate"]), str(g["refused"]),
+                     blocked_by, _pct(g["answered_rate"]), _pct(g["with_citation_rate"]),
+                     _pct(g["citation_precision"])])
+    lines += _table(["kind", "n", "correct", "answered wrong", "I don't know", "refused", "rail blocks", "answered",
+                     "with citation", "citation precision"], rows)
+    lines += ["", "\"I don't know\" counts what the customer saw, a groundedness block's replacement included; "
+              "\"refused\" is any other rail's refusal; \"rail blocks\" lists every block by rail."]
+    lines += ["", "## Targets", ""]
+    lines += _table(["target", "value", "goal", "met", "n"],
+                    [[r["target"], "–" if r["value"] is None else (f"{r['value']:g}" if r["value"] > 1 or
+                      r["target"].startswith(("unsupported", "fee")) else _pct(r["value"])), r["goal"],
+                      {True: "yes", False: "**no**", None: "–"}[r["met"]], "–" if r["n"] is None else str(r["n"])]
+                     for r in t["targets"]])
+    f = t["unsupported_facts"]
+    ttft, turn = t["ttft_ms"], t["turn_ms"]
+    lines += ["", f"- unsupported facts: **{f['per_100_answers']} per 100 answers** ({f['shown_sentences']} shown "
+              f"sentences + {f['blocked_by_groundedness']} answers the groundedness rail blocked, over "
+              f"{f['answers']} answers)",
+              f"- time to first token ms: p50 {_ms(ttft['p50'])} · p95 {_ms(ttft['p95'])} (n {ttft['n']}); "
+              f"whole turn ms: p50 {_ms(turn['p50'])} · p95 {_ms(turn['p95'])}"]
+    return lines
+
+
+def render_rag_markdown(report: dict[str, Any], charts: dict[str, str]) -> str:
+    lines = ["# RAG eval", ""]
+    if report.get("target"):
+        lines += [f"Target: `{report['target']}`" + (f" · split `{report['split']}`" if report.get("split") else ""),
+                  ""]
+    if report.get("retrieval"):
+        lines += _retrieval_lines(report["retrieval"])
+    a = report.get("answers")
+    if a:
+        lines += ["", "## Answers (end to end)", "",
+                  f"- citation precision (cited sources that are gold): {_pct(a['citation_precision'])}",
+                  f"- answers with at least one citation: {_pct(a['answers_with_citations'])}",
+                  f"- answer accuracy (all `answer_contains` present): {_pct(a['answer_accuracy_contains'])}",
+                  f"- unanswerable → \"I don't know\" rate: {_pct(a['idk_rate_unanswerable'])}",
+                  f"- answerable answered \"I don't know\": {_pct(a['idk_rate_answerable'])}",
+                  f"- LLM-as-judge correctness: {_pct(a['judge_correctness'])}"]
+        if a.get("turns"):
+            lines += _turn_lines(a["turns"])
+    if charts:
+        lines += ["", "## Charts", ""] + [f"![{n}]({p})" for n, p in charts.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _rag_bars(report: dict[str, Any]) -> dict[str, float]:
+    bars: dict[str, float] = {}
+    r = report.get("retrieval") or {}
+    k = r.get("k")
+    for name in ("hybrid", "dense"):
+        if r.get(name):
+            bars[f"{name} recall@{k}"] = r[name][f"recall@{k}"]
+            bars[f"{name} MRR"] = r[name]["mrr"]
+    answers = report.get("answers") or {}
+    for key in ("citation_precision", "idk_rate_unanswerable", "answer_accuracy_contains", "judge_correctness"):
+        if answers.get(key) is not None:
+            bars[key] = answers[key]
+    for kind, g in ((answers.get("turns") or {}).get("by_kind") or {}).items():
+        value = g.get("correct_rate", g.get("abstain_rate"))
+        if value is not None:
+            bars[f"{kind}: {'correct' if 'correct_rate' in g else 'abstained'}"] = value
+    return bars
+
+
+def write_rag_report(report: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    charts: dict[str, str] = {}
+    bars = _rag_bars(report)
+    if bars:
+        fig, ax = plt.subplots(figsize=(8, 0.4 * len(bars) + 1.5))
+        ax.barh(list(bars)[::-1], [v * 100 for v in bars.values()][::-1], color="#2b7bb9")
+        ax.set_xlim(0, 100)
+        ax.set_xlabel("%")
+        ax.set_title("RAG eval")
+        fig.tight_layout()
+        fig.savefig(out_dir / "rag_metrics.png", dpi=100)
+        plt.close(fig)
+        charts["metrics"] = "rag_metrics.png"
+    markdown = render_rag_markdown(report, charts)
+    files = {"json": "rag.json", "markdown": "rag.md", "charts": charts}
+    (out_dir / "rag.md").write_text(markdown, encoding="utf-8")
+    (out_dir / "rag.json").write_text(json.dumps({**report, "files": files}, indent=2, default=str), encoding="utf-8")
+    return {**report, "files": files, "markdown": markdown}

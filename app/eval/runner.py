@@ -72,61 +72,12 @@ def run_guard_eval(
     return write_guard_report(report, out_dir, kind)
 
 
-def run_rag_eval(
-    data: list[Path],
-    settings: Any,
-    *,
-    server: str | None = None,
-    out_dir: Path = Path("eval-report"),
-    limit: int | None = None,
-    api_key: str | None = None,
-    k: int = 5,
-    answers: bool = True,
-    judge: bool = False,
-    unanswerable: Path | None = None,
-) -> dict[str, Any]:
-    """Retrieval metrics (always in-process, on the local index — built from KNOWLEDGE_DIR if missing) and,
-    with `answers`, end-to-end answer metrics through the server or an in-process pipeline."""
-    from app.eval.rag import merged_tasks, write_rag_report
-    from app.rag.embedder import get_embedder
-    from app.rag.eval import eval_rag
-    from app.rag.ingest import index_exists
+def run_rag_eval(data: list[Path], settings: Any, **options: Any) -> dict[str, Any]:
+    """Retrieval metrics and, with `answers`, every task's turns end to end through the real turn pipeline
+    (app/eval/rag.py, which documents the options)."""
+    from app.eval.rag import run_rag_eval as run
 
-    tasks, tasks_file = merged_tasks(list(data) or [DEFAULT_RAG_TASKS], limit)
-    try:
-        retrieval = eval_rag(tasks_file, settings, embedder=get_embedder(), k=k, unanswerable_path=unanswerable,
-                             ingest_first=not index_exists(settings))
-    finally:
-        tasks_file.unlink(missing_ok=True)
-    report: dict[str, Any] = {"kind": "rag", "target": server or "in-process", "retrieval": retrieval}
-    if answers or judge:
-        report["answers"] = asyncio.run(_answers(tasks, settings, server, api_key, judge))
-    return write_rag_report(report, out_dir)
-
-
-async def _answers(tasks: list[dict[str, Any]], settings: Any, server: str | None, api_key: str | None,
-                   judge: bool) -> dict[str, Any]:
-    from app.eval.rag import answer_metrics, server_answerer, state_answerer
-
-    async with contextlib.AsyncExitStack() as stack:
-        judge_llm = None
-        if judge:
-            from app.llm.factory import build_chat_backend
-
-            judge_llm, judge_server = build_chat_backend(settings)
-            stack.push_async_callback(judge_llm.aclose)
-            if judge_server is not None:
-                stack.callback(judge_server.close)
-        if server:
-            answerer, close = server_answerer(server, api_key)
-            stack.push_async_callback(close)
-        else:
-            from app.main import build_state, close_state
-
-            state = await build_state(settings)
-            stack.push_async_callback(close_state, state)
-            answerer = state_answerer(state)
-        return await answer_metrics(tasks, answerer, judge_llm)
+    return run(data, settings, **options)
 
 
 def run_all(

@@ -13,7 +13,7 @@ import re
 # Phrases that point back at the conversation, kept narrow ("what's my name", not "my name"; "that simpler", not
 # "simpler"): a match with history skips the sources, so a bank question must not match.
 _PATTERNS = (
-    r"what(?:'s| is| was) my name|(?:remember|know) my name|who am i",
+    r"what(?:'?s| is| was) my name|(?:remember|know) my name|who am i",  # "whats": customers drop apostrophes
     r"what did (?:you|i) (?:just )?(?:say|said|ask|write|mention)",
     r"what (?:was|were) (?:my|the|your) (?:last |previous |first |earlier )?(?:question|message|answer|name)",
     r"you (?:just )?(?:said|told|mentioned|wrote)|i (?:just )?(?:said|told you|mentioned|asked)",

@@ -175,9 +175,17 @@ async def _answer(llm: ChatBackend, question: str, chunks: list[Chunk], settings
     return completion.text, prepared.sources
 
 
+# The configured "I don't know" text and the ways a model says it in its own words ("the sources do not contain
+# information about ..."): either way the customer got no answer.
+_IDK_PHRASES = ("don't know", "do not know", "couldn't find", "could not find", "unable to find",
+                "don't have information", "do not have information", "don't have any information",
+                "do not have any information",
+                "sources do not", "sources don't", "not mentioned in", "no information about", "no information on")
+
+
 def _is_idk(answer: str) -> bool:
-    lowered = answer.lower()
-    return "don't know" in lowered or "do not know" in lowered or "couldn't find" in lowered
+    lowered = answer.lower().replace("\u2019", "'")
+    return any(phrase in lowered for phrase in _IDK_PHRASES)
 
 
 async def _generation_metrics(

@@ -10,7 +10,7 @@ from app.pipeline.conversation import about_conversation, conversation_messages
 @pytest.mark.parametrize("text", [
     "and what's my name again?", "Sorry, what did you just say?", "could you explain that more simply",
     "can u repeat the last step", "summarise our conversation please", "ok put it in one sentence",
-    "you told me $45 before, right?", "What was my previous question?",
+    "you told me $45 before, right?", "What was my previous question?", "whats my name",
 ])
 def test_questions_about_the_conversation(text: str) -> None:
     assert about_conversation(text)
