@@ -69,15 +69,17 @@ async def test_grammar_constrains_output(
 async def test_grammar_forces_an_exact_answer(embedded_llm_client: OpenAICompatClient) -> None:
     # A 135M model never says this unprompted; only the grammar can make it.
     grammar = 'root ::= "zebra-42 " [0-9] [0-9]'
-    result = await embedded_llm_client.complete(QUESTION, GenerationOptions(max_tokens=12, grammar=grammar))
+    result = await embedded_llm_client.complete(QUESTION, GenerationOptions(max_tokens=24, grammar=grammar))
     assert result.text.startswith("zebra-42 ")
     assert len(result.text) == len("zebra-42 ") + 2 and result.text[-2:].isdigit()
 
 
 async def test_stop_sequence_cuts_output(embedded_llm_client: OpenAICompatClient) -> None:
     grammar = 'root ::= "alpha beta gamma"'
+    # Under a grammar the sampler may spell a word in several small tokens ("g", "am", ...): 12 tokens ran out at
+    # "alpha beta gam" once (CI), before the stop string was complete. Room for the whole text, sampled greedily.
     result = await embedded_llm_client.complete(
-        QUESTION, GenerationOptions(max_tokens=12, grammar=grammar, stop=["gamma"])
+        QUESTION, GenerationOptions(max_tokens=48, temperature=0, grammar=grammar, stop=["gamma"])
     )
     assert result.text.strip() == "alpha beta"
 
