@@ -166,6 +166,18 @@ class RedisTarget:
     sentinel_password: str | None = None
 
 
+async def subscribed(client: Any, channel: str) -> Any:
+    """A pubsub (subscribe confirmations skipped) already subscribed to `channel`; closed again if subscribing
+    fails, so a follower that retries does not leak connections."""
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    try:
+        await pubsub.subscribe(channel)
+    except BaseException:
+        await pubsub.aclose()
+        raise
+    return pubsub
+
+
 def parse_redis_url(url: str) -> RedisTarget:
     """The target of `url`, or RedisURLError saying what is wrong (and which forms exist)."""
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""

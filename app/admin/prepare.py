@@ -30,7 +30,7 @@ from redis.asyncio.client import PubSub
 
 from app.admin.versions import files_sha
 from app.guard.base import Guard
-from app.redis_client import AsyncRedisClient
+from app.redis_client import AsyncRedisClient, subscribed
 
 log = logging.getLogger(__name__)
 
@@ -109,12 +109,7 @@ class RedisPrepareChannel:
         return {_text(k): _text(v) for k, v in raw.items()}
 
     async def subscribe(self) -> PubSub:
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-        try:
-            await pubsub.subscribe(self.channel)
-        except BaseException:
-            await pubsub.aclose()
-            raise
+        pubsub: PubSub = await subscribed(self.redis, self.channel)
         return pubsub
 
 

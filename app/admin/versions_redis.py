@@ -28,7 +28,7 @@ from app.admin.versions import (
     new_version,
     version_from_dict,
 )
-from app.redis_client import AsyncRedisClient
+from app.redis_client import AsyncRedisClient, subscribed
 
 log = logging.getLogger(__name__)
 
@@ -129,13 +129,7 @@ class RedisRailsVersionStore(VersionStoreBase):
         return version
 
     async def subscribe(self) -> RedisChangeSubscription:
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-        try:
-            await pubsub.subscribe(self.channel)
-        except BaseException:
-            await pubsub.aclose()
-            raise
-        return RedisChangeSubscription(pubsub, self.channel)
+        return RedisChangeSubscription(await subscribed(self.redis, self.channel), self.channel)
 
     async def close(self) -> None:
         if self._owns_client:
