@@ -116,6 +116,7 @@ class Settings(BaseSettings):
     guard_classifier: Literal["finetuned", "linear"] = "finetuned"
     # OpenVINO threads for the guard model's pass. One: a short message costs 2.7 ms of CPU on one thread and
     # 4.9 ms on two for 0.3 ms less wall time (2-core Xeon, docs/guard-classifier.md); under load CPU is what counts.
+    # Texts of LONG_TOKENS (48) tokens or more always run on every core (2 to 4 threads): their pass is the tail.
     guard_threads: int = Field(default=1, ge=0)
     # The fastest engine that can run the loaded rails config (app/guard/rails.py). "auto": NeMo's IORails
     # when every rail is a NeMo catalog input/output rail, else our flows compiled once from NeMo's parse

@@ -54,8 +54,15 @@ CATS = slice(2, 2 + len(CATEGORY_CODES))
 TOPICS = slice(2 + len(CATEGORY_CODES), 2 + len(CATEGORY_CODES) + len(TOPIC_LABELS))
 N_OUTPUTS = TOPICS.stop
 
-MAX_TOKENS = 256  # with [CLS] and [SEP]
-HEAD_TOKENS = 96  # a long text keeps its first HEAD_TOKENS and its last MAX_TOKENS - 2 - HEAD_TOKENS
+# With [CLS] and [SEP]. 256 until session 10: 192 decided every held-out row alike (same verdict hash) and cuts the
+# longest pass by a quarter (the model was trained on 256-token windows; the next fit trains on 192).
+MAX_TOKENS = 192
+HEAD_TOKENS = 72  # a long text keeps its first HEAD_TOKENS and its last MAX_TOKENS - 2 - HEAD_TOKENS
+# From this many tokens a text runs the guard branch alone, on several threads, and is embedded for retrieval
+# by the retrieval embedder at the same time (docs/guard-classifier.md "Latency"). On one thread the shared
+# pass cost ~0.7 ms a token on a 2-core AVX2 machine: a 256-token jailbreak took ~180 ms, the tail of p99.
+LONG_TOKENS = 48
+LONG_PASS_THREADS = 2  # at least: a long text's pass is split over this many cores (all of them, up to 4)
 GUARD_MODEL_DIR = Path(__file__).resolve().parent / "weights" / "guard_model"
 META_FILE = "guard.json"
 IR_FILE = "guard.xml"
@@ -185,6 +192,13 @@ def _pool(compiled: Any, size: int) -> queue.SimpleQueue[Any]:
     return pool
 
 
+def _long_pass_config() -> dict[str, Any]:
+    """One stream whose passes use every core (at least LONG_PASS_THREADS, at most 4): a long text's latency
+    is its own pass, split; under load the passes queue rather than share the cores with each other."""
+    threads = max(LONG_PASS_THREADS, min(4, os.cpu_count() or 1))
+    return {"INFERENCE_PRECISION_HINT": "f32", "NUM_STREAMS": 1, "INFERENCE_NUM_THREADS": threads}
+
+
 class GuardModel:
     """Implements the detector surface the rails use (`score`, `score_many`, `thresholds`); thread-safe.
 
@@ -220,12 +234,11 @@ class GuardModel:
         # Guards trained before the shared graph have one output, and no embedding to give.
         self.shares_embedding = len(graph.outputs) > 1
         self._requests = _pool(core.compile_model(graph, "CPU", config), streams)
-        # A text too long to be embedded the way retrieval embeds it runs the guard branch alone (the embedding
-        # branch's four layers would be wasted on it, and long texts make the latency tail).
-        self._guard_only = self._requests
+        # Long texts run the guard branch alone, each pass split over several cores: by length only, so a text
+        # always takes the same path (the scores are also bit-identical across thread counts: tested).
         if self.shares_embedding:
             graph.remove_result(graph.get_results()[1])
-            self._guard_only = _pool(core.compile_model(graph, "CPU", config), streams)
+        self._long = _pool(core.compile_model(graph, "CPU", _long_pass_config()), 1)
         self._passes = _Passes()
         log.info("guard model loaded (%s, OpenVINO int8 weights, %d streams)", directory.name, streams)
 
@@ -245,16 +258,19 @@ class GuardModel:
     def embedding(self, text: str) -> np.ndarray | None:
         """The text's retrieval embedding from the shared pass (cached with its scores); None where this graph
         has none or the text is too long to be embedded the way retrieval embeds it."""
-        if not self.shares_embedding:
-            return None
+        if not self.shares_embedding or self.is_long(text):
+            return None  # at once: the caller embeds it elsewhere while the guard pass runs
         return self._passes.get(text, self._run).embedding
+
+    def is_long(self, text: str) -> bool:
+        """True if `text` takes the long path: the guard branch alone, on several threads, no embedding."""
+        return len(encode_ids(self._tokenizer, [text])[0]) >= LONG_TOKENS
 
     def _run(self, text: str) -> Pass:
         ids = encode_ids(self._tokenizer, [text])[0]
         input_ids, mask = pad_batch([ids])
-        # Untruncated only: over MAX_TOKENS this keeps head and tail, the retrieval embedder only the head.
-        embeds = self.shares_embedding and len(ids) < MAX_TOKENS
-        pool = self._requests if embeds else self._guard_only
+        embeds = self.shares_embedding and len(ids) < LONG_TOKENS
+        pool = self._requests if embeds else self._long
         request = pool.get()
         try:
             result = request.infer({"input_ids": input_ids, "attention_mask": mask})

@@ -16,11 +16,13 @@ from app.guard.guard_model import (
     CATEGORY_CODES,
     GUARD_MODEL_DIR,
     HEAD_TOKENS,
+    LONG_TOKENS,
     MAX_TOKENS,
     TOPIC_LABELS,
     GuardModel,
     encode_ids,
     load_tokenizer,
+    pad_batch,
 )
 
 HARMFUL = [
@@ -111,6 +113,41 @@ def test_same_text_same_scores_on_any_stream_under_load_and_again(model: GuardMo
         busy = np.array(list(pool.map(lambda t: model._run(t).logits, texts * 3)))
     assert all(np.array_equal(alone, busy[i * len(texts) : (i + 1) * len(texts)]) for i in range(3))
     assert np.array_equal(alone, model.logits(texts))
+
+
+def test_the_long_path_scores_exactly_like_the_shared_pass(model: GuardModel) -> None:
+    """A text's path is chosen by its length; the guard's scores must not depend on it either. The guard-only
+    graph on several threads gives bit-identical logits to the shared graph on one (texts of every length, so
+    a CPU or OpenVINO release whose kernels split a sum differently across threads is caught here)."""
+
+    def logits(pool: object, text: str) -> np.ndarray:
+        input_ids, mask = pad_batch(encode_ids(model._tokenizer, [text]))
+        request = pool.get()  # type: ignore[attr-defined]
+        try:
+            return np.asarray(request.infer({"input_ids": input_ids, "attention_mask": mask})[0]).copy()
+        finally:
+            pool.put(request)  # type: ignore[attr-defined]
+
+    story = " ".join(HARMFUL + BENIGN_LOOKALIKES + BANK + ATTACKS)
+    texts = [*HARMFUL, *ATTACKS, *BANK] + [story[: 40 * n] for n in range(1, 30)]
+    for text in texts:
+        assert np.array_equal(logits(model._requests, text), logits(model._long, text)), text
+
+
+def test_a_long_message_is_embedded_elsewhere_while_the_guard_reads_it(model: GuardModel) -> None:
+    """From LONG_TOKENS tokens on, `embedding` answers None at once (the caller's retrieval embedder runs beside
+    the guard pass), and the guard's pass for it is not started by asking."""
+    tokenizer = load_tokenizer(GUARD_MODEL_DIR / "tokenizer.json")
+    short = "How long does an international wire take?"
+    long_text = "My card was declined at the pharmacy twice today even though I have money in checking. " * 3
+    assert len(encode_ids(tokenizer, [short])[0]) < LONG_TOKENS <= len(encode_ids(tokenizer, [long_text])[0])
+    fresh = GuardModel.load()
+    runs: list[str] = []
+    run = fresh._run
+    fresh._run = lambda text: runs.append(text) or run(text)  # type: ignore[method-assign]
+    assert fresh.embedding(long_text) is None and runs == []
+    assert fresh.embedding(short) is not None and runs == [short]
+    assert fresh.is_long(long_text) and not fresh.is_long(short)
 
 
 def test_a_long_text_keeps_its_head_and_its_tail() -> None:
