@@ -7,6 +7,8 @@ a short string the flow branches on:
   safety / output safety: "allow" | "block" | "error"
   attack:                 "allow" | "block"
   topic:                  "allow" | "error" | <the blocked `define user` intent>
+                          (a message refused alone is judged again in its conversation when it may be a
+                          follow-up: app/guard/topic_followup.py; every other rail judges the message alone)
   groundedness:           "allow" | "block" | "skip" | "error"
 With `guard_fail_open` (development only) an "error" is returned as "allow"; the RailResult keeps
 verdict "error" so the trace still shows it.
@@ -29,6 +31,8 @@ import numpy as np
 from app.guard.base import RailResult
 from app.guard.cascade import SafetyCascade
 from app.guard.llama_guard import conversation_from_messages
+from app.guard.topic_followup import topic_in_context
+from app.rag.base import Embedder
 
 if TYPE_CHECKING:
     from app.guard.detector import DetectorScores
@@ -62,10 +66,42 @@ def last_user_text(messages: list[dict[str, str]]) -> str:
     return next((m.get("content") or "" for m in reversed(messages) if m.get("role") == "user"), "")
 
 
+async def _topic(
+    cascade: SafetyCascade, embedder: Embedder | None, turn: TurnContext, embedding: np.ndarray
+) -> tuple[RailResult, str | None]:
+    """The topic verdict and its blocked intent. The only rail that reads the conversation: a message it refuses
+    alone may be an on-domain follow-up (app/guard/topic_followup.py)."""
+    result, intent = cascade.topic(embedding, turn.scores)
+    if result.verdict != "block":
+        return result, intent
+    return await topic_in_context(cascade, embedder, turn.messages, embedding, turn.scores, result, intent)
+
+
+async def _grounded(grounding: GroundingCheck | None, turn: TurnContext) -> RailResult:
+    started = time.perf_counter()
+    if grounding is None or not turn.context:
+        return RailResult("groundedness", "skip", detail="no grounding check or no retrieved context")
+    try:
+        result: Any = grounding(turn.answer or "", list(turn.context))
+        if inspect.isawaitable(result):
+            result = await result
+        if not isinstance(result, RailResult):
+            raise TypeError(f"grounding check returned {type(result).__name__}, not RailResult")
+    except Exception as exc:
+        result = RailResult("groundedness", "error", detail=f"guard_error: {exc}")
+    result.latency_ms = result.latency_ms or (time.perf_counter() - started) * 1000
+    return result
+
+
 def build_actions(
-    cascade: SafetyCascade, *, fail_open: bool, grounding: GroundingCheck | None = None
+    cascade: SafetyCascade,
+    *,
+    fail_open: bool,
+    grounding: GroundingCheck | None = None,
+    embedder: Embedder | None = None,
 ) -> dict[str, Callable[..., Awaitable[str]]]:
-    """The actions for one rails config, bound to its cascade."""
+    """The actions for one rails config, bound to its cascade. `embedder` lets the topic rail judge a follow-up in
+    its conversation (app/guard/topic_followup.py); without it every message is judged alone."""
 
     def outcome(result: RailResult) -> str:
         _turn().results.append(result)
@@ -89,7 +125,7 @@ def build_actions(
         turn = _turn()
         if turn.embedding is None:
             return outcome(RailResult("topic", "error", detail="guard_error: no query embedding"))
-        result, intent = cascade.topic(turn.embedding, turn.scores)
+        result, intent = await _topic(cascade, embedder, turn, turn.embedding)
         verdict = outcome(result)
         if result.verdict == "block" and intent:
             turn.blocked_intent = intent
@@ -103,20 +139,7 @@ def build_actions(
         return outcome(await cascade.safety("safety_output", conversation, "Agent", turn.scores))  # type: ignore[arg-type]
 
     async def guardchat_check_groundedness() -> str:
-        turn = _turn()
-        started = time.perf_counter()
-        if grounding is None or not turn.context:
-            return outcome(RailResult("groundedness", "skip", detail="no grounding check or no retrieved context"))
-        try:
-            result: Any = grounding(turn.answer or "", list(turn.context))
-            if inspect.isawaitable(result):
-                result = await result
-            if not isinstance(result, RailResult):
-                raise TypeError(f"grounding check returned {type(result).__name__}, not RailResult")
-        except Exception as exc:
-            result = RailResult("groundedness", "error", detail=f"guard_error: {exc}")
-        result.latency_ms = result.latency_ms or (time.perf_counter() - started) * 1000
-        return outcome(result)
+        return outcome(await _grounded(grounding, _turn()))
 
     return {
         "guardchat_check_input_safety": guardchat_check_input_safety,

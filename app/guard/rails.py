@@ -103,7 +103,7 @@ class RailsGuard:
         self._detector = detector
         self._owned_clients = owned_clients or []
         self._rails = LLMRails(loaded.rails_config)
-        actions = build_actions(cascade, fail_open=self.fail_open, grounding=grounding)
+        actions = build_actions(cascade, fail_open=self.fail_open, grounding=grounding, embedder=embedder)
         for name, action in actions.items():
             self._rails.register_action(action, name)
         spec = loaded.section.groundedness
