@@ -41,6 +41,9 @@ if TYPE_CHECKING:
 
 FOLLOW_UP_MAX_RISE = 1.0  # log10: the joined text's off-topic odds at most 10x those of the earlier turns alone
 FOLLOW_UP_MIN_GAP = 0.25  # the joined text's cosine to the earlier turns at least this above its cosine to the message
+# Off-topic probabilities below this count as this: between two texts the topic head is sure are on-domain (0.0001
+# vs 0.003), the ratio of their odds is noise that moves with every retrain, not a new subject.
+FOLLOW_UP_ODDS_FLOOR = 0.01
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,8 @@ class FollowUp:
 
     def rise(self) -> float:
         """How many orders of magnitude the message adds to the earlier turns' off-topic odds."""
-        return log_odds(self.scores.off_topic) - log_odds(self.earlier_scores.off_topic)
+        floor = FOLLOW_UP_ODDS_FLOOR
+        return log_odds(max(self.scores.off_topic, floor)) - log_odds(max(self.earlier_scores.off_topic, floor))
 
     def subject_gap(self) -> float:
         """How much closer (cosine) the joined text stays to the earlier turns than to the message."""

@@ -37,14 +37,22 @@ def test_the_shipped_config_compiles(remote_guard) -> None:
 
 async def test_compiled_and_nemo_engines_decide_alike_on_every_rails_test(remote_guard, embedder, lg) -> None:
     """Same verdict, same blocking rail, same refusal text, same rail results, on all shipped rails tests.
-    Llama Guard (the stand-in) flags every third request as unsafe so that both outcomes occur."""
+    Llama Guard (the stand-in) flags the cases a safety rail must block and every third other one, so that both
+    outcomes occur whatever the order of the cases."""
     compiled = remote_guard.compiled
     assert compiled is not None
     disagreements = []
     outcomes: set[str | None] = set()
+    seen: dict[str, int] = {}  # cases of each kind so far
     try:
-        for index, case in enumerate(_cases()):
-            answer = "unsafe\nS2" if index % 3 == (1 if case.answer is not None else 0) else "safe"
+        for case in _cases():
+            kind = "output" if case.answer is not None else "input"
+            seen[kind] = seen.get(kind, 0) + 1
+            flagged = (
+                any(rail.startswith("safety") for rail in case.rails)
+                or seen[kind] % (2 if kind == "output" else 3) == 0
+            )
+            answer = "unsafe\nS2" if flagged else "safe"
             results = []
             for engine in (compiled, None):
                 remote_guard.compiled = engine

@@ -149,7 +149,7 @@ async def test_input_check_sends_the_user_turn_and_configured_categories(lg, rem
     assert f"User: Hi\n\nAgent: Hello! How can I help?\n\nUser: {BANK_Q}\n\n<END CONVERSATION>" in prompt
     for code in remote_guard.cascade.judge.codes:  # the categories from rails/config.yml
         assert f"\n{code}: " in prompt
-    assert "S6: Specialized Advice.\nPersonalised medical, legal, investment or tax advice." in prompt
+    assert "S6: Specialized Advice.\nPersonalised medical advice: diagnosing someone," in prompt
     assert _rail(decision, "safety_input").verdict == "allow"
 
 
