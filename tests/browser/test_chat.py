@@ -33,9 +33,11 @@ def test_answer_streams_in_with_citations_and_why(page: Any, ui_server: LiveServ
         send(page, question)
         answer = bot_messages(page).last
         text = answer.inner_text()
-        assert "Blocked" not in text
+        if "Blocked" in text:  # the topic rail may refuse a test-only phrasing ("repeat exactly..."); the UI is
+            continue  # under test here, so the next phrasing is tried
         if answer.locator("details.gc-citation").count():
             break
+    assert "Blocked" not in text, "every phrasing was refused"
     # Streamed: the bubble showed partial text with the typing cursor before the finished answer.
     partial = [f for f in stream_frames(page) if f.strip().endswith("▍") and len(f.strip()) > 1]
     assert partial, "the answer never appeared piece by piece"
