@@ -52,6 +52,9 @@ async def test_compiled_and_nemo_engines_decide_alike_on_every_rails_test(remote
                 any(rail.startswith("safety") for rail in case.rails)
                 or seen[kind] % (2 if kind == "output" else 3) == 0
             )
+            # A case with history may run the topic rail in context (a thread): a stand-in "unsafe" would then race
+            # it to block first, and the rails listed would depend on timing.
+            flagged = flagged and not case.history
             answer = "unsafe\nS2" if flagged else "safe"
             results = []
             for engine in (compiled, None):
