@@ -153,6 +153,12 @@ class Settings(BaseSettings):
     rag_context_mode: Literal["passages", "chunks"] = "passages"
     rag_context_min_tokens: int = Field(default=120, ge=20)
     query_rewrite: Literal["join", "llm"] = "join"
+    # A second look when the model answers "I don't know" while a prompt passage holds this share of the question's
+    # idf-weighted terms (app/rag/second_look.py). Mode "auto": the answer is started for the model ("According to
+    # source [n],") where the backend continues an assistant message (llama.cpp), else a short follow-up turn.
+    rag_second_look: bool = True
+    rag_second_look_coverage: float = Field(default=0.3, ge=0.0, le=1.0)
+    rag_second_look_mode: Literal["auto", "prefill", "follow_up"] = "auto"
 
     ingest_max_file_bytes: int = 20_000_000
     # MiniLM weights precision. "auto" = bfloat16 where the CPU has native bf16 (AVX512-BF16/AMX: ~3x

@@ -23,7 +23,7 @@ from app.guard.base import AssistantTexts, GuardDecision, RailResult
 from app.llm.base import GenerationOptions
 from app.observability import model_time, observe_turn
 from app.pipeline import context
-from app.pipeline.generation import SpeculativeGeneration
+from app.pipeline.generation import SpeculativeGeneration, second_look_plan
 from app.pipeline.streaming import TAIL_CHUNKS, Finished, Released, hold_back
 from app.pipeline.turn_types import (
     Delta,
@@ -170,7 +170,9 @@ class TurnRunner:
                     request_id=req.request_id,
                 )
                 # Speculative: start generating now; tokens wait in a queue until the input rails pass.
-                generation = SpeculativeGeneration.start(st.llm, messages, options)
+                # A second look when it answers "I don't know" while a source covers the question (docs/rag.md).
+                look = second_look_plan(st, user_text, history, messages, sources, texts.idk) if use_rag else None
+                generation = SpeculativeGeneration.start(st.llm, messages, options, look)
             decision: GuardDecision = await input_task
         except BaseException:
             _cancel(early_embed)
@@ -261,6 +263,7 @@ class TurnRunner:
             await generation.cancel()
             raise
         timer.timings["generate"] = (time.perf_counter() - gen_start) * 1000
+        generation.note_trace(trace)
         if first_token_at is not None:
             timer.timings["first_token"] = (first_token_at - t_start) * 1000
         assert final is not None

@@ -153,6 +153,24 @@ def build_messages(
     return PreparedPrompt(messages, sources, no_context=not sources, context_tokens=used, variables=variables)
 
 
+def prompt_passages(system: str, sources: list[Chunk]) -> list[str]:
+    """The text each numbered source has in a system message `build_messages` made (what the model read: with
+    `fit="passages"` only the kept passages), in source order; [] when the message has no sources block."""
+    at = system.find("Sources:\n\n")
+    if at < 0 or not sources:
+        return []
+    spans: list[tuple[int, int]] = []  # (heading start, text start) of each source
+    for n, chunk in enumerate(sources, 1):
+        heading = f"{source_heading(n, chunk)}\n"
+        at = system.find(heading, at)
+        if at < 0:
+            return []
+        spans.append((at, at + len(heading)))
+        at += len(heading)
+    ends = [start for start, _ in spans[1:]] + [len(system)]
+    return [system[body:end].strip() for (_, body), end in zip(spans, ends, strict=True)]
+
+
 def cited_numbers(answer: str) -> list[int]:
     """Citation numbers in order of first appearance: [1], [2, 3] and [2][3] forms."""
     seen: list[int] = []

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from app.rag.base import Chunk
-from app.rag.bm25 import tokenize
+from app.rag.bm25 import STOPWORDS, tokenize
 
 # Budget (approximate tokens of the sources block) for the smallest question, and what each extra question
 # term, a procedural question and a weak lexical match add. Chosen on tests/data/rag_tasks*.jsonl with
@@ -273,3 +273,39 @@ def fit_passages(
         used += cost
     order = sorted(kept)
     return Passages([chunks[ci] for ci in order], [_render(parsed[ci], kept[ci]) for ci in order], used, budget)
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """How much of a question one text holds: `share` is the idf-weighted share of the question's terms (the same
+    measure passage selection scores units with; the previous message's terms at HISTORY_WEIGHT), `terms` the
+    question's own terms it holds."""
+
+    share: float
+    terms: frozenset[str]
+
+
+# Words that are no subject: apostrophe-less contractions ("whats" stems to "what", which the index never holds), chat
+# fillers (absent from the knowledge base, they would weigh the most in a question's idf mass) and the light words
+# of a question ("how much", "can I get").
+_CHAT_WORDS = """im ive id dont didnt doesnt cant wont isnt arent wasnt whats hows wheres thats theres youre yall u ur
+rn pls plz please hey hi hello thanks thx ok okay gonna wanna gotta lol yeah guys guy much many get got need want
+thing think know like really real one ones bunch lot lots bit stuff kinda sorta"""
+CHAT_FILLER = frozenset(t for w in _CHAT_WORDS.split() for t in tokenize(w)) | STOPWORDS
+
+
+def question_coverage(
+    text: str, question: str, *, previous: str = "", idf: Callable[[str], float] | None = None
+) -> Coverage:
+    """The share of `question` (idf-weighted terms, chat fillers left out) that `text` holds, e.g. a passage the prompt
+    gave the model. Only the question's own terms count ("and can you mail it to me in France?" asks about mail to
+    France, whatever the previous message was about); `previous` stands in when the question has none ("and that
+    one?")."""
+    weigh = idf or (lambda _term: 1.0)
+    own = frozenset(tokenize(question)) - CHAT_FILLER
+    if not own:
+        own = frozenset(tokenize(previous)) - CHAT_FILLER
+    weights = {t: weigh(t) for t in own}
+    profile = QuestionProfile(weights, sum(weights.values()), (), 0)
+    terms = frozenset(tokenize(text))
+    return Coverage(_coverage(terms, profile), own & terms)
