@@ -161,8 +161,9 @@ class Settings(BaseSettings):
     rag_second_look_mode: Literal["auto", "prefill", "follow_up"] = "auto"
 
     ingest_max_file_bytes: int = 20_000_000
-    # MiniLM weights precision. "auto" = bfloat16 where the CPU has native bf16 (AVX512-BF16/AMX: ~3x
-    # faster, cosine to fp32 > 0.9999), else float32.
+    # MiniLM weights precision. "auto": float32 for the server's queries on the CPU (rails compare their vectors: the
+    # same verdict on every CPU), bfloat16 for ingestion where the CPU has native bf16 (AVX512-BF16/AMX: ~3x
+    # faster, cosine to fp32 > 0.9999), float16 on CUDA.
     embed_precision: Literal["auto", "float32", "bfloat16"] = "auto"
     # MiniLM runtime: "auto" = OpenVINO when installed (same vectors, ~2-3x faster on CPU), else PyTorch.
     embed_engine: Literal["auto", "openvino", "torch"] = "auto"

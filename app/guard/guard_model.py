@@ -26,6 +26,7 @@ This module imports only numpy and tokenizers at the top: the training code on a
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -240,6 +241,8 @@ class GuardModel:
             graph.remove_result(graph.get_results()[1])
         self._long = _pool(core.compile_model(graph, "CPU", _long_pass_config()), 1)
         self._passes = _Passes()
+        # A text's token ids, read once: `embedding` asks whether it is long, then its pass reads the same ids.
+        self._ids = functools.lru_cache(maxsize=256)(self._encode)
         log.info("guard model loaded (%s, OpenVINO int8 weights, %d streams)", directory.name, streams)
 
     @classmethod
@@ -264,10 +267,13 @@ class GuardModel:
 
     def is_long(self, text: str) -> bool:
         """True if `text` takes the long path: the guard branch alone, on several threads, no embedding."""
-        return len(encode_ids(self._tokenizer, [text])[0]) >= LONG_TOKENS
+        return len(self._ids(text)) >= LONG_TOKENS
+
+    def _encode(self, text: str) -> tuple[int, ...]:
+        return tuple(encode_ids(self._tokenizer, [text])[0])
 
     def _run(self, text: str) -> Pass:
-        ids = encode_ids(self._tokenizer, [text])[0]
+        ids = list(self._ids(text))
         input_ids, mask = pad_batch([ids])
         embeds = self.shares_embedding and len(ids) < LONG_TOKENS
         pool = self._requests if embeds else self._long

@@ -166,7 +166,10 @@ def get_embedder(threads: int = 0) -> Embedder:
     if device == "cuda" and settings.embed_engine != "openvino":
         # OpenVINO is the CPU runtime here; on a GPU, PyTorch runs MiniLM (fp16 on tensor cores).
         return MiniLMEmbedder(device="cuda", precision=settings.embed_precision)
-    precision = resolve_precision(settings.embed_precision)
+    # "auto" is float32 here: the rails compare this MiniLM's vectors of long messages and follow-up queries with
+    # their examples (attack, topic), and a verdict must not depend on whether the CPU has bf16 (a long message costs
+    # ~8 ms more on an AMX Xeon; short ones are embedded by the guard's own f32 pass). Ingestion keeps bf16.
+    precision = "float32" if settings.embed_precision == "auto" else resolve_precision(settings.embed_precision)
     if settings.embed_engine in ("auto", "openvino"):
         from app.rag.openvino_embedder import OpenVINOUnavailable
 

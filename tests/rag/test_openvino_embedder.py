@@ -93,3 +93,14 @@ def test_ingest_embedder_setting(tmp_path: Path) -> None:
         out[setting] = run.stdout.decode().split()
     assert out["auto"] == ["OpenVINOMiniLM", "int8", "False"], out
     assert out["same"][2] == "True" and out["same"][1] != "int8", out
+
+
+def test_the_query_embedder_is_float32_on_every_cpu(tmp_path: Path) -> None:
+    """Rails compare the query MiniLM's vectors (long messages, follow-up queries) with their examples: "auto" must
+    not pick bfloat16 for it where the CPU has bf16, or a verdict would depend on the machine."""
+    code = "from app.rag.embedder import get_embedder; print(get_embedder().precision)"
+    env = {**os.environ, "GUARDCHAT_DATA_DIR": str(tmp_path), "GUARDCHAT_EMBED_PRECISION": "auto",
+           "GUARDCHAT_EMBED_DEVICE": "cpu"}  # fmt: skip
+    run = subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300,
+                         cwd=Path(__file__).parents[2], capture_output=True)  # fmt: skip
+    assert run.stdout.decode().split()[-1] == "float32"
