@@ -64,9 +64,31 @@ def about_conversation(question: str) -> bool:
     return bool(_ABOUT_CONVERSATION.search(question))
 
 
-def conversation_messages(system_prompt: str, history: list[dict[str, str]], question: str) -> list[dict[str, str]]:
-    """The prompt for a question about the conversation: instructions, the earlier turns, the question."""
+TRANSCRIPT_TURNS = 8  # the last messages a transcript shows (each side's), enough for "what was my first question?"
+TRANSCRIPT_CHARS = 600  # of each earlier answer: its start says what it was about
+
+
+def transcript(history: list[dict[str, str]]) -> str:
+    """The earlier turns as a numbered transcript, the customer's messages in full."""
     from app.rag.chain import dialogue_turns  # the RAG prompt's own turn filter (imported where RAG is used)
 
-    return [{"role": "system", "content": f"{system_prompt.strip()}\n\n{INSTRUCTION}"}, *dialogue_turns(history),
-            {"role": "user", "content": question}]
+    lines, asked = [], 0
+    for turn in dialogue_turns(history)[-TRANSCRIPT_TURNS:]:
+        if turn["role"] == "user":
+            asked += 1
+            lines.append(f"Customer (message {asked}): {turn['content'].strip()}")
+        else:
+            said = " ".join(turn["content"].split())
+            lines.append(f"Assistant: {said[:TRANSCRIPT_CHARS]}{'…' if len(said) > TRANSCRIPT_CHARS else ''}")
+    return "\n".join(lines)
+
+
+def conversation_messages(system_prompt: str, history: list[dict[str, str]], question: str) -> list[dict[str, str]]:
+    """The prompt for a question about the conversation: instructions, then one user message that shows the earlier
+    turns as a transcript and asks the question. Measured on the dev conversations: given the turns as chat messages,
+    the 1.5B model answered "what was my last question?" with "I don't have any information about your last
+    question"; a transcript it can read from gets it right."""
+    shown = transcript(history) or "(nothing yet)"
+    ask = f"Our conversation so far:\n\n{shown}\n\nMy new message, about this conversation: {question.strip()}"
+    return [{"role": "system", "content": f"{system_prompt.strip()}\n\n{INSTRUCTION}"},
+            {"role": "user", "content": ask}]

@@ -24,9 +24,15 @@ def test_bank_questions_are_not(text: str) -> None:
     assert not about_conversation(text)
 
 
-def test_the_prompt_keeps_only_the_dialogue() -> None:
+def test_the_prompt_shows_the_dialogue_as_a_transcript() -> None:
     history = [{"role": "user", "content": "I'm Ada"}, {"role": "tool", "content": "x"},
-               {"role": "assistant", "content": "Hi Ada!"}]
-    messages = conversation_messages("You are the bank's assistant.", history, "what's my name?")
-    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+               {"role": "assistant", "content": "Hi Ada!"}, {"role": "user", "content": "What's the wire fee?"},
+               {"role": "assistant", "content": "It is $45 [1]. " + "More detail. " * 80}]
+    messages = conversation_messages("You are the bank's assistant.", history, "what was my last question?")
+    assert [m["role"] for m in messages] == ["system", "user"]
     assert messages[0]["content"].startswith("You are the bank's assistant.")
+    shown = messages[1]["content"]
+    assert "Customer (message 1): I'm Ada" in shown and "Customer (message 2): What's the wire fee?" in shown
+    assert "x" not in shown.split("\n")  # only user and assistant turns
+    assert "Assistant: It is $45 [1]." in shown and shown.count("More detail.") < 80  # long answers cut
+    assert shown.endswith("what was my last question?")

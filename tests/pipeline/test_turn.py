@@ -314,7 +314,8 @@ async def test_a_question_about_the_conversation_is_answered_from_the_history(
     assert about.answer == "Your name is Ada." and about.trace["answered_from"] == "conversation", about.trace
     [prompt] = prompts
     assert "about this conversation itself" in prompt[0]["content"]
-    assert [m["content"] for m in prompt[1:]] == [m["content"] for m in history] + ["And what was my name?"]
+    [asked] = prompt[1:]  # the earlier turns as a transcript, then the question
+    assert all(m["content"] in asked["content"] for m in history) and asked["content"].endswith("what was my name?")
     assert "Sources" not in prompt[0]["content"]  # the knowledge base is not what answers it
     assert alone.answer == state.rails.current.guard.texts.idk  # no history: nothing to answer from
 
