@@ -49,6 +49,25 @@ def knowledge_paragraphs(directory: Path = KNOWLEDGE_DIR, min_chars: int = 120) 
     return out
 
 
+FRAGMENT_SEED = 20261206
+FRAGMENT_WORDS = (2, 24)  # the first output windows: 1 delta, then 40, 80, ... characters (app/pipeline/streaming.py)
+
+
+def answer_fragments(paragraphs: list[str], seed: int = FRAGMENT_SEED) -> list[str]:
+    """Benign text cut mid-sentence, as the output rail sees an answer's first windows: a paragraph's first words and
+    one sentence's first words (markdown marks dropped). Without them the guard read "To turn on Face ID, open the
+    Larkspur Bank" as unsafe (0.91): it had only seen whole requests and whole paragraphs."""
+    rng = random.Random(seed)  # its own: the other sources' sampling stays as it was
+    out: list[str] = []
+    for paragraph in paragraphs:
+        plain = paragraph.replace("**", "").replace("`", "").lstrip("- ")
+        sentences = [s for s in plain.replace("! ", ". ").replace("? ", ". ").split(". ") if len(s.split()) > 3]
+        for text in [plain, rng.choice(sentences)] if sentences else [plain]:
+            words = text.split()
+            out.append(" ".join(words[: rng.randint(*FRAGMENT_WORDS)]))
+    return list(dict.fromkeys(out))
+
+
 def evaluation_texts(eval_dir: Path) -> list[str]:
     texts = heldout_texts(eval_dir)
     for path in EVAL_FILES:
@@ -86,7 +105,10 @@ def build_rows(eval_dir: Path, embedder: Any, seed: int = 1234) -> tuple[list[di
     """All training rows (train and val split) and a summary (counts, dropped near-duplicates)."""
     rng = random.Random(seed)
     sources = load_sources(Path(eval_dir), rng, None)
-    sources["kb_passage"] = [Item(t, "kb_passage", 0, 0) for t in knowledge_paragraphs()]
+    paragraphs = knowledge_paragraphs()
+    sources["kb_passage"] = [Item(t, "kb_passage", 0, 0) for t in paragraphs]
+    prose = paragraphs + [it.text for it in sources.get("passage", [])]
+    sources["answer_fragment"] = [Item(t, "answer_fragment", 0, 0) for t in answer_fragments(prose)]
     bare = [it for name in sorted(sources) for it in sources[name]]
     held = evaluation_texts(Path(eval_dir))
     keep = far_from(embedder, [it.text for it in bare], held)

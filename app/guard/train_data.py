@@ -139,7 +139,9 @@ def heldout_texts(eval_dir: Path) -> list[str]:
 # Kinds of our own benign rows (training_data/*.jsonl `kind`) that are their own report source; others: "general".
 OWN_BENIGN_KINDS = ("on_domain", "alarming", "lookalike", "advice", "off_topic", "injection_lookalike", "instruction",
                     "technical", "conversation", "fees_deadlines")
-BENIGN_SOURCES = ("chitchat", "unanswerable", "passage", "general", "borderline", *OWN_BENIGN_KINDS)
+BENIGN_SOURCES = (
+    "chitchat", "unanswerable", "passage", "answer_fragment", "general", "borderline", *OWN_BENIGN_KINDS,
+)  # fmt: skip
 UNSAFE_SOURCES = ("harmful", "wrapped")
 ATTACK_SOURCES = ("template", "wrapped", "injection", "our_attack")
 ON_DOMAIN_SOURCES = ("on_domain", "alarming", "lookalike", "conversation", "fees_deadlines")

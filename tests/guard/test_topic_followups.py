@@ -66,7 +66,7 @@ def _topic(decision: GuardDecision) -> Any:
     ("turns", "message"),
     [
         ([DISPUTE], "how long does it take you guys to finish"),
-        ([STATEMENTS], "how far back can i go"),
+        ([STATEMENTS], "how far back can you look"),
         (
             [
                 ("I lost my wallet", "Lock your cards in the app [1]."),
