@@ -85,6 +85,7 @@ class SpeculativeGeneration:
         self.completion_tokens = 0
         self._earlier_tokens = 0  # completion tokens of the turn's first request, when a second look followed it
         self._deltas = 0
+        self._earlier_deltas = 0  # deltas of that first request
         self._queued = 0
         self._usage_seen = False
 
@@ -116,8 +117,8 @@ class SpeculativeGeneration:
             first, look_again = await self._relay(self._messages, look, may_look_again=True)
             if look_again and look is not None:
                 await self._look_again(look, first)
-            if not self._usage_seen:
-                self.completion_tokens = self._deltas  # the backend sent no usage: one delta ≈ one token
+            if not self._usage_seen:  # the (last) request sent no usage, or was stopped early: one delta ≈ one token
+                self.completion_tokens = self._earlier_tokens + self._deltas - self._earlier_deltas
             self.finish_reason = "stop"
             self._queue.put_nowait(_END)
         except asyncio.CancelledError:
@@ -181,6 +182,7 @@ class SpeculativeGeneration:
         """The second request, streamed in place of the first answer; on an error before it said anything, the
         first answer stands."""
         self._earlier_tokens = self.completion_tokens if self._usage_seen else self._deltas
+        self._earlier_deltas, self._usage_seen = self._deltas, False  # the second request's usage, if it comes
         queued = self._queued
         started = time.perf_counter()
         try:

@@ -50,6 +50,10 @@ FOLLOW_UP = "Source [{n}] does talk about {terms}. Answer my question from it, c
 # about something the sources do not say: "the WiFi password at the Larkspur Plaza branch is 135550123".
 ECHO_IDF_SHARE = 0.5
 STOP_CHARS = 40  # of the "I don't know" text's second sentence: where its first request stops
+# A second look whose first sentence takes at least this share of its words from the "I don't know" text is that text
+# in other words: measured on dev, "According to source [1], you can reach Larkspur Bank support at 1-800-555-0142 or
+# visit any branch to report the theft." (the text's contact line, 12 of its 16 words) answered an identity theft.
+IDK_WORDS_SHARE = 0.7
 
 IdkState = Literal["maybe", "idk", "no"]
 _QUOTES = "\"'`*“‘ \n\t"
@@ -182,7 +186,7 @@ class Plan:
         (it kept to "I don't know") or "rejected" (it repeats words of the question no source holds: the wifi password
         "of the branch" that source [3] only gives the address of)."""
         said = text[len(self.lead()) :] if self.lead() and text.startswith(self.lead()) else text
-        if self.state(said) == "idk" or (self.key and self.key in _norm(said)):
+        if self.state(said) == "idk" or (self.key and self.key in _norm(said)) or self.restates_idk(said):
             self.record["outcome"] = "idk"
             return False
         echoed = self.echoes(said)
@@ -191,6 +195,16 @@ class Plan:
             return False
         self.record["outcome"] = "answered"
         return True
+
+    def restates_idk(self, said: str) -> bool:
+        """The first sentence of `said` is mostly the "I don't know" text's own words (its contact line, say): no
+        answer from the source."""
+        def words(text: str) -> list[str]:
+            return [w.rstrip(".'’-") for w in _WORD.findall(_norm(text))]
+
+        said_words = words(_sentences(said)[0]) if said.strip() else []
+        own = set(words(self.idk))
+        return bool(said_words) and sum(w in own for w in said_words) >= IDK_WORDS_SHARE * len(said_words)
 
     def echoes(self, said: str) -> list[str]:
         """The question's rare words (see ECHO_IDF_SHARE) that `said` repeats although none of the passages holds."""

@@ -144,6 +144,21 @@ def test_an_answer_about_what_no_source_says_is_rejected() -> None:
     assert plan.record["outcome"] == "answered"
 
 
+def test_an_answer_that_restates_the_idk_text_is_the_idk() -> None:
+    """The prefilled second look sometimes goes on with the "I don't know" text's contact line: no answer."""
+    idk = ("I don't know. I couldn't find that in Larkspur Bank's help articles. You can reach Larkspur Bank support "
+           "at 1-800-555-0142 or visit any branch.")  # rails/texts.co  # fmt: skip
+    question = "someone stole my identity and my debit card was used for $900 i didnt make"
+    messages, sources = _prompt(question)
+    plan = Plan(idk, question, prompt_passages(messages[0]["content"], sources), idf=IDF, prefill=True)
+    assert not plan.vet(f"{plan.lead()} you can reach Larkspur Bank support at 1-800-555-0142 or visit any branch "
+                        "to report the theft.")  # fmt: skip
+    assert plan.record["outcome"] == "idk"
+    assert not plan.vet(f"{plan.lead()} I couldn't find that in the help articles.")
+    assert plan.vet(f"{plan.lead()} lock the card in the app and call the fraud team at 1-800-555-0199 any time.")
+    assert plan.record["outcome"] == "answered"
+
+
 def test_a_follow_up_names_the_subject_of_the_previous_question() -> None:
     history = [
         {"role": "user", "content": "how much is an international wire"},
