@@ -117,7 +117,7 @@ def answered_from(question: str, history: list[dict[str, str]]) -> str:
     return "conversation" if history and about_conversation(question) else "small_talk"
 
 
-def _idf(state: AppState) -> Callable[[str], float] | None:
+def bm25_idf(state: AppState) -> Callable[[str], float] | None:
     """The live index's BM25 term weights, which passage selection scores the question's words with."""
     bm25 = getattr(getattr(state.retriever, "snapshot", None), "bm25", None)
     idf: Callable[[str], float] | None = getattr(bm25, "idf", None)
@@ -155,7 +155,7 @@ def build_prompt(
         idk_text=texts.idk,
         fit=state.settings.rag_context_mode,
         min_context_tokens=state.settings.rag_context_min_tokens,
-        idf=_idf(state),
+        idf=bm25_idf(state),
     )
     if prepared.no_context:
         return None, []

@@ -40,14 +40,12 @@ def second_look_plan(
     idk: str,
 ) -> Plan | None:
     """The turn's second-look plan (None when it is switched off, or the prompt holds no sources)."""
-    try:
-        from app.rag.second_look import make_plan
-    except ImportError:  # RAG package not installed in this build
-        return None
-    bm25 = getattr(getattr(state.retriever, "snapshot", None), "bm25", None)
+    from app.pipeline.context import bm25_idf  # the weights passage selection used for this prompt
+    from app.rag.second_look import make_plan
+
     return make_plan(
         state.settings, idk=idk, question=question, history=history, messages=messages, sources=sources,
-        idf=getattr(bm25, "idf", None), prefill_ok=continues_assistant(state.llm),
+        idf=bm25_idf(state), prefill_ok=continues_assistant(state.llm),
     )  # fmt: skip
 
 
@@ -114,7 +112,7 @@ class SpeculativeGeneration:
     async def _pump(self) -> None:
         try:
             look = self.second_look
-            first, look_again = await self._relay(self._messages, look, may_look_again=True)
+            first, look_again = await self._relay(self._messages, look)
             if look_again and look is not None:
                 await self._look_again(look, first)
             if not self._usage_seen:  # the (last) request sent no usage, or was stopped early: one delta ≈ one token
@@ -144,9 +142,7 @@ class SpeculativeGeneration:
                 with contextlib.suppress(Exception):
                     await aclose()
 
-    async def _relay(
-        self, messages: list[dict[str, str]], look: Plan | None, *, may_look_again: bool
-    ) -> tuple[str, bool]:
+    async def _relay(self, messages: list[dict[str, str]], look: Plan | None) -> tuple[str, bool]:
         """Streams one request into the queue; returns its text and whether it is an "I don't know" to look at again
         (then none of it was queued). With `look`, text that may still be the "I don't know" text is held: an answer
         that turns out to be something else goes on as it was; the "I don't know" itself, when it gets no second
@@ -164,7 +160,7 @@ class SpeculativeGeneration:
                 assert look is not None
                 state = look.state(text)
                 if state == "maybe" or (state == "idk" and look.within_idk(text)):
-                    if state == "idk" and may_look_again and not look_again:
+                    if state == "idk" and not look_again:
                         look_again = look.worth_it()  # decided once, as soon as it is the "I don't know"
                     continue
                 if look_again:
