@@ -3,8 +3,8 @@
 Sources (app/guard/train_data.py `load_sources`): the public dev sets in ../shared/eval minus their held-out
 slice (app/eval/holdout.py), our own rows in app/guard/training_data/, and paragraphs of the shipped knowledge
 base (benign answer-like text: the guard also scores answer windows). Rows within cosine NEAR_DUPLICATE (MiniLM)
-of any evaluation row — the public held-out slice, app/eval/data/guard_heldout.jsonl, topic_dev.jsonl — are
-dropped, so the evaluation never scores a paraphrase of a training row.
+of any evaluation row — the public held-out slice, app/eval/data/guard_heldout.jsonl, guard_lookalike_probe.jsonl,
+topic_dev.jsonl — are dropped, so the evaluation never scores a paraphrase of a training row.
 
 Jailbreak templates train twice: bare (attack) and wrapped around harmful requests of the same split (attack
 and unsafe). A tenth of the rows, chosen by a hash of the text, is the validation split that calibration and
@@ -26,7 +26,8 @@ from app.guard.train_data import SLOT, Item, heldout_texts, load_sources
 
 ROOT = Path(__file__).resolve().parents[2]
 EVAL_DATA = ROOT / "app" / "eval" / "data"
-EVAL_FILES = (EVAL_DATA / "guard_heldout.jsonl", EVAL_DATA / "topic_dev.jsonl")
+EVAL_FILES = tuple(EVAL_DATA / name for name in (
+    "guard_heldout.jsonl", "guard_lookalike_probe.jsonl", "topic_dev.jsonl"))
 KNOWLEDGE_DIR = ROOT / "knowledge"
 NEAR_DUPLICATE = 0.9
 VAL_SHARE = 0.1

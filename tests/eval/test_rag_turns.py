@@ -108,7 +108,9 @@ def test_in_process_eval_runs_every_turn(base_settings: Settings) -> None:
     turns = report["turns"]
     assert (turns["tasks"], turns["turns"]) == (2, 5)
     assert set(turns["by_kind"]) == {"conversation", "followup"}
-    assert turns["by_kind"]["conversation"]["routed_to_history"] + turns["by_kind"]["conversation"]["refused"] == 1
+    # "what was my name?" passes the input rails and is answered from the history. What SmolLM2 then says may be
+    # blocked by an output rail (sampling: the turn is then also "refused"), so only the routing is asserted.
+    assert turns["by_kind"]["conversation"]["routed_to_history"] == 1, report
     assert turns["ttft_ms"]["n"] >= 4 and turns["unsupported_facts"]["answers"] == 5
 
 
