@@ -44,6 +44,14 @@ _POLICY_NOUNS = frozenset({
     "advantage", "benefit", "benefits", "shield",
 })
 _NAME = re.compile(r"\b[A-Z][\w'’-]*(?:\s+(?:of\s+)?[A-Z][\w'’-]*)+")
+# A screen, menu or button an answer tells the customer to use, quoted or in bold after a verb of navigation
+# ('Navigate to the "Stocks" section', "Tap **Cards > Travel plans**"): an app feature the sources must name. Measured
+# on dev: a small model answered "how do i buy stocks in the larkspur app" (the app has no trading) with invented steps.
+_UI_LABEL = re.compile(
+    r"\b(?:tap|press|click|select|choose|open|go to|navigate to|head to|under)\s+(?:on\s+)?(?:the\s+)?"
+    r"(?:\*\*|[\"“])([^\"”*\n]{2,40})(?:\*\*|[\"”])",
+    re.IGNORECASE,
+)
 _NAME_LEAD = frozenset({"the", "our", "your", "a", "an", "with", "larkspur", "bank", "and", "for", "if", "when"})
 
 
@@ -55,6 +63,7 @@ class Facts:
     numbers: set[float] = field(default_factory=set)  # every numeric value, whatever its kind
     phones: set[str] = field(default_factory=set)
     names: list[str] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)  # screens and buttons (see _UI_LABEL): the sources must name them
 
     def merge(self, other: Facts) -> None:
         self.money |= other.money
@@ -63,6 +72,7 @@ class Facts:
         self.numbers |= other.numbers
         self.phones |= other.phones
         self.names += other.names
+        self.labels += other.labels
 
 
 def _value(text: str) -> float:
@@ -105,15 +115,18 @@ def extract(text: str, *, source: bool = False) -> Facts:
             words = words[1:]
         if len(words) >= 2 and any(w.lower().strip("'’") in _POLICY_NOUNS for w in words):
             facts.names.append(" ".join(words))
+    facts.labels += [m.group(1).strip() for m in _UI_LABEL.finditer(text) if re.search(r"[A-Za-z]", m.group(1))]
     if source:
         # Whatever the source calls a thing, any of its times also count as the hours they name ("4 pm" = 4).
         facts.numbers |= {float(int(t[:2]) % 12 or 12) for t in facts.times}
     return facts
 
 
-def unsupported_facts(sentence: str, known: Facts, known_text: str) -> list[str]:
+def unsupported_facts(sentence: str, known: Facts, known_text: str, source_text: str | None = None) -> list[str]:
     """The facts of `sentence` that `known` (from `extract(..., source=True)` of the sources, question and trusted
-    texts) does not hold; `known_text` is the same text lower-cased, for names."""
+    texts) does not hold; `known_text` is the same text lower-cased, for names. Screens and buttons must be in
+    `source_text` (the sources alone, lower-cased) when given: the customer's "how do i buy stocks in the app" names
+    no "Stocks" screen."""
     claimed = extract(sentence)
     missing = [f"${v:g}" for v in sorted(claimed.money) if v not in known.money and v not in known.numbers]
     missing += [f"{v:g}%" for v in sorted(claimed.percent) if v not in known.percent]
@@ -122,6 +135,7 @@ def unsupported_facts(sentence: str, known: Facts, known_text: str) -> list[str]
     counted = claimed.money | claimed.percent
     missing += [f"{v:g}" for v in sorted(claimed.numbers - counted) if v not in known.numbers]
     missing += [n for n in claimed.names if not _name_known(n, known_text)]
+    missing += [n for n in claimed.labels if not _name_known(n, known_text if source_text is None else source_text)]
     return missing
 
 
@@ -129,4 +143,4 @@ def _name_known(name: str, known_text: str) -> bool:
     words = name.lower().replace("’", "'").split()
     # "Premier Checking" for "Larkspur Premier Checking"; a possessive or plural ("Voyager card's") still matches.
     words[-1] = re.sub(r"(?:'s|s)$", "", words[-1])
-    return bool(re.search(r"\b" + r"\s+".join(map(re.escape, words)), known_text))
+    return bool(re.search(r"(?<!\w)" + r"\s+".join(map(re.escape, words)), known_text))

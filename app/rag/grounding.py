@@ -141,7 +141,8 @@ def _unsupported_facts(answer: str, chunks: list[Chunk], idk_text: str, known: t
     for text in texts:
         facts.merge(extract(text, source=True))
     known_text = "\n".join(texts).lower().replace("’", "'")
-    found = {s: unsupported_facts(s, facts, known_text) for s in sentences}
+    source_text = "\n".join([*texts[: len(chunks)], idk_text]).lower().replace("’", "'")
+    found = {s: unsupported_facts(s, facts, known_text, source_text) for s in sentences}
     return {s: missing for s, missing in found.items() if missing}
 
 

@@ -31,6 +31,8 @@ def _missing(sentence: str, *known: str) -> list[str]:
         "One of our bankers can help you in a branch.",  # "one" is no count here
         "Before you send a wire:\n\n8.",  # a window that ends on a list marker (no 8 in the article)
         "1. Open Transfers.\n2) Choose Wire and submit it by 4 pm ET.\n 12. Confirm.",
+        "In the app, tap **Transfers > Wire transfer** and fill in the form.",  # a screen the article names
+        'Go to "Transfers > Activity" to follow it.',
     ],
 )
 def test_facts_the_sources_state_pass_in_any_format(sentence: str) -> None:
@@ -49,10 +51,21 @@ def test_facts_the_sources_state_pass_in_any_format(sentence: str) -> None:
         ("Call our wire desk at 1-800-555-0199.", "8005550199"),
         ("1. Wires of up to 7. million dollars go out the same day.", "7"),
         ("Steps:\n1. Note the fee of $60.", "$60"),
+        ('2. Navigate to the "Stocks" section and choose a share.', "Stocks"),  # a screen no source names
+        ("Tap **Wire Express** to send it faster.", "Wire Express"),
     ],
 )
 def test_a_fact_no_source_states_is_named(sentence: str, fact: str) -> None:
     assert fact in " ".join(_missing(sentence, CONTACT))
+
+
+def test_a_screen_the_customer_names_must_still_be_in_the_sources() -> None:
+    question = "how do i buy stocks in the larkspur app"
+    sentence = '2. Navigate to the "Stocks" section and choose a share.'
+    texts = "\n".join([WIRES, question])
+    assert unsupported_facts(sentence, extract(texts, source=True), texts.lower(), WIRES.lower()) == ["Stocks"]
+    assert unsupported_facts("Tap **Transfers > Wire transfer**.", extract(texts, source=True), texts.lower(),
+                             WIRES.lower()) == []
 
 
 def test_the_customers_own_figures_may_be_repeated() -> None:
