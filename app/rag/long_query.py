@@ -33,6 +33,9 @@ _INDIRECT_ASK = re.compile(
 )
 # Fewer sentences than this: a question with at most one line of context; searched as it is.
 MIN_SENTENCES = 3
+# Inside a sentence, a clause ends at a comma, semicolon or dash: "my wallet got stolen in a mugging, what's my
+# liability for the charges" tells its story in one clause and asks in the next.
+_CLAUSE_END = re.compile(r"\s*[,;]\s+|\s+[-\u2013\u2014]+\s+")
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,16 @@ def sentences(text: str) -> list[str]:
 def is_asking(sentence: str) -> bool:
     s = sentence.strip()
     return s.endswith("?") or bool(_QUESTION_OPENING.match(s)) or bool(_INDIRECT_ASK.search(s))
+
+
+def asking_clauses(text: str) -> str:
+    """The clauses of a short message that ask, when others only tell the story ("my ex has my card and keeps using
+    it, how do i kill it" -> "how do i kill it"); "" when every clause asks or none does."""
+    clauses = [c.strip() for s in sentences(text) for c in _CLAUSE_END.split(s) if c and c.strip()]
+    asking = [c for c in clauses if is_asking(c)]
+    if not asking or len(asking) == len(clauses):
+        return ""
+    return " ".join(asking)
 
 
 def split_message(text: str, *, min_sentences: int = MIN_SENTENCES) -> MessageParts:

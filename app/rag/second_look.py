@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from app.rag.long_query import asking_clauses
 from app.rag.passages import CHAT_FILLER, Coverage, question_coverage
 
 # The gate: the best passage holds at least this share of the question's idf mass. Chosen on the dev split of
@@ -57,6 +58,7 @@ IDK_WORDS_SHARE = 0.7
 
 IdkState = Literal["maybe", "idk", "no"]
 _QUOTES = "\"'`*“‘ \n\t"
+_DIGIT = re.compile(r"\d")
 _WORD = re.compile(r"[A-Za-z0-9$%][\w$%.'’-]*")
 
 
@@ -118,10 +120,15 @@ class Plan:
     prefill: bool = False  # the backend continues a final assistant message (see LEAD)
     record: dict[str, Any] = field(default_factory=dict)
     key: str = field(init=False, default="")
+    # The clauses that ask, when others tell a story ("my wallet got stolen in a mugging, what's my liability for the
+    # charges"): the gate also measures them alone, and the vet's echoes come from them only ("ex" in "my ex has my
+    # card" is the customer's story, not a subject the answer invents).
+    ask: str = field(init=False, default="")
     _best: tuple[int, Coverage] | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.key = idk_key(self.idk)
+        self.ask = asking_clauses(self.question)
 
     def state(self, text: str) -> IdkState:
         return idk_state(text, self.key) if self.key else "no"
@@ -143,12 +150,17 @@ class Plan:
     def best(self) -> tuple[int, Coverage]:
         """The source number whose passage covers the question most, and that coverage (computed once)."""
         if self._best is None:
-            covers = [
-                question_coverage(text, self.question, previous=self.previous, idf=self.idf) for text in self.passages
-            ]
+            covers = [self._coverage(text) for text in self.passages]
             n = max(range(len(covers)), key=lambda i: covers[i].share, default=0)
             self._best = (n + 1, covers[n] if covers else Coverage(0.0, frozenset()))
         return self._best
+
+    def _coverage(self, text: str) -> Coverage:
+        whole = question_coverage(text, self.question, previous=self.previous, idf=self.idf)
+        if not self.ask:
+            return whole
+        asked = question_coverage(text, self.ask, previous=self.previous, idf=self.idf)
+        return asked if asked.share > whole.share else whole
 
     def worth_it(self) -> bool:
         """The gate, noted in the record: a passage covers enough of the question to look again."""
@@ -211,11 +223,15 @@ class Plan:
         from app.rag.bm25 import tokenize
 
         known = frozenset(t for text in self.passages for t in tokenize(text))
-        asked = frozenset(tokenize(self.question)) - CHAT_FILLER
+        asked = frozenset(tokenize(self.ask or self.question)) - CHAT_FILLER
         weigh = self.idf or (lambda _term: math.inf)
         rare = ECHO_IDF_SHARE * weigh("\x00unseen")  # the weight of a word no chunk holds
-        unsupported = frozenset(t for t in (asked & frozenset(tokenize(said))) - known if weigh(t) >= rare)
-        return question_words(self.question, unsupported) if unsupported else []
+        # An amount or date the customer gave ("my card was used for $900") is their story, not a subject: the facts
+        # rail judges the figures an answer states.
+        unsupported = frozenset(
+            t for t in (asked & frozenset(tokenize(said))) - known if weigh(t) >= rare and not _DIGIT.search(t)
+        )
+        return question_words(self.ask or self.question, unsupported) if unsupported else []
 
 
 def enabled(settings: Any) -> bool:

@@ -11,7 +11,7 @@ import pytest
 
 from app.rag.embedder import MiniLMEmbedder
 from app.rag.ingest import ingest, ingest_directory
-from app.rag.long_query import split_message
+from app.rag.long_query import asking_clauses, split_message
 from app.rag.retrieve import HybridRetriever, query_identifiers
 from app.settings import PROJECT_ROOT, Settings
 from tests.rag.conftest import CORPUS, make_settings, write_corpus
@@ -94,3 +94,18 @@ def test_hybrid_keeps_up_with_dense_on_long_and_short_sets(
         dense += any(c.document_id in gold for c in retriever.dense_search(vec, 5))
     assert hybrid >= dense, (name, hybrid, dense)
     assert hybrid / len(rows) >= 0.95, (name, hybrid, len(rows))  # measured 0.958-0.984 (docs/rag.md)
+
+
+@pytest.mark.parametrize(
+    ("message", "ask"),
+    [
+        ("my wallet got stolen in a mugging, what's my liability", "what's my liability"),
+        ("im being extorted - they want a wire today; what's the wire limit", "what's the wire limit"),
+        ("my ex has my card and keeps using it, how do i kill it", "how do i kill it"),
+        ("what is the wifi password at the plaza branch", ""),  # all of it asks
+        ("someone stole my identity and my card was used for $900", ""),  # nothing asks
+        ("hey, whats the fee", "whats the fee"),
+    ],
+)
+def test_the_asking_clauses_of_a_short_message(message: str, ask: str) -> None:
+    assert asking_clauses(message) == ask

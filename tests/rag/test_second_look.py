@@ -186,3 +186,28 @@ def test_the_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     assert plan is not None and not plan.prefill
     assert make_plan(Settings(), idk=DEFAULT_IDK, question="q", history=[], messages=messages, sources=[],
                      idf=IDF) is None  # fmt: skip
+
+
+def test_a_story_told_before_the_question_neither_closes_the_gate_nor_counts_as_an_echo() -> None:
+    """'my wallet got stolen in a mugging, what's my liability...': the story's words ("mugging", no chunk holds it)
+    outweighed the question in the gate, and "ex" in "my ex has my card" was an echo that rejected a good answer."""
+    story = "my wallet got snatched by a mugger outside the opera in lisbon, how much does a replacement card cost"
+    plan = Plan(DEFAULT_IDK, story, [CORPUS["cards.md"]], idf=IDF, prefill=True)
+    assert plan.ask == "how much does a replacement card cost"
+    whole = question_coverage(CORPUS["cards.md"], story, idf=IDF).share
+    assert whole < plan.min_coverage <= plan.best()[1].share and plan.worth_it()
+    assert plan.vet(plan.lead() + " if your wallet got snatched in Lisbon, expedited delivery costs $15.")
+    assert plan.record["outcome"] == "answered"
+
+    asked = "what is the wifi password, my taxi driver in lisbon needs it"  # the ask holds the rare word: an echo
+    plan = Plan(DEFAULT_IDK, asked, [CORPUS["app-errors.txt"]], idf=IDF, prefill=True)
+    assert plan.ask == "what is the wifi password"
+    assert not plan.vet(plan.lead() + " the wifi password is QX-7731.")
+    assert plan.record["echoes"] == ["wifi", "password"]
+
+
+def test_an_amount_the_customer_gave_is_no_echo() -> None:
+    question = "someone used my debit card for $900 i didnt make"
+    plan = Plan(DEFAULT_IDK, question, [CORPUS["cards.md"]], idf=IDF, prefill=True)
+    assert plan.vet(plan.lead() + " if $900 went on your debit card, lock your debit card in the app.")
+    assert plan.record["outcome"] == "answered"
