@@ -29,10 +29,11 @@ _MONEY = re.compile(
     r"(?:\$|\bUSD\s?)\s?(\d[\d,]*(?:\.\d+)?)(\s?[kKmM]\b)?|\b(\d[\d,]*(?:\.\d+)?)\s?(?:dollars|USD)\b", re.IGNORECASE
 )
 _PERCENT = re.compile(r"\b(\d+(?:\.\d+)?)\s?(?:%|percent\b)", re.IGNORECASE)
-# A numbered list's markers ("1. Tap Cards", "2) Choose the card") at the start of a line: an answer's steps, not
-# counts. A hold-back window can end right after one ("…for the Larkspur Bank app:\n\n1."), and a step number was
-# then an unsupported "1" that replaced a correct answer with "I don't know".
-_LIST_MARKER = re.compile(r"^[ \t]*\d{1,2}[.)](?=\s|$)", re.MULTILINE)
+# A list's markers ("- ", "1. Tap Cards", "2) Choose the card") at the start of a line: an answer's steps, not counts.
+# Also at the very end of the text: a hold-back window can end right after one ("…for the Larkspur Bank app:\n\n1."),
+# and a step number was then an unsupported "1" that replaced a correct answer with "I don't know". The groundedness
+# rail strips them from its claim sentences with this same pattern (app/rag/grounding.py).
+LIST_MARKER = re.compile(r"^[ \t]*(?:[-*•]|\d{1,2}[.)])(?=\s|$)", re.MULTILINE)
 _NUMBER = re.compile(r"(?<![\w.])(\d[\d,]*(?:\.\d+)?)(?:st|nd|rd|th)?\b")
 _WORD_NUMBER = re.compile(r"\b(" + "|".join(_WORD_NUMBERS) + r")\b(?=\s+" + _COUNT_UNITS + r"\b)", re.IGNORECASE)
 _ANY_WORD_NUMBER = re.compile(r"\b(" + "|".join(_WORD_NUMBERS) + r")\b", re.IGNORECASE)
@@ -90,7 +91,7 @@ def extract(text: str, *, source: bool = False) -> Facts:
     """The facts stated in `text`. `source=True` reads number words everywhere (a lenient lookup table);
     an answer's number words count only before a unit."""
     facts = Facts()
-    text = _LIST_MARKER.sub(" ", text)
+    text = LIST_MARKER.sub(" ", text)
     for m in _PHONE.finditer(text):
         facts.phones.add(re.sub(r"\D", "", m.group(0))[-10:])
     text = _PHONE.sub(" ", text)

@@ -32,7 +32,7 @@ from app.llm.base import ChatBackend, GenerationOptions
 from app.rag.base import Chunk, Embedder
 from app.rag.chain import DEFAULT_IDK, strip_citations
 from app.rag.chunking import search_text
-from app.rag.facts import Facts, extract, unsupported_facts
+from app.rag.facts import LIST_MARKER, Facts, extract, unsupported_facts
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,6 @@ RAIL_NAME = "groundedness"
 DEFAULT_THRESHOLD = 0.35
 MIN_WORDS = 4
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])|\n+")
-_LIST_MARKER = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+")
 _SMALL_TALK = re.compile(
     r"^(hi|hello|hey|thanks|thank you|you're welcome|sure|of course|certainly|great question|i hope this helps|"
     r"hope this helps|let me know|feel free|is there anything else|happy to help|glad to help|good (morning|"
@@ -108,7 +107,7 @@ def claim_sentences(answer: str, idk_text: str = DEFAULT_IDK) -> list[str]:
     text = strip_citations(answer).replace(idk_text, " ")
     sentences = []
     for raw in _SENTENCE_END.split(text):
-        sentence = _LIST_MARKER.sub("", raw).strip(" \t*_#>")
+        sentence = LIST_MARKER.sub("", raw).strip(" \t*_#>")
         if len(re.findall(r"\w+", sentence)) < MIN_WORDS or _SMALL_TALK.match(sentence) or _IDK.search(sentence):
             continue
         sentences.append(sentence)
@@ -128,7 +127,7 @@ class _WordingPass:
 def fact_sentences(answer: str, idk_text: str = DEFAULT_IDK) -> list[str]:
     """Every sentence but the "I don't know" ones, short ones included: "It costs $99." states a fee."""
     text = strip_citations(answer).replace(idk_text, " ")
-    sentences = (_LIST_MARKER.sub("", raw).strip(" \t*_#>") for raw in _SENTENCE_END.split(text))
+    sentences = (LIST_MARKER.sub("", raw).strip(" \t*_#>") for raw in _SENTENCE_END.split(text))
     return [s for s in sentences if s and not _IDK.search(s)]
 
 

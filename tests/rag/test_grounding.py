@@ -4,7 +4,7 @@ import pytest
 
 from app.rag.base import Chunk
 from app.rag.embedder import MiniLMEmbedder
-from app.rag.grounding import acheck_groundedness, check_groundedness, claim_sentences
+from app.rag.grounding import acheck_groundedness, check_groundedness, claim_sentences, fact_sentences
 
 CHUNKS = [
     Chunk(
@@ -35,6 +35,15 @@ UNSUPPORTED = "A domestic wire costs $25 [1]. Every new customer also receives a
 def test_claim_sentences_skip_small_talk_citations_and_idk() -> None:
     text = "Hi there! Wires cost $25 each [1]. Thanks! I don't know. I couldn't find that in our knowledge base.\n- ok"
     assert claim_sentences(text) == ["Wires cost $25 each ."]
+
+
+def test_list_markers_are_no_sentences_even_where_a_window_ends() -> None:
+    """One marker pattern (app/rag/facts.py LIST_MARKER) for claims and facts: a hold-back window that ends right
+    after a step's number ("...in the app:\n\n1.") has no "1." sentence to check."""
+    window = "To lock it in the app:\n\n1. Tap **Cards**.\n2) Choose the card.\n- Turn on **Lock card**.\n\n3."
+    assert fact_sentences(window) == ["To lock it in the app:", "Tap **Cards**.", "Choose the card.",
+                                      "Turn on **Lock card**."]  # fmt: skip
+    assert fact_sentences("* Express delivery costs $15.") == ["Express delivery costs $15."]
 
 
 def test_supported_answer_is_allowed(embedder: MiniLMEmbedder) -> None:
