@@ -159,6 +159,11 @@ class Settings(BaseSettings):
     rag_second_look: bool = True
     rag_second_look_coverage: float = Field(default=0.3, ge=0.0, le=1.0)
     rag_second_look_mode: Literal["auto", "prefill", "follow_up"] = "auto"
+    # A first answer that names a rare word of the question no passage holds ("Yes, you can mail it to France.") and
+    # states no source figure becomes the "I don't know" text (app/rag/second_look.py `Plan.vet_first`). Off by default:
+    # it won two unanswerable dev tasks (the ones it was built on) but on the test half it turned a right follow-up into
+    # "I don't know" and won nothing, and it holds the first sentence of such answers (TTFT p50 +0.9 s); docs/rag.md.
+    rag_first_answer_vet: bool = False
 
     ingest_max_file_bytes: int = 20_000_000
     # MiniLM weights precision. "auto": float32 for the server's queries on the CPU (rails compare their vectors: the

@@ -167,12 +167,29 @@ class SpeculativeGeneration:
                     if len(text) > len(look.idk) + TRAILING_CHARS:
                         break  # it goes on after the "I don't know": enough read, it is not shown anyway
                     continue
-                held = False  # an answer after all, or one that goes on differently: shown as it is
+                if look.vets_first_answer() and not first_sentence_done(text):
+                    continue  # an answer to a question with words no passage holds: its first sentence is vetted
+                held = False  # an answer after all, or one that goes on differently: shown as it is (or vetted)
+                if not self._first_answer_passes(look, text):
+                    return text, False
                 self._put(text)
         if held and not look_again:
-            whole = look is not None and look.state(text) == "idk"
-            self._put(look.idk if whole and look is not None else text)  # or it ended at "I": that as it is
+            assert look is not None
+            if look.state(text) == "idk":
+                self._put(look.idk)
+            elif look.state(text) == "no" and self._first_answer_passes(look, text):
+                self._put(text)  # a whole answer of one sentence
+            elif look.state(text) == "maybe":
+                self._put(text)  # it ended at "I": that as it is
         return text, look_again
+
+    def _first_answer_passes(self, look: Plan, text: str) -> bool:
+        """A first answer (not the "I don't know") that repeats the question's words no passage holds is replaced by
+        the "I don't know" text (`Plan.vet_first`)."""
+        if not look.vets_first_answer() or look.vet_first(text):
+            return True
+        self._put(look.idk)
+        return False
 
     async def _look_again(self, look: Plan, first: str) -> None:
         """The second request, streamed in place of the first answer; on an error before it said anything, the

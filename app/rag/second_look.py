@@ -20,6 +20,11 @@ the line stays and the answer path gets a second chance instead:
                    holds (an answer about what the sources do not say); otherwise it is what the customer sees,
                    through the same output rails (the groundedness facts rail blocks an invented figure)
 
+The same echo test can guard first answers (`Plan.vet_first`, `rag_first_answer_vet`, off by default: measured not to
+help on the test half): when the question's asking words include rare ones no passage holds, the first answer's
+first sentence is held until whole, and one that names such a word ("Yes, you can mail a cashier's check to
+France.") without stating a figure the passages hold becomes the "I don't know" text.
+
 An "I don't know" that gets no second look (below the gate, or the second look's own answer) is shown as the
 configured text in full. The trace's `second_look` says what was decided (`Plan.record`). This module needs no
 model and no I/O; the streaming side is app/pipeline/generation.py.
@@ -33,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from app.rag.facts import Facts, extract, unsupported_facts
 from app.rag.long_query import asking_clauses
 from app.rag.passages import CHAT_FILLER, Coverage, question_coverage
 
@@ -59,6 +65,11 @@ IDK_WORDS_SHARE = 0.7
 IdkState = Literal["maybe", "idk", "no"]
 _QUOTES = "\"'`*“‘ \n\t"
 _DIGIT = re.compile(r"\d")
+# Words before a noun phrase: an echo after one of them names a thing ("in France"), see `Plan.named_echoes`.
+_NAMING_WORDS = frozenset({
+    "a", "an", "the", "this", "that", "these", "those", "my", "your", "our", "their", "his", "her", "its", "some",
+    "any", "no", "to", "in", "on", "at", "for", "of", "from", "with", "by", "about", "into", "via", "per",
+})
 _WORD = re.compile(r"[A-Za-z0-9$%][\w$%.'’-]*")
 
 
@@ -118,6 +129,7 @@ class Plan:
     idf: Callable[[str], float] | None = None
     min_coverage: float = MIN_COVERAGE
     prefill: bool = False  # the backend continues a final assistant message (see LEAD)
+    vet_first_answers: bool = False  # `vets_first_answer` (settings: rag_first_answer_vet, off by default)
     record: dict[str, Any] = field(default_factory=dict)
     key: str = field(init=False, default="")
     # The clauses that ask, when others tell a story ("my wallet got stolen in a mugging, what's my liability for the
@@ -125,6 +137,7 @@ class Plan:
     # card" is the customer's story, not a subject the answer invents).
     ask: str = field(init=False, default="")
     _best: tuple[int, Coverage] | None = field(init=False, default=None, repr=False)
+    _unsupported: frozenset[str] | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.key = idk_key(self.idk)
@@ -218,20 +231,70 @@ class Plan:
         own = set(words(self.idk))
         return bool(said_words) and sum(w in own for w in said_words) >= IDK_WORDS_SHARE * len(said_words)
 
+    def unsupported_terms(self) -> frozenset[str]:
+        """The question's rare terms (see ECHO_IDF_SHARE) that none of the passages holds (computed once): an answer
+        that repeats one talks about what the sources do not say. An amount or date the customer gave ("my card was
+        used for $900") is their story, not a subject: the facts rail judges the figures an answer states."""
+        if self._unsupported is None:
+            from app.rag.bm25 import tokenize
+
+            held = frozenset(t for text in self.passages for t in tokenize(text))
+            known = held | {t.replace("-", "") for t in held if "-" in t}  # the source's "cut-off" is a "cutoff"
+            asked = frozenset(tokenize(self.ask or self.question)) - CHAT_FILLER - known
+            weigh = self.idf or (lambda _term: math.inf)
+            rare = ECHO_IDF_SHARE * weigh("\x00unseen")  # the weight of a word no chunk holds
+            self._unsupported = frozenset(t for t in asked if weigh(t) >= rare and not _DIGIT.search(t))
+        return self._unsupported
+
     def echoes(self, said: str) -> list[str]:
-        """The question's rare words (see ECHO_IDF_SHARE) that `said` repeats although none of the passages holds."""
+        """The question's unsupported rare words (`unsupported_terms`) that `said` repeats."""
         from app.rag.bm25 import tokenize
 
-        known = frozenset(t for text in self.passages for t in tokenize(text))
-        asked = frozenset(tokenize(self.ask or self.question)) - CHAT_FILLER
-        weigh = self.idf or (lambda _term: math.inf)
-        rare = ECHO_IDF_SHARE * weigh("\x00unseen")  # the weight of a word no chunk holds
-        # An amount or date the customer gave ("my card was used for $900") is their story, not a subject: the facts
-        # rail judges the figures an answer states.
-        unsupported = frozenset(
-            t for t in (asked & frozenset(tokenize(said))) - known if weigh(t) >= rare and not _DIGIT.search(t)
-        )
-        return question_words(self.ask or self.question, unsupported) if unsupported else []
+        echoed = self.unsupported_terms() & frozenset(tokenize(said))
+        return question_words(self.ask or self.question, echoed) if echoed else []
+
+    def named_echoes(self, said: str) -> list[str]:
+        """The `echoes` that `said` names as a thing: after an article, a possessive or a preposition ("to France",
+        "your Netflix payment", "a safe deposit box"), or capitalised inside the sentence. A first answer restates the
+        customer's own actions in their words ("If you miss the cutoff...", "sent fast"): not a subject it invents."""
+        from app.rag.bm25 import tokenize
+
+        echoed = frozenset(tokenize(" ".join(self.echoes(said))))
+        words = _WORD.findall(said)
+        named: set[str] = set()
+        for i, word in enumerate(words):
+            terms = frozenset(tokenize(word)) & echoed
+            if terms and i > 0 and (words[i - 1].lower() in _NAMING_WORDS or word[:1].isupper()):
+                named |= terms
+        return question_words(self.ask or self.question, frozenset(named)) if named else []
+
+    def vets_first_answer(self) -> bool:
+        """Whether the first answer's first sentence must be held and vetted: the question has rare words no passage
+        holds. Other questions stream at once (nothing to hold, no time to the first token lost)."""
+        return self.vet_first_answers and bool(self.unsupported_terms())
+
+    def vet_first(self, text: str) -> bool:
+        """Whether the first answer (not the "I don't know"), from its first sentence, may be shown: one that repeats
+        the question's rare words that no passage holds ("Yes, you can mail a cashier's check to France." when no
+        source says a word about France) must state a figure the passages hold ("The cost to get your replacement card
+        sent fast is $25." answers from the source in the customer's words). Noted as `first_answer_rejected`."""
+        first = _sentences(text)[0] if text.strip() else ""
+        echoed = self.named_echoes(first) if self.vet_first_answers else []
+        if not echoed or self.states_source_figure(first):
+            return True
+        self.record["first_answer_rejected"] = {"echoes": echoed, "answer": first.strip()[:300]}
+        return False
+
+    def states_source_figure(self, sentence: str) -> bool:
+        """`sentence` states an amount, number, time or phone number, and every fact it states is in the passages."""
+        claimed = extract(sentence)
+        if not (claimed.money or claimed.percent or claimed.times or claimed.numbers or claimed.phones):
+            return False
+        known = Facts()
+        for passage in self.passages:
+            known.merge(extract(passage, source=True))
+        source_text = "\n".join(self.passages).lower().replace("\u2019", "'")
+        return not unsupported_facts(sentence, known, source_text, source_text)
 
 
 def enabled(settings: Any) -> bool:
@@ -264,4 +327,4 @@ def make_plan(
     min_coverage = float(settings.rag_second_look_coverage)
     mode = str(settings.rag_second_look_mode)
     prefill = mode == "prefill" or (mode == "auto" and prefill_ok)
-    return Plan(idk, question, passages, previous, idf, min_coverage, prefill)
+    return Plan(idk, question, passages, previous, idf, min_coverage, prefill, bool(settings.rag_first_answer_vet))

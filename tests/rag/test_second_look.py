@@ -186,6 +186,15 @@ def test_the_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     assert plan is not None and not plan.prefill
     assert make_plan(Settings(), idk=DEFAULT_IDK, question="q", history=[], messages=messages, sources=[],
                      idf=IDF) is None  # fmt: skip
+    abroad = "can you mail my wire confirmation to france"  # "france": no passage holds it
+    monkeypatch.setenv("GUARDCHAT_RAG_FIRST_ANSWER_VET", "true")
+    plan = make_plan(Settings(), idk=DEFAULT_IDK, question=abroad, history=[], messages=messages, sources=sources,
+                     idf=IDF)  # fmt: skip
+    assert plan is not None and plan.vets_first_answer()
+    monkeypatch.setenv("GUARDCHAT_RAG_FIRST_ANSWER_VET", "false")
+    plan = make_plan(Settings(), idk=DEFAULT_IDK, question=abroad, history=[], messages=messages, sources=sources,
+                     idf=IDF)  # fmt: skip
+    assert plan is not None and not plan.vets_first_answer() and plan.vet_first("Yes, we mail it to France.")
 
 
 def test_a_story_told_before_the_question_neither_closes_the_gate_nor_counts_as_an_echo() -> None:
