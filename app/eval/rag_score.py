@@ -43,17 +43,14 @@ def is_idk(answer: str) -> bool:
 
 def unsupported_sentences(answer: str, known_texts: list[str], idk_text: str) -> list[str]:
     """The sentences of `answer` stating a fact that none of `known_texts` holds."""
-    from app.rag.facts import Facts, extract, unsupported_facts
+    from app.rag.facts import known_facts, lookup_text, unsupported_facts
     from app.rag.grounding import fact_sentences
 
     sentences = fact_sentences(answer, idk_text)
     if not sentences:
         return []
     texts = [*known_texts, idk_text]
-    facts = Facts()
-    for text in texts:
-        facts.merge(extract(text, source=True))
-    known_text = "\n".join(texts).lower().replace("\u2019", "'")
+    facts, known_text = known_facts(texts), lookup_text(texts)
     return [s for s in sentences if unsupported_facts(s, facts, known_text)]
 
 

@@ -175,12 +175,11 @@ class SpeculativeGeneration:
                 self._put(text)
         if held and not look_again:
             assert look is not None
-            if look.state(text) == "idk":
+            state = look.state(text)
+            if state == "idk":
                 self._put(look.idk)
-            elif look.state(text) == "no" and self._first_answer_passes(look, text):
-                self._put(text)  # a whole answer of one sentence
-            elif look.state(text) == "maybe":
-                self._put(text)  # it ended at "I": that as it is
+            elif state == "maybe" or self._first_answer_passes(look, text):
+                self._put(text)  # it ended at "I" (that as it is), or a whole answer of one sentence
         return text, look_again
 
     def _first_answer_passes(self, look: Plan, text: str) -> bool:

@@ -11,6 +11,7 @@ groundedness rail treats such a sentence as unsupported whatever its similarity 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 _WORD_NUMBERS = {
@@ -121,6 +122,19 @@ def extract(text: str, *, source: bool = False) -> Facts:
         # Whatever the source calls a thing, any of its times also count as the hours they name ("4 pm" = 4).
         facts.numbers |= {float(int(t[:2]) % 12 or 12) for t in facts.times}
     return facts
+
+
+def known_facts(texts: Iterable[str]) -> Facts:
+    """The facts of texts an answer may state facts from (sources, the question, the contact line), read as sources."""
+    facts = Facts()
+    for text in texts:
+        facts.merge(extract(text, source=True))
+    return facts
+
+
+def lookup_text(texts: Iterable[str]) -> str:
+    """`texts` joined, lower-cased, apostrophes straightened: what names and labels are looked up in."""
+    return "\n".join(texts).lower().replace("\u2019", "'")
 
 
 def unsupported_facts(sentence: str, known: Facts, known_text: str, source_text: str | None = None) -> list[str]:

@@ -32,7 +32,7 @@ from app.llm.base import ChatBackend, GenerationOptions
 from app.rag.base import Chunk, Embedder
 from app.rag.chain import DEFAULT_IDK, strip_citations
 from app.rag.chunking import search_text
-from app.rag.facts import LIST_MARKER, Facts, extract, unsupported_facts
+from app.rag.facts import LIST_MARKER, known_facts, lookup_text, unsupported_facts
 
 log = logging.getLogger(__name__)
 
@@ -136,11 +136,9 @@ def _unsupported_facts(answer: str, chunks: list[Chunk], idk_text: str, known: t
     if not sentences:
         return {}
     texts = [*(f"{c.title}\n{c.content}" for c in chunks), *known, idk_text]
-    facts = Facts()
-    for text in texts:
-        facts.merge(extract(text, source=True))
-    known_text = "\n".join(texts).lower().replace("’", "'")
-    source_text = "\n".join([*texts[: len(chunks)], idk_text]).lower().replace("’", "'")
+    facts = known_facts(texts)
+    known_text = lookup_text(texts)
+    source_text = lookup_text([*texts[: len(chunks)], idk_text])
     found = {s: unsupported_facts(s, facts, known_text, source_text) for s in sentences}
     return {s: missing for s, missing in found.items() if missing}
 

@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from app.rag.facts import Facts, extract, unsupported_facts
+from app.rag.facts import extract, known_facts, lookup_text, unsupported_facts
 from app.rag.long_query import asking_clauses
 from app.rag.passages import CHAT_FILLER, Coverage, question_coverage
 
@@ -290,11 +290,8 @@ class Plan:
         claimed = extract(sentence)
         if not (claimed.money or claimed.percent or claimed.times or claimed.numbers or claimed.phones):
             return False
-        known = Facts()
-        for passage in self.passages:
-            known.merge(extract(passage, source=True))
-        source_text = "\n".join(self.passages).lower().replace("\u2019", "'")
-        return not unsupported_facts(sentence, known, source_text, source_text)
+        source_text = lookup_text(self.passages)
+        return not unsupported_facts(sentence, known_facts(self.passages), source_text, source_text)
 
 
 def enabled(settings: Any) -> bool:
