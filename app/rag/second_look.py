@@ -259,7 +259,7 @@ class Plan:
         customer's own actions in their words ("If you miss the cutoff...", "sent fast"): not a subject it invents."""
         from app.rag.bm25 import tokenize
 
-        echoed = frozenset(tokenize(" ".join(self.echoes(said))))
+        echoed = self.unsupported_terms() & frozenset(tokenize(said))
         words = _WORD.findall(said)
         named: set[str] = set()
         for i, word in enumerate(words):
