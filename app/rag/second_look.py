@@ -324,4 +324,7 @@ def make_plan(
     min_coverage = float(settings.rag_second_look_coverage)
     mode = str(settings.rag_second_look_mode)
     prefill = mode == "prefill" or (mode == "auto" and prefill_ok)
-    return Plan(idk, question, passages, previous, idf, min_coverage, prefill, bool(settings.rag_first_answer_vet))
+    return Plan(
+        idk, question, passages, previous=previous, idf=idf, min_coverage=min_coverage, prefill=prefill,
+        vet_first_answers=bool(settings.rag_first_answer_vet),
+    )
