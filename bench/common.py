@@ -37,13 +37,21 @@ QUIET_ENV = {
 def machine_info() -> dict[str, Any]:
     """nproc, CPU model, RAM and the load at the time of the run (the box may be shared)."""
     cpu = platform.processor() or ""
+    ids: list[str] = []  # "AMD EPYC" alone says neither Zen 1 nor Zen 4: family and model do
+    simd: list[str] = []
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key == "model name":
+                cpu = value
+            elif key in ("cpu family", "model"):
+                ids.append(f"{key} {value}")
+            elif key == "flags":  # what decides llama.cpp's speed: AVX2, AVX-512, AMX
+                simd = sorted(f for f in value.split() if f.startswith(("avx", "amx")))
                 break
     except OSError:
         pass
+    cpu = ", ".join([cpu, *ids])
     mem_gib = 0.0
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -54,6 +62,7 @@ def machine_info() -> dict[str, Any]:
     return {
         "nproc": os.cpu_count(),
         "cpu": cpu,
+        "cpu_simd_flags": simd,
         "ram_gib": round(mem_gib, 1),
         "loadavg_1m_when_written": round(os.getloadavg()[0], 2),
         "python": platform.python_version(),
@@ -152,6 +161,7 @@ def start_child(
     ready_path: str = "/v1/models",
     timeout: float = 300,
     log_dir: Path | None = None,
+    cwd: Path | None = None,
 ) -> Child:
     """Starts `args` (which must listen on `port`) and waits until GET `ready_path` answers 200."""
     log_dir = log_dir or CACHE_DIR / "logs"
@@ -159,7 +169,7 @@ def start_child(
     log_path = log_dir / f"{name}-{port}.log"
     child_env = {**os.environ, **QUIET_ENV, **(env or {})}
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(args, cwd=PROJECT_ROOT, env=child_env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(args, cwd=cwd or PROJECT_ROOT, env=child_env, stdout=log, stderr=subprocess.STDOUT)
     child = Child(name, proc, port, log_path)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
