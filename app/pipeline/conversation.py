@@ -11,19 +11,53 @@ from __future__ import annotations
 import re
 
 # Phrases that point back at the conversation, kept narrow ("what's my name", not "my name"; "that simpler", not
-# "simpler"): a match with history skips the sources, so a bank question must not match.
+# "simpler"): a match with history skips the sources, so a bank question must not match. Most need a referent
+# ("that", "it", "your answer", "you said"): "can I get statements in Spanish" is a bank question, "can you put
+# that in Spanish" is not.
+_REFERENT = r"(?:that|it|this|those|your (?:last |previous |earlier |first )?(?:answer|reply|response|explanation))"
 _PATTERNS = (
     r"what(?:'?s| is| was) my name|(?:remember|know) my name|who am i",  # "whats": customers drop apostrophes
-    r"what did (?:you|i) (?:just )?(?:say|said|ask|write|mention)",
+    r"what did (?:you|i) (?:just )?(?:say|said|ask|write|mention|tell(?: you)?)|have i asked",
     r"what (?:was|were) (?:my|the|your) (?:last |previous |first |earlier )?(?:question|message|answer|name)",
-    r"you (?:just )?(?:said|told|mentioned|wrote)|i (?:just )?(?:said|told you|mentioned|asked)",
-    r"(?:say|explain|put|repeat|rephrase|word) (?:that|it|this)"
-    r"(?: again| more simply| simpler| in (?:simpler|plain|other) (?:words|english|terms)| like| as)?",
+    r"you (?:just |already |earlier )?(?:said|told|mentioned|wrote|gave|listed|explained|described|suggested|meant)"
+    r"|did you (?:just )?(?:say|mention|tell me|write|give me)",
+    # "I asked for $40 and got $20", "i said not me" are bank questions: the customer's own words need more
+    r"i (?:just |already )?(?:told you|asked you|mentioned (?:earlier|before))|(?:as|like) i said|"
+    r"what i (?:said|asked)",
+    r"(?:say|explain|repeat|rephrase|reword|word|simplify|shorten|summari[sz]e|clarify|translate|rewrite|"
+    r"go over|expand on|elaborate on|give me|go back to) " + _REFERENT + r"|break (?:that|it|this) down|"
+    r"make (?:that|it|this) (?:shorter|simpler|clearer|easier)|(?:the|your) (?:last|previous|earlier) "
+    r"(?:answer|reply|response|explanation)|"
+    # not "where do I put it?", "put it into an index fund"
+    r"put (?:that|it|this|your answer) (?:another way|differently|more simply|simply|(?:in|into) (?:other|simple|"
+    r"simpler|plain|one|a sentence|bullet|a list|a numbered|a table|spanish|english|french|layman))",
     r"repeat (?:the|that|it|your)|more simply|(?:that|it) simpler|in (?:one|a) sentence",
-    r"summari[sz]e (?:our|this|the) (?:chat|conversation|discussion)|what (?:have we|did we) (?:talk|discuss|cover)",
-    r"(?:the )?(?:second|third|first|last) (?:step|point|one)|earlier you|as (?:you|i) said|like you said",
+    r"(?:summari[sz]e|sum up) (?:our|this|the) (?:chat|conversation|discussion)|"
+    r"what (?:have we|did we) (?:talk|discuss|cover)|what have we talked",
+    r"(?:the )?(?:second|third|first|last) (?:step|point|one)|earlier you|as you said|like you said",
+    r"what (?:do|did) you mean|what you (?:meant|said)",
+    r"(?:^|\bi |sorry,? )(?:didn'?t|did not|don'?t|do not|couldn'?t) (?:catch|get|understand|follow) "
+    r"(?:(?:that|it)(?=\W*$)|you\b|what you|your (?:last |previous )?(?:answer|reply|response|explanation|point))|"
+    r"\bi (?:didn'?t|don'?t|do not|did not) (?:follow|understand)(?=\W*$)",  # not "they didn't get it"
+    r"you lost me|missed (?:that|what you)|come again|tl;? ?dr|dumb (?:it|that) down|in a nutshell|the gist|"
+    r"(?:the )?(?:short|shorter|quick|simple|simpler) version|that was confusing",
+    r"what (?:was|were) (?:that|those) (?:\w+ )?(?:number|fee|amount|rate|address|date|deadline|limit|link|"
+    r"website|code|steps?)|what (?:was|were) step \w+|recap",  # not "what is that fee?" (on my statement)
+    # ending on "again": it was said before ("what were the steps again", "list those steps again")
+    r"(?:what (?:was|were|is|are|'s) (?:the|that|those|your)|list|say|tell me|give me|show me|explain|go over|"
+    r"walk me through) (?:\S+ ){0,3}?again(?=\W*$)",
 )
 _ABOUT_CONVERSATION = re.compile(r"\b(?:" + "|".join(_PATTERNS) + r")\b", re.IGNORECASE)
+# A whole message that only asks for the last answer again, or for it told differently ("huh?", "one more time
+# please", "explain like I'm five", "what does that mean?"): with words of its own around it, "that" is in the
+# message ("I got a letter saying my account is garnished, what does that mean?").
+_BARE_REQUEST = re.compile(
+    r"\W*(?:(?:ok|okay|sorry|wait|hm+|um+|so)\W+)?(?:huh|what|wut|pardon|sorry|again|say again|once more|"
+    r"one more time|in (?:plain|simple) (?:english|words|terms)|what does (?:that|this|it) mean|"
+    r"what(?:'?s| is) that mean|(?:(?:can you |could you |pls |please )?(?:explain|say|put) (?:it |that |this )?)?"
+    r"(?:to me )?like i'?m (?:five|5|a (?:kid|child)|a five year old)|eli5)(?:\W+(?:please|pls|again))?\W*",
+    re.IGNORECASE,
+)
 
 INSTRUCTION = (
     "The customer's last message is about this conversation itself. Answer it from the conversation above only: "
@@ -61,7 +95,7 @@ def small_talk_messages(system_prompt: str, history: list[dict[str, str]], messa
 
 
 def about_conversation(question: str) -> bool:
-    return bool(_ABOUT_CONVERSATION.search(question))
+    return bool(_ABOUT_CONVERSATION.search(question) or _BARE_REQUEST.fullmatch(question.strip()))
 
 
 TRANSCRIPT_TURNS = 8  # the last messages a transcript shows (each side's), enough for "what was my first question?"
