@@ -3,8 +3,9 @@
 - `public_holdout`: the held-out slice of ../shared/eval (app/eval/holdout.py): every held-out harmful request,
   chit-chat line and system-prompt extraction, and every held-out jailbreak template wrapped around a held-out
   harmful request;
-- `guard_heldout`: app/eval/data/guard_heldout.jsonl and guard_lookalike_probe.jsonl (look-alikes and their harmful
-  twins, `probe_*`), written for evaluation only, per category;
+- `guard_heldout`: app/eval/data/guard_heldout.jsonl, guard_lookalike_probe.jsonl (look-alikes and their harmful
+  twins, `probe_*`) and guard_bank_probe.jsonl (bank questions and their twins, `probe_bank_*`), written for
+  evaluation only, per category;
 - `topic`: app/eval/data/topic_dev.jsonl, on-domain questions refused and off-topic/advice requests refused.
 
 `guardchat eval safety` measures the whole guard (rails, examples, topic rail); docs/evaluation.md has both.
@@ -26,6 +27,8 @@ ROOT = Path(__file__).resolve().parents[2]
 GUARD_HELDOUT = ROOT / "app" / "eval" / "data" / "guard_heldout.jsonl"
 # A second author's look-alikes and their harmful twins (session 12), written for evaluation only.
 LOOKALIKE_PROBE = ROOT / "app" / "eval" / "data" / "guard_lookalike_probe.jsonl"
+# A third author's bank questions with money-moving and alarming words, and their harmful twins (session 14).
+BANK_PROBE = ROOT / "app" / "eval" / "data" / "guard_bank_probe.jsonl"
 TOPIC_DEV = ROOT / "app" / "eval" / "data" / "topic_dev.jsonl"
 
 
@@ -69,7 +72,7 @@ def heldout_report(model: GuardModel, eval_dir: Path) -> dict[str, Any]:
     if (Path(eval_dir) / "harmful_dev.jsonl").exists():
         for name, (texts, expected) in public_holdout_sets(Path(eval_dir)).items():
             report["public_holdout"][name] = _row(expected, decisions(model, texts)[0])
-    rows = [row for path in (GUARD_HELDOUT, LOOKALIKE_PROBE) if path.exists() for row in _jsonl(path)]
+    rows = [row for path in (GUARD_HELDOUT, LOOKALIKE_PROBE, BANK_PROBE) if path.exists() for row in _jsonl(path)]
     if rows:
         blocked, _ = decisions(model, [r["text"] for r in rows])
         for cat in dict.fromkeys(r["category"] for r in rows):
