@@ -20,16 +20,14 @@ from typing import Any
 
 import numpy as np
 
+from app.guard.finetune_data import EVAL_DATA, EVAL_FILES
 from app.guard.guard_model import GuardModel
 from app.guard.train_data import SLOT
 
-ROOT = Path(__file__).resolve().parents[2]
-GUARD_HELDOUT = ROOT / "app" / "eval" / "data" / "guard_heldout.jsonl"
-# A second author's look-alikes and their harmful twins (session 12), written for evaluation only.
-LOOKALIKE_PROBE = ROOT / "app" / "eval" / "data" / "guard_lookalike_probe.jsonl"
-# A third author's bank questions with money-moving and alarming words, and their harmful twins (session 14).
-BANK_PROBE = ROOT / "app" / "eval" / "data" / "guard_bank_probe.jsonl"
-TOPIC_DEV = ROOT / "app" / "eval" / "data" / "topic_dev.jsonl"
+TOPIC_DEV = EVAL_DATA / "topic_dev.jsonl"
+# The evaluation files training keeps away from (finetune_data.EVAL_FILES), reported per category: guard_heldout,
+# a second author's look-alikes (session 12) and a third author's bank questions (session 14), with their twins.
+PROBE_FILES = tuple(path for path in EVAL_FILES if path != TOPIC_DEV)
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
@@ -72,7 +70,7 @@ def heldout_report(model: GuardModel, eval_dir: Path) -> dict[str, Any]:
     if (Path(eval_dir) / "harmful_dev.jsonl").exists():
         for name, (texts, expected) in public_holdout_sets(Path(eval_dir)).items():
             report["public_holdout"][name] = _row(expected, decisions(model, texts)[0])
-    rows = [row for path in (GUARD_HELDOUT, LOOKALIKE_PROBE, BANK_PROBE) if path.exists() for row in _jsonl(path)]
+    rows = [row for path in PROBE_FILES if path.exists() for row in _jsonl(path)]
     if rows:
         blocked, _ = decisions(model, [r["text"] for r in rows])
         for cat in dict.fromkeys(r["category"] for r in rows):

@@ -14,7 +14,8 @@ import re
 # "simpler"): a match with history skips the sources, so a bank question must not match. Most need a referent
 # ("that", "it", "your answer", "you said"): "can I get statements in Spanish" is a bank question, "can you put
 # that in Spanish" is not.
-_REFERENT = r"(?:that|it|this|those|your (?:last |previous |earlier |first )?(?:answer|reply|response|explanation))"
+_ANSWER = r"(?:answer|reply|response|explanation)"  # what the assistant said, as customers name it
+_REFERENT = r"(?:that|it|this|those|your (?:last |previous |earlier |first )?" + _ANSWER + ")"
 _PATTERNS = (
     r"what(?:'?s| is| was) my name|(?:remember|know) my name|who am i",  # "whats": customers drop apostrophes
     r"what did (?:you|i) (?:just )?(?:say|said|ask|write|mention|tell(?: you)?)|have i asked",
@@ -26,8 +27,7 @@ _PATTERNS = (
     r"what i (?:said|asked)",
     r"(?:say|explain|repeat|rephrase|reword|word|simplify|shorten|summari[sz]e|clarify|translate|rewrite|"
     r"go over|expand on|elaborate on|give me|go back to) " + _REFERENT + r"|break (?:that|it|this) down|"
-    r"make (?:that|it|this) (?:shorter|simpler|clearer|easier)|(?:the|your) (?:last|previous|earlier) "
-    r"(?:answer|reply|response|explanation)|"
+    r"make (?:that|it|this) (?:shorter|simpler|clearer|easier)|(?:the|your) (?:last|previous|earlier) " + _ANSWER + "|"
     # not "where do I put it?", "put it into an index fund"
     r"put (?:that|it|this|your answer) (?:another way|differently|more simply|simply|(?:in|into) (?:other|simple|"
     r"simpler|plain|one|a sentence|bullet|a list|a numbered|a table|spanish|english|french|layman))",
@@ -37,7 +37,7 @@ _PATTERNS = (
     r"(?:the )?(?:second|third|first|last) (?:step|point|one)|earlier you|as you said|like you said",
     r"what (?:do|did) you mean|what you (?:meant|said)",
     r"(?:^|\bi |sorry,? )(?:didn'?t|did not|don'?t|do not|couldn'?t) (?:catch|get|understand|follow) "
-    r"(?:(?:that|it)(?=\W*$)|you\b|what you|your (?:last |previous )?(?:answer|reply|response|explanation|point))|"
+    r"(?:(?:that|it)(?=\W*$)|you\b|what you|your (?:last |previous )?(?:" + _ANSWER + "|point))|"
     r"\bi (?:didn'?t|don'?t|do not|did not) (?:follow|understand)(?=\W*$)",  # not "they didn't get it"
     r"you lost me|missed (?:that|what you)|come again|tl;? ?dr|dumb (?:it|that) down|in a nutshell|the gist|"
     r"(?:the )?(?:short|shorter|quick|simple|simpler) version|that was confusing",
