@@ -9,8 +9,11 @@ from typing import Any
 import numpy as np
 
 from app.guard.base import AssistantTexts
+from app.llm.base import ChatBackend
 from app.pipeline.conversation import (
+    NameCheckedLLM,
     about_conversation,
+    asks_name,
     conversation_messages,
     is_small_talk,
     small_talk_messages,
@@ -115,6 +118,15 @@ def prime_grounding(state: AppState, sources: list[Chunk]) -> None:
 def answered_from(question: str, history: list[dict[str, str]]) -> str:
     """What a RAG turn without sources is answered from (the trace's `answered_from`): see `build_prompt`."""
     return "conversation" if history and about_conversation(question) else "small_talk"
+
+
+def answering_llm(state: AppState, question: str, history: list[dict[str, str]], use_rag: bool) -> ChatBackend:
+    """The backend that answers the turn: the state's, or for a question about the customer's name that the history
+    answers (`build_prompt`), one that checks the name it states against the customer's messages."""
+    if use_rag and history and about_conversation(question) and asks_name(question):
+        return NameCheckedLLM(state.llm, history)
+    llm: ChatBackend = state.llm
+    return llm
 
 
 def bm25_idf(state: AppState) -> Callable[[str], float] | None:

@@ -9,6 +9,11 @@ safety output rails still run on it).
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from app.llm.base import ChatBackend, Completion, GenerationOptions, Usage
 
 # Phrases that point back at the conversation, kept narrow ("what's my name", not "my name"; "that simpler", not
 # "simpler"): a match with history skips the sources, so a bank question must not match. Most need a referent
@@ -124,5 +129,77 @@ def conversation_messages(system_prompt: str, history: list[dict[str, str]], que
     question"; a transcript it can read from gets it right."""
     shown = transcript(history) or "(nothing yet)"
     ask = f"Our conversation so far:\n\n{shown}\n\nMy new message, about this conversation: {question.strip()}"
-    return [{"role": "system", "content": f"{system_prompt.strip()}\n\n{INSTRUCTION}"},
+    instruction = f"{INSTRUCTION} {NAME_INSTRUCTION}" if asks_name(question) else INSTRUCTION
+    return [{"role": "system", "content": f"{system_prompt.strip()}\n\n{instruction}"},
             {"role": "user", "content": ask}]
+
+
+# Asked for their name, the 1.5B model answered "Yes, I remember your name." or, never told one, "Your name is
+# Larkspur Bank." (dialogues of our own, session 15): the instruction asks for the name itself, and an answer that
+# names the customer with no word of their own messages is replaced by NO_NAME (NameCheckedLLM).
+_ASKS_NAME = re.compile(
+    r"\b(?:what(?:'?s| is| was) my name|(?:remember|know|recall|forget|forgot) my name|who am i(?= again\b|\W*$)|"
+    r"what did i say my name|what name did i)",
+    re.IGNORECASE,
+)
+NAME_INSTRUCTION = (
+    'Asked about their name, say the name the customer gave in their own messages ("Your name is ..."); if they '
+    "never gave one, say that they have not told you their name."
+)
+NO_NAME = "You haven't told me your name in this conversation."
+_NAMED_AS = re.compile(
+    r"\b(?:your name (?:is|was)|you are|you're|you said (?:you were|it was|it's))\s+[\"'\u201c\[<(]?"
+    r"([^\W\d_][\w'-]*)",
+    re.IGNORECASE,
+)
+
+
+def asks_name(question: str) -> bool:
+    return bool(_ASKS_NAME.search(question))
+
+
+def names_someone_else(answer: str, history: list[dict[str, str]]) -> bool:
+    """The answer calls the customer by a name (or "you are ...") none of their messages holds."""
+    named = [m.group(1).lower() for m in _NAMED_AS.finditer(answer)]
+    said = " ".join(m["content"] for m in history if m.get("role") == "user").lower()
+    words = set(re.findall(r"[^\W\d_][\w'-]*", said))
+    return bool(named) and not any(name in words for name in named)
+
+
+class NameCheckedLLM:
+    """The chat backend for a question about the customer's name: the answer (a few words) is read whole, and one
+    that names the customer with a word none of their messages holds becomes NO_NAME. Everything else is `llm`'s."""
+
+    def __init__(self, llm: ChatBackend, history: list[dict[str, str]]) -> None:
+        self._llm, self._history = llm, history
+        self.model_name = llm.model_name
+
+    def stream(
+        self,
+        messages: list[dict[str, str]],
+        options: GenerationOptions | None = None,
+        *,
+        on_usage: Callable[[Usage], None] | None = None,
+    ) -> AsyncIterator[str]:
+        return self._checked(messages, options, on_usage)
+
+    async def _checked(
+        self,
+        messages: list[dict[str, str]],
+        options: GenerationOptions | None,
+        on_usage: Callable[[Usage], None] | None,
+    ) -> AsyncIterator[str]:
+        answer = "".join([delta async for delta in self._llm.stream(messages, options, on_usage=on_usage)])
+        yield NO_NAME if names_someone_else(answer, self._history) else answer
+
+    async def complete(self, messages: list[dict[str, str]], options: GenerationOptions | None = None) -> Completion:
+        return await self._llm.complete(messages, options)
+
+    async def complete_prompt(self, prompt: str, options: GenerationOptions | None = None) -> Completion:
+        return await self._llm.complete_prompt(prompt, options)
+
+    async def health(self) -> None:
+        await self._llm.health()
+
+    async def aclose(self) -> None:  # the state's backend is closed by its owner
+        return None

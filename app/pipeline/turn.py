@@ -172,7 +172,8 @@ class TurnRunner:
                 # Speculative: start generating now; tokens wait in a queue until the input rails pass.
                 # A second look when it answers "I don't know" while a source covers the question (docs/rag.md).
                 look = second_look_plan(st, user_text, history, messages, sources, texts.idk) if use_rag else None
-                generation = SpeculativeGeneration.start(st.llm, messages, options, look)
+                llm = context.answering_llm(st, user_text, history, use_rag)
+                generation = SpeculativeGeneration.start(llm, messages, options, look)
             decision: GuardDecision = await input_task
         except BaseException:
             _cancel(early_embed)

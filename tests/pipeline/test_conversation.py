@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from app.pipeline.conversation import about_conversation, conversation_messages
+from app.pipeline.conversation import about_conversation, asks_name, conversation_messages, names_someone_else
 
 
 @pytest.mark.parametrize("text", [
@@ -71,3 +71,32 @@ def test_the_prompt_shows_the_dialogue_as_a_transcript() -> None:
     assert "x" not in shown.split("\n")  # only user and assistant turns
     assert "Assistant: It is $45 [1]." in shown and shown.count("More detail.") < 80  # long answers cut
     assert shown.endswith("what was my last question?")
+
+
+@pytest.mark.parametrize(
+    ("answer", "first_message", "made_up"),
+    [
+        ("Your name is Larkspur Bank.", "how do I order checks?", True),
+        ("You are Deshawn.", "Good morning, I'm Deshawn. How do I close savings?", False),
+        ("Yes, your name is Kwame.", "my name is kwame and I lost my card", False),
+        ("You're right, your name is Priya.", "Hi, this is Priya. Fee for a cashier's check?", False),
+        ("You said your name was \u201cMarta\u201d.", "Hey! Marta here.", False),
+        ("You are Sam.", "Hey! Marta here.", True),
+        ("Your name is [Customer's name].", "how do I order checks?", True),  # the 1.5B model's placeholder
+        ("You haven't told me your name yet.", "how do I order checks?", False),  # names nobody
+        ("Yes, I remember your name.", "Hey! Marta here.", False),  # unverifiable, not a made-up name
+    ],
+)
+def test_a_stated_name_must_be_one_the_customer_wrote(answer: str, first_message: str, made_up: bool) -> None:
+    history = [{"role": "user", "content": first_message}, {"role": "assistant", "content": "Sure, Sam can help."}]
+    assert names_someone_else(answer, history) is made_up  # the assistant's own words do not count
+
+
+@pytest.mark.parametrize("text", ["what's my name?", "do you remember my name", "Who am I again?", "whats my name"])
+def test_questions_about_the_customers_name(text: str) -> None:
+    assert asks_name(text) and about_conversation(text)
+
+
+@pytest.mark.parametrize("text", ["what name is on my account?", "can I change my name on my card", "who am I paying"])
+def test_bank_questions_with_a_name_are_not(text: str) -> None:
+    assert not asks_name(text)

@@ -320,6 +320,38 @@ async def test_a_question_about_the_conversation_is_answered_from_the_history(
     assert alone.answer == state.rails.current.guard.texts.idk  # no history: nothing to answer from
 
 
+async def test_a_name_the_customer_never_gave_is_not_stated_as_theirs(
+    redis_store_factory: StoreFactory, embedder, tmp_path: Path
+) -> None:
+    """Asked "what's my name?" by a customer who never said it, the 1.5B model answered "Your name is Larkspur
+    Bank.": a name none of the customer's messages holds becomes "you haven't told me"; one they gave stays."""
+    from app.pipeline.conversation import NAME_INSTRUCTION, NO_NAME
+
+    settings = make_settings(tmp_path)
+    ingest(write_corpus(settings.knowledge_dir, CORPUS), settings, embedder=embedder, progress=False)
+    prompts: list[list[dict[str, str]]] = []
+
+    async def handler(request, body):
+        prompts.append(body["messages"])
+        return wire.stream_response(wire.sse(["Your name ", "is Larkspur ", "Bank."]))
+
+    def dialogue(first: str) -> list[dict[str, str]]:
+        return [{"role": "user", "content": first}, {"role": "assistant", "content": "Open the app [1]."},
+                {"role": "user", "content": "what's my name?"}]
+
+    with wire.serve({("POST", "/v1/chat/completions"): handler}) as server:
+        llm = OpenAICompatClient(server.base_url, "m")
+        state = pipeline_state(settings, llm, redis_store_factory(), embedder, HybridRetriever(settings))
+        try:
+            never_said = await TurnRunner(state).run(TurnRequest(messages=dialogue("How do I freeze my card?")))
+            said = await TurnRunner(state).run(TurnRequest(messages=dialogue("hi its larkspur, card frozen?")))
+        finally:
+            await llm.aclose()
+    assert never_said.answer == NO_NAME and not never_said.blocked
+    assert said.answer == "Your name is Larkspur Bank."  # the customer's own word: not ours to doubt
+    assert all(NAME_INSTRUCTION in prompt[0]["content"] for prompt in prompts) and len(prompts) == 2
+
+
 async def test_nothing_relevant_retrieved_answers_i_dont_know_at_once_but_greetings_get_a_reply(
     redis_store_factory: StoreFactory, embedder, tmp_path: Path
 ) -> None:
