@@ -21,11 +21,11 @@ from redis.exceptions import RedisError
 
 from app.admin.publisher import RailsInvalid, RailsPublisher
 from app.admin.versions import StoreEmpty, VersionConflict, VersionInfo, VersionNotFound
-from app.admin.wiring import PUBLISHER_KEY, build_rails_publisher
+from app.admin.wiring import PUBLISHER_KEY
 from app.api.deps import StateDep
 from app.api.errors import APIError, error_body
 
-__all__ = ["router", "build_rails_publisher"]
+__all__ = ["router"]
 
 log = logging.getLogger(__name__)
 

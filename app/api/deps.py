@@ -6,7 +6,6 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from app.settings import Settings
 from app.state import AppState
 
 # Dependencies are `async def` even with nothing to await: FastAPI runs a plain `def` dependency in its
@@ -18,9 +17,4 @@ async def get_state(request: Request) -> AppState:
     return state
 
 
-async def get_app_settings(request: Request) -> Settings:
-    return (await get_state(request)).settings
-
-
 StateDep = Annotated[AppState, Depends(get_state)]
-SettingsDep = Annotated[Settings, Depends(get_app_settings)]

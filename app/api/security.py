@@ -86,10 +86,6 @@ class Principal:
     kind: Literal["anonymous", "chat", "admin"]
     owner: str | None = None  # hash of the key; stored as the owner of the sessions this caller creates
 
-    @property
-    def is_admin(self) -> bool:
-        return self.kind == "admin"
-
 
 ANONYMOUS = Principal("anonymous")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -133,9 +133,3 @@ def timed_store_operation(operation: str) -> Iterator[None]:
         STORE_LATENCY.labels(operation).observe(time.perf_counter() - start)
 
 
-def sample_value(name: str, labels: dict[str, str] | None = None) -> float:
-    """The current value of one sample in the default registry (0.0 when absent); for tests and the eval."""
-    from prometheus_client import REGISTRY
-
-    value: Any = REGISTRY.get_sample_value(name, labels or {})
-    return float(value or 0.0)

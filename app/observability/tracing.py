@@ -65,16 +65,6 @@ def request_span(scope: MutableMapping[str, Any]) -> Iterator[Any]:
                 span.set_attribute("http.route", route)
 
 
-@contextmanager
-def stage_span(name: str, **attributes: Any) -> Iterator[Any]:
-    """A live span around one stage, for code that wants exact stage boundaries."""
-    if _tracer is None:
-        yield None
-        return
-    with _tracer.start_as_current_span(f"guardchat.{name}", attributes=attributes) as span:
-        yield span
-
-
 def record_turn_span(result: TurnResult) -> None:
     if _tracer is None:
         return

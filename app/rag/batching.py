@@ -45,10 +45,6 @@ class BatchingEmbedder:
         self.passes = 0
         self.texts_embedded = 0
 
-    @property
-    def mean_batch(self) -> float:
-        return self.texts_embedded / self.passes if self.passes else 0.0
-
     def embed(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)

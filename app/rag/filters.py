@@ -148,12 +148,3 @@ class PatternChunkFilter:
         return verdicts
 
 
-def default_chunk_filter(embedder: Embedder, threshold: float | None = None) -> ChunkFilter:
-    """The detector + pattern filter when the detector's weights load, else the patterns alone (logged)."""
-    try:
-        from app.guard.detector import Detector
-
-        return InjectionChunkFilter(Detector.load(), embedder, threshold)
-    except Exception as exc:  # missing weights must not disable the rail altogether
-        log.warning("injection detector unavailable for the retrieval rail (%s); using the regex fallback", exc)
-        return PatternChunkFilter()

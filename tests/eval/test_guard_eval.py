@@ -14,7 +14,6 @@ from app.eval import eval_guard
 from app.eval.cli import eval_app
 from app.eval.data import TOPIC_DATA, load_rows
 from app.eval.runner import in_process_guard, run_guard_eval
-from app.guard.evaluate import run_safety_eval
 from app.settings import Settings
 from tests.eval.conftest import TINY_SAFETY_ROWS
 from tests.fixtures.server import LiveServer
@@ -70,8 +69,10 @@ async def test_eval_guard_matches_the_guards_own_decisions(base_settings: Settin
 def test_safety_eval_in_process_and_via_server_agree(
     base_settings: Settings, eval_server: LiveServer, tiny_safety_file: Path, tmp_path: Path
 ) -> None:
-    local = run_safety_eval([tiny_safety_file], base_settings, server=None, out_dir=tmp_path / "local")
-    remote = run_safety_eval([tiny_safety_file], base_settings, server=eval_server.url, out_dir=tmp_path / "remote")
+    local = run_guard_eval("safety", [tiny_safety_file], base_settings, server=None, out_dir=tmp_path / "local")
+    remote = run_guard_eval(
+        "safety", [tiny_safety_file], base_settings, server=eval_server.url, out_dir=tmp_path / "remote"
+    )
     for report, out in ((local, tmp_path / "local"), (remote, tmp_path / "remote")):
         assert report["rows"] == len(TINY_SAFETY_ROWS) - 1  # the unknown label is skipped
         assert report["errors"] == 0
