@@ -178,6 +178,8 @@ class Settings(BaseSettings):
     # Bulk ingestion's MiniLM: "auto" = int8 (OpenVINO + NNCF, ~1.6x faster, cosine ~0.997 to fp32) when
     # available, else the query embedder; "int8" insists; "same" = the query embedder (bf16/fp32).
     embed_ingest_precision: Literal["auto", "int8", "same"] = "auto"
+    # MiniLM reads at most 256 word pieces; ~900 characters of English stay under that, so a chunk's
+    # embedding covers all of its text (the groundedness rail reuses those embeddings).
     rag_chunk_chars: int = 900
     rag_chunk_overlap: int = 120
     rag_exact_max_vectors: int = 5_000  # exact FAISS index up to this many chunks, HNSW above (app/rag/index.py)

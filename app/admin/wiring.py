@@ -30,7 +30,7 @@ def open_version_store(settings: Settings) -> RailsVersionStore:
 
         client = redis_client(settings.redis_url, decode_responses=True)
         # `{rails}`: one Redis Cluster slot for every rails key, so the publish script may touch several.
-        prefix = str(getattr(settings, "redis_key_prefix", "guardchat:")) + "{rails}:"
+        prefix = settings.redis_key_prefix + "{rails}:"
         return RedisRailsVersionStore(client, prefix, owns_client=True)
     return FileRailsVersionStore(settings.data_dir / "rails_versions")
 
@@ -163,7 +163,7 @@ async def build_rails_publisher(state: AppState) -> RailsPublisher:
         validator=validator_for(settings, llm=state.llm, embedder=state.embedder, detector=detector),
         builder=builder,
         embedder=state.embedder,
-        poll_interval_s=float(getattr(settings, "rails_poll_interval_s", 1.0)),
+        poll_interval_s=settings.rails_poll_interval_s,
         owns_store=True,
         preparation=preparation_for(store, builder),
     )

@@ -33,7 +33,7 @@ _bearer = HTTPBearer(auto_error=False, description="GUARDCHAT_ADMIN_TOKEN")
 
 
 def _configured_token(settings: Any) -> str | None:
-    token = getattr(settings, "admin_token", None)
+    token = settings.admin_token
     if token is not None and hasattr(token, "get_secret_value"):
         token = token.get_secret_value()
     return str(token) if token else None

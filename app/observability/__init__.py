@@ -64,7 +64,7 @@ def install_observability(app: Any, settings: Any) -> None:
     from app.observability.middleware import ObservabilityMiddleware
 
     app.add_middleware(ObservabilityMiddleware)
-    if getattr(settings, "metrics_enabled", True):
+    if settings.metrics_enabled:
         app.add_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
         # First in line, so a UI mounted at "/" cannot shadow it.
         app.router.routes.insert(0, app.router.routes.pop())
@@ -75,13 +75,13 @@ def install_observability(app: Any, settings: Any) -> None:
     async def lifespan(asgi_app: Any) -> AsyncIterator[Any]:
         # Logging is configured here, not at import: uvicorn applies its own logging config after the
         # app object is created, and would undo ours.
-        if getattr(settings, "log_format", "json") == "json":
+        if settings.log_format == "json":
             from app.observability.jsonlog import configure_json_logging
 
-            configure_json_logging(getattr(settings, "log_level", "info"))
+            configure_json_logging(settings.log_level)
         from app.observability.tracing import enable_tracing
 
-        enable_tracing(bool(getattr(settings, "otel_enabled", False)))
+        enable_tracing(settings.otel_enabled)
         async with inner_lifespan(asgi_app) as maybe_state:
             state = getattr(asgi_app.state, "guardchat", None)
             if state is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from langchain_core.documents import Document
 from langchain_text_splitters import MarkdownHeaderTextSplitter, RecursiveCharacterTextSplitter
@@ -12,16 +12,15 @@ from langchain_text_splitters import MarkdownHeaderTextSplitter, RecursiveCharac
 from app.rag.base import Chunk
 from app.rag.loaders import LoadedDocument
 
-# MiniLM reads at most 256 word pieces; ~900 characters of English stay under that, so a chunk's
-# embedding covers all of its text (the groundedness rail reuses those embeddings).
-DEFAULT_CHUNK_CHARS = 900
-DEFAULT_CHUNK_OVERLAP = 120
+if TYPE_CHECKING:
+    from app.settings import Settings
+
 _HEADERS = [("#", "h1"), ("##", "h2"), ("###", "h3"), ("####", "h4")]
 
 
-def chunk_params(settings: object) -> tuple[int, int]:
-    size = int(getattr(settings, "rag_chunk_chars", DEFAULT_CHUNK_CHARS))
-    overlap = int(getattr(settings, "rag_chunk_overlap", DEFAULT_CHUNK_OVERLAP))
+def chunk_params(settings: Settings) -> tuple[int, int]:
+    size = settings.rag_chunk_chars
+    overlap = settings.rag_chunk_overlap
     return size, min(overlap, size // 2)
 
 

@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faiss
 import numpy as np
@@ -33,6 +33,9 @@ import numpy as np
 from app.rag.bm25 import TOKENIZER_VERSION, Bm25Matrix
 from app.rag.chunking import search_text
 from app.rag.gpu_index import LockedGpuIndex, maybe_to_gpu
+
+if TYPE_CHECKING:
+    from app.settings import Settings
 
 __all__ = ["maybe_to_gpu"]  # re-exported: callers load snapshots through this module
 
@@ -49,12 +52,12 @@ HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 128
 
 
-def exact_max_vectors(settings: object) -> int:
-    return int(getattr(settings, "rag_exact_max_vectors", EXACT_MAX_VECTORS))
+def exact_max_vectors(settings: Settings) -> int:
+    return settings.rag_exact_max_vectors
 
 
-def hnsw_ef_search(settings: object) -> int:
-    return int(getattr(settings, "rag_hnsw_ef_search", HNSW_EF_SEARCH))
+def hnsw_ef_search(settings: Settings) -> int:
+    return settings.rag_hnsw_ef_search
 
 
 def build_faiss_index(vectors: np.ndarray, *, exact_max: int = EXACT_MAX_VECTORS) -> faiss.Index:

@@ -10,7 +10,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from app.settings import Settings
 
 DEFAULT_MAX_FILE_BYTES = 20_000_000
 SUPPORTED_SUFFIXES = {
@@ -51,8 +54,8 @@ class LoadedDocument:
     segments: list[Segment] = field(default_factory=list)
 
 
-def max_file_bytes(settings: object) -> int:
-    return int(getattr(settings, "ingest_max_file_bytes", DEFAULT_MAX_FILE_BYTES))
+def max_file_bytes(settings: Settings) -> int:
+    return settings.ingest_max_file_bytes
 
 
 def is_supported(path: Path) -> bool:

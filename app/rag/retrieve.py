@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 # lost its clear dense winner to chunks that BM25 matched on noise. Chosen on the dev sets, short and long, with
 # and without 299 off-topic distractor documents (docs/rag.md "Long messages").
 RRF_K = 10
-BM25_WEIGHT = 1.0
 MIN_CANDIDATES = 50
 CANDIDATE_FACTOR = 10
 CHUNK_FLOOR = 0.15  # per-chunk dense cosine floor once the query passed the threshold (see search())
@@ -196,7 +195,7 @@ class HybridRetriever:
         sparse = keyword_candidates(snap.bm25, query, n_candidates)
         t2 = time.perf_counter()
 
-        bm25_weight = float(getattr(self.settings, "rag_bm25_weight", BM25_WEIGHT))
+        bm25_weight = self.settings.rag_bm25_weight
         fused: dict[int, dict[str, float]] = {}
         for rank, (row, cosine) in enumerate(dense):
             fused[row] = {"rrf": 1.0 / (RRF_K + rank + 1), "dense_rank": rank + 1, "cosine": cosine}

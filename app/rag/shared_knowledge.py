@@ -359,7 +359,7 @@ async def start_shared_knowledge(state: AppState) -> SharedKnowledge | None:
         documents=lambda: _index_documents(state),
         apply_changes=apply_with_ingest(settings, state.embedder, reload),
         lock=ingest_lock(state.extras),
-        poll_interval_s=float(getattr(settings, "rails_poll_interval_s", 1.0)),
+        poll_interval_s=settings.rails_poll_interval_s,
         owns_client=True,
     )
     await shared.start()

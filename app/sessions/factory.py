@@ -13,7 +13,7 @@ from redis.exceptions import RedisError
 
 from app.redis_client import redis_client
 from app.sessions.base import SessionStore
-from app.sessions.memory import DEFAULT_LOCK_WAIT_S, MemorySessionStore
+from app.sessions.memory import MemorySessionStore
 from app.sessions.redis import RedisSessionStore, redact_url
 from app.settings import Settings
 
@@ -68,17 +68,17 @@ def _ping(url: str) -> str | None:
 
 def build_session_store(settings: Settings) -> SessionStore:
     # Optional knobs not (yet) in Settings; getattr keeps this working before they are added.
-    lock_wait_s = float(getattr(settings, "session_lock_wait_s", DEFAULT_LOCK_WAIT_S))
+    lock_wait_s = settings.session_lock_wait_s
     if settings.redis_url:
         return RedisSessionStore(
             settings.redis_url,
             ttl_s=settings.session_ttl_s,
             max_turns=settings.session_max_turns,
-            key_prefix=str(getattr(settings, "redis_key_prefix", "guardchat:")),
-            lock_ttl_s=float(getattr(settings, "session_lock_ttl_s", 30.0)),
+            key_prefix=settings.redis_key_prefix,
+            lock_ttl_s=settings.session_lock_ttl_s,
             lock_wait_s=lock_wait_s,
-            replica_acks=getattr(settings, "redis_replica_acks", None),
-            replica_ack_timeout_ms=int(getattr(settings, "redis_replica_ack_timeout_ms", 250)),
+            replica_acks=settings.redis_replica_acks,
+            replica_ack_timeout_ms=settings.redis_replica_ack_timeout_ms,
         )
     return MemorySessionStore(
         ttl_s=settings.session_ttl_s, max_turns=settings.session_max_turns, lock_wait_s=lock_wait_s

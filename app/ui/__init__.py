@@ -47,10 +47,8 @@ def mount_ui(app: FastAPI, settings: Settings) -> None:
         return state
 
     # localStorage is encrypted with this secret; set GUARDCHAT_UI_SECRET so a chat survives a restart.
-    secret = getattr(settings, "ui_secret", None)
-    if secret is not None and hasattr(secret, "get_secret_value"):
-        secret = secret.get_secret_value()
-    browser_secret = str(secret) if secret else secrets.token_urlsafe(24)
+    secret = settings.ui_secret.get_secret_value() if settings.ui_secret else ""
+    browser_secret = secret or secrets.token_urlsafe(24)
 
     before = list(app.router.routes)
     common: dict[str, Any] = {"footer_links": [], "ssr_mode": False, "css": CSS, "show_error": False, "pwa": False}
