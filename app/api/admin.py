@@ -7,7 +7,6 @@ a 409 (stale base version) or 422 (invalid config) leaves the live config untouc
 
 from __future__ import annotations
 
-import hmac
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +23,7 @@ from app.admin.versions import StoreEmpty, VersionConflict, VersionInfo, Version
 from app.admin.wiring import PUBLISHER_KEY
 from app.api.deps import StateDep
 from app.api.errors import APIError, error_body
+from app.api.security import admin_token, is_admin_token
 
 __all__ = ["router"]
 
@@ -32,22 +32,14 @@ log = logging.getLogger(__name__)
 _bearer = HTTPBearer(auto_error=False, description="GUARDCHAT_ADMIN_TOKEN")
 
 
-def _configured_token(settings: Any) -> str | None:
-    token = settings.admin_token
-    if token is not None and hasattr(token, "get_secret_value"):
-        token = token.get_secret_value()
-    return str(token) if token else None
-
-
 async def require_admin(
     state: StateDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> None:
-    expected = _configured_token(state.settings)
     challenge = {"WWW-Authenticate": "Bearer"}
-    if expected is None:  # fail closed: no token configured means nobody is an admin
+    if admin_token(state.settings) is None:  # fail closed: no token configured means nobody is an admin
         raise APIError(401, "The admin API is disabled: no admin token is configured.", "admin_disabled", challenge)
     given = credentials.credentials if credentials else ""
-    if not hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8")):
+    if not is_admin_token(state.settings, given):
         raise APIError(
             401, "A valid admin token is required (Authorization: Bearer <token>).", "invalid_admin_token", challenge
         )

@@ -102,6 +102,20 @@ def _secret(value: Any) -> str | None:
     return raw or None
 
 
+def admin_token(settings: Settings) -> str | None:
+    """The configured admin token, or None (then nobody is an admin). The one place it is read: the REST admin API,
+    the admin console and the key ring all ask here (issue 20)."""
+    return _secret(settings.admin_token)
+
+
+def is_admin_token(settings: Settings, given: str | None) -> bool:
+    """Constant-time check of a presented admin token; no configured token means nobody is an admin (fail closed)."""
+    expected = admin_token(settings)
+    if not expected or not given:
+        return False
+    return hmac.compare_digest(given.encode("utf-8", errors="surrogateescape"), expected.encode("utf-8"))
+
+
 class KeyRing:
     """The configured chat keys and the admin token. `identify` compares the token against every key in
     constant time and never stops early, so timing tells nothing about which key (or how much) matched."""
@@ -113,7 +127,7 @@ class KeyRing:
     @classmethod
     def from_settings(cls, settings: Settings) -> KeyRing:
         keys = [k for k in (_secret(s) for s in settings.api_keys) if k]
-        return cls(keys, _secret(settings.admin_token))
+        return cls(keys, admin_token(settings))
 
     @property
     def auth_required(self) -> bool:
@@ -399,7 +413,7 @@ def _client_host(scope: Scope) -> str:
 def ensure_admin_token(settings: Settings) -> str:
     """The admin token; when GUARDCHAT_ADMIN_TOKEN is unset, generates one, stores it in `settings` and prints
     it once (to stderr, not to the logs). Replicas must share one: set GUARDCHAT_ADMIN_TOKEN for them."""
-    existing = _secret(settings.admin_token)
+    existing = admin_token(settings)
     if existing:
         return existing
     from pydantic import SecretStr

@@ -16,6 +16,7 @@ from typing import Any
 
 import gradio as gr
 
+from app.api.security import admin_token, is_admin_token
 from app.settings import Settings
 from app.state import AppState
 from app.ui import admin_ops as ops
@@ -40,7 +41,7 @@ def _guarded(settings: Settings, n_outputs: int) -> Callable[[Callable[..., Awai
             def status_only(message: str) -> Any:
                 return message if n_outputs == 1 else tuple([gr.skip()] * (n_outputs - 1) + [message])
 
-            if not ops.token_ok(settings, token):
+            if not is_admin_token(settings, token):
                 return status_only(NOT_LOGGED_IN)
             try:
                 return await fn(*args, **kwargs)
@@ -155,8 +156,8 @@ def build_admin(get_state: StateGetter, settings: Settings) -> gr.Blocks:
     # --- login --------------------------------------------------------------------------------------
 
     async def login(token: str) -> tuple[Any, ...]:
-        if not ops.token_ok(settings, token):
-            reason = "no admin token is configured" if ops.configured_token(settings) is None else "wrong token"
+        if not is_admin_token(settings, token):
+            reason = "no admin token is configured" if admin_token(settings) is None else "wrong token"
             return None, gr.Column(visible=True), gr.Column(visible=False), f"❌ Login failed: {reason}.", ""
         return token, gr.Column(visible=False), gr.Column(visible=True), "", ""
 

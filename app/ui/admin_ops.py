@@ -5,7 +5,6 @@ Markdown that shows the results. The console (app/ui/admin.py) only wires these 
 
 from __future__ import annotations
 
-import hmac
 import html
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -20,21 +19,6 @@ CONSOLE_AUTHOR = "admin console"
 
 class AdminError(Exception):
     """A failure the console shows as a message (never a traceback)."""
-
-
-def configured_token(settings: Any) -> str | None:
-    token = settings.admin_token
-    if token is not None and hasattr(token, "get_secret_value"):
-        token = token.get_secret_value()
-    return str(token) if token else None
-
-
-def token_ok(settings: Any, given: str | None) -> bool:
-    """Constant-time check; no configured token means nobody is an admin (fail closed)."""
-    expected = configured_token(settings)
-    if not expected or not given:
-        return False
-    return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
 
 
 def publisher_of(state: AppState) -> RailsPublisher:

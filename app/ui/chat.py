@@ -16,7 +16,8 @@ from typing import Any
 
 import gradio as gr
 
-from app.api.errors import exception_to_error
+from app.api.errors import APIError, exception_to_error
+from app.api.security import check_characters, check_text_limit
 from app.pipeline.turn import Delta, Done, TurnInputError, TurnRequest, TurnRunner
 from app.state import AppState
 from app.ui.render import (
@@ -46,6 +47,8 @@ def user_error_text(exc: BaseException) -> str:
     """A clear, non-technical message for a failed turn (the same mapping the API uses; never a traceback)."""
     if isinstance(exc, TurnInputError):
         return str(exc)
+    if isinstance(exc, APIError) and exc.status < 500:  # the message itself is the problem: retrying cannot help
+        return exc.message
     status, message, code = exception_to_error(exc)
     if code == "session_not_found":
         return "This conversation has expired. Press “New chat” to start a new one."
@@ -104,6 +107,9 @@ def build_chat(get_state: StateGetter, *, browser_secret: str | None = None) -> 
         bubble = messages[-1]
         state = get_state()
         try:
+            # The REST API's limits on a message (413 / 400 there), checked before a session exists (issue 20).
+            check_text_limit(len(text), state.settings, "Your message")
+            check_characters(text, "Your message")
             session_id = await _ensure_session(state, session_id)
             label_text = session_label(session_id)
             yield messages, "", messages, session_id, turn_ids, _stored(session_id), label_text

@@ -111,3 +111,15 @@ def test_feedback_is_stored_with_the_turn(page: Any, ui_server: LiveServer) -> N
                 break
             page.wait_for_timeout(100)
     assert turns[0]["feedback"] == 1
+
+
+def test_a_message_over_the_apis_limit_is_refused_with_the_limit(page: Any, ui_server: LiveServer) -> None:
+    """The web chat applies the REST API's message limits (issue 20): a message longer than max_message_chars is
+    refused before any turn runs, with the limit named, and nothing is stored."""
+    open_chat(page, ui_server.url)
+    limit = ui_server.settings.max_message_chars
+    answer = send(page, "a" * (limit + 1))
+    text = answer.inner_text()
+    assert f"is {limit + 1} characters long; the limit is {limit}" in text
+    assert "try again" not in text
+    assert page.locator("#gc-session-id [data-session-id]").count() == 0  # refused before a session was made

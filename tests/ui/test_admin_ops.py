@@ -5,16 +5,17 @@ from __future__ import annotations
 from pydantic import SecretStr
 
 from app.admin.versions import VersionConflict
+from app.api.security import is_admin_token
 from app.settings import Settings
-from app.ui.admin_ops import code_language, merge_edit, outcome_markdown, store_error_text, token_ok, try_markdown
+from app.ui.admin_ops import code_language, merge_edit, outcome_markdown, store_error_text, try_markdown
 from app.ui.knowledge_ops import safe_upload_name
 
 
-def test_token_check_fails_closed() -> None:
-    assert not token_ok(Settings(), "anything")  # no token configured: nobody is an admin
+def test_admin_token_check_fails_closed_and_is_the_one_the_api_uses() -> None:
+    assert not is_admin_token(Settings(), "anything")  # no token configured: nobody is an admin
     settings = Settings().model_copy(update={"admin_token": SecretStr("s3cret")})
-    assert token_ok(settings, "s3cret")
-    assert not token_ok(settings, "s3cre") and not token_ok(settings, "") and not token_ok(settings, None)
+    assert is_admin_token(settings, "s3cret")
+    assert not any(is_admin_token(settings, given) for given in ("s3cre", "", None, "s3cret\udc80"))
 
 
 def test_merge_edit_keeps_unchanged_files_byte_identical() -> None:
