@@ -36,6 +36,7 @@ async def build_state(settings: Settings) -> AppState:
     from app.llm.factory import build_chat_backend
     from app.rag.batching import BatchingEmbedder
     from app.rag.embedder import get_embedder
+    from app.rag.grounding import CachedGroundingCheck
     from app.sessions.factory import build_session_store
 
     if settings.guard_fail_open:
@@ -56,7 +57,7 @@ async def build_state(settings: Settings) -> AppState:
     # The retrieval rail's injection filter scores chunks on the embeddings the index already stores: the
     # linear heads, which cost no encoder pass (the fine-tuned guard would read every chunk again).
     retriever = build_retriever(settings, embedder, detector if isinstance(detector, Detector) else Detector.load())
-    grounding = build_grounding(embedder)
+    grounding = CachedGroundingCheck(embedder)
     guard = build_guard(
         settings.rails_dir, settings, llm=llm, embedder=embedder, detector=detector, grounding=grounding
     )
@@ -88,12 +89,6 @@ def query_embedder(detector: Any, embedder: Any) -> Any:
     if isinstance(detector, GuardModel) and detector.shares_embedding:
         return SharedPassEmbedder(detector, embedder)
     return None
-
-
-def build_grounding(embedder: Any) -> Any:
-    from app.rag.grounding import CachedGroundingCheck
-
-    return CachedGroundingCheck(embedder)
 
 
 def build_retriever(settings: Settings, embedder: Any, detector: Any) -> Any:

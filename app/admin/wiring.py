@@ -121,13 +121,11 @@ def builder_for(
 
 def _app_grounding(state: AppState) -> Any:
     """The groundedness check the app gives its start-up guard: a published guard without it would
-    silently skip the groundedness rail. Prefer `state.extras["grounding"]`; this is the fallback."""
-    try:
-        from app.main import build_grounding
-    except ImportError:
-        log.warning("no groundedness check for published rails (state.extras['grounding'] is not set)")
-        return None
-    return build_grounding(state.embedder)
+    silently skip the groundedness rail. Prefer `state.extras["grounding"]`; this is the fallback, the same check
+    app/main.py builds."""
+    from app.rag.grounding import CachedGroundingCheck
+
+    return CachedGroundingCheck(state.embedder)
 
 
 async def build_rails_publisher(state: AppState) -> RailsPublisher:

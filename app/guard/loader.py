@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 import app.guard  # noqa: F401  (sets the NeMo telemetry opt-out before nemoguardrails is imported)
 from app.guard.base import AssistantTexts
 from app.guard.llama_guard import DEFAULT_CATEGORIES, SafetyCategory
+from app.guard.thresholds import Thresholds
 
 CONFIG_SUFFIXES = (".yml", ".yaml", ".co")
 TESTS_DIR = "tests"
@@ -104,8 +105,6 @@ class GuardchatSection(BaseModel):
     @field_validator("thresholds")
     @classmethod
     def _thresholds(cls, value: dict[str, float]) -> dict[str, float]:
-        from app.guard.cascade import Thresholds  # here, not at the top: cascade imports this module
-
         known = set(Thresholds.__dataclass_fields__)
         unknown = sorted(set(value) - known)
         if unknown:

@@ -38,7 +38,6 @@ from app.guard.cascade import (
     ATTACK_CATEGORY,
     IntentMatcher,
     SafetyCascade,
-    Thresholds,
     quietly_done,
     score_in_thread,
 )
@@ -47,6 +46,7 @@ from app.guard.detector import text_windows
 from app.guard.iorails_engine import IORailsEngine, flow_name
 from app.guard.llama_guard import LlamaGuardClient, conversation_from_messages
 from app.guard.loader import GroundednessSpec, LoadedConfig, load_config
+from app.guard.thresholds import Thresholds
 from app.llm.base import ChatBackend
 from app.rag.base import Embedder
 from app.rag.embedder import bundled_model_path

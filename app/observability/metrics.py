@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import Counter, Gauge, Histogram
 
 if TYPE_CHECKING:
-    from app.pipeline.turn import TurnResult
+    from app.pipeline.turn_types import TurnResult
 
 # Buckets from 1 ms to 2 min: a classifier check is milliseconds, a CPU generation can take a minute.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)

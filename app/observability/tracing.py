@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from app.pipeline.turn import TurnResult
+    from app.pipeline.turn_types import TurnResult
 
 log = logging.getLogger(__name__)
 
