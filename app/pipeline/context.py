@@ -20,35 +20,25 @@ from app.pipeline.conversation import (
 )
 from app.pipeline.turn_types import Timer
 from app.rag.base import Chunk
+from app.rag.grounding import supporting_sources
+from app.rag.rewrite import looks_like_follow_up, rewrite_query
 from app.state import AppState
 
 
 def stands_alone(question: str) -> bool:
     """True when `question` cannot be a follow-up, so it is its own retrieval query whatever the history."""
-    try:
-        from app.rag.rewrite import looks_like_follow_up
-    except ImportError:  # RAG package not installed in this build: no rewrite either
-        return True
     return not looks_like_follow_up(question)
 
 
 def attributed_citations(answer: str, sources: list[Chunk], idk_text: str) -> str:
     """For an answer that cites nothing: the markers of the sources that support it by wording (" [1][3]"), or
     "" (small models often drop the [n] the prompt asks for; RAG answers mostly restate their sources)."""
-    try:
-        from app.rag.grounding import supporting_sources
-    except ImportError:  # RAG package not installed in this build
-        return ""
     numbers = supporting_sources(answer, sources, idk_text)
     return " " + "".join(f"[{n}]" for n in numbers) if numbers else ""
 
 
 async def rewrite(state: AppState, question: str, history: list[dict[str, str]], timer: Timer) -> dict[str, Any]:
     with timer.stage("rewrite"):
-        try:
-            from app.rag.rewrite import rewrite_query
-        except ImportError:  # RAG package not installed in this build
-            return {"query": question, "mode": "none"}
         pairs = [(history[i]["content"], history[i + 1]["content"]) for i in range(0, len(history) - 1, 2)]
         mode = state.settings.query_rewrite
         rw = await rewrite_query(question, pairs, mode=mode, llm=state.llm if mode == "llm" else None)
