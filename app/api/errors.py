@@ -11,8 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.llm.base import LLMError, LLMTimeout
-from app.sessions.base import SessionNotFound, StoreUnavailable
-from app.sessions.memory import SessionBusy
+from app.sessions.base import SessionBusy, SessionNotFound, StoreUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,6 @@ they live here because this module has no third-party dependencies.
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 import uuid
 from collections import deque
@@ -19,25 +18,14 @@ from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 
-from app.sessions.base import OpenTurn, SessionInfo, SessionNotFound, Turn
-
-# Session ids are ours (uuid4 hex), but they arrive from clients: anything else is simply "not found".
-# Keeping them to this alphabet also keeps Redis keys (and cluster hash tags) well-formed.
-_SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")
-
-# How long a turn waits for the one before it in the same session before giving up with SessionBusy.
-DEFAULT_LOCK_WAIT_S = 60.0
-
-
-class SessionBusy(Exception):
-    """Another turn of this session held the lock for longer than we were willing to wait.
-
-    The API answers 409 `session_busy` (the client may retry once the other turn has finished).
-    """
-
-
-def is_valid_session_id(session_id: str) -> bool:
-    return bool(_SESSION_ID_PATTERN.fullmatch(session_id))
+from app.sessions.base import (
+    DEFAULT_LOCK_WAIT_S,
+    OpenTurn,
+    SessionBusy,
+    SessionInfo,
+    SessionNotFound,
+    Turn,
+)
 
 
 @dataclass

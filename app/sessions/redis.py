@@ -38,8 +38,16 @@ from redis.exceptions import RedisError
 
 from app.redis_client import is_current_primary, parse_redis_url, redis_client
 from app.sessions import redis_scripts as scripts
-from app.sessions.base import OpenTurn, SessionInfo, SessionNotFound, StoreUnavailable, Turn
-from app.sessions.memory import DEFAULT_LOCK_WAIT_S, SessionBusy, is_valid_session_id
+from app.sessions.base import (
+    DEFAULT_LOCK_WAIT_S,
+    OpenTurn,
+    SessionBusy,
+    SessionInfo,
+    SessionNotFound,
+    StoreUnavailable,
+    Turn,
+    is_valid_session_id,
+)
 
 __all__ = ["RedisSessionStore", "SessionBusy", "redact_url"]
 
