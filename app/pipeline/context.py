@@ -115,8 +115,7 @@ def answering_llm(state: AppState, question: str, history: list[dict[str, str]],
     answers (`build_prompt`), one that checks the name it states against the customer's messages."""
     if use_rag and history and about_conversation(question) and asks_name(question):
         return NameCheckedLLM(state.llm, history)
-    llm: ChatBackend = state.llm
-    return llm
+    return state.llm
 
 
 def bm25_idf(state: AppState) -> Callable[[str], float] | None:
