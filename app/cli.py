@@ -97,7 +97,7 @@ def _verified_model(name: str, settings: Settings, *, install: bool) -> Path:
 
     try:
         return fetch_model(name, settings.models_dir, progress=install, install_missing=install)
-    except (ModelIntegrityError, ModelFetchError, KeyError) as exc:
+    except (ModelIntegrityError, ModelFetchError, KeyError, ValueError) as exc:  # ValueError: an unknown name
         typer.secho(str(exc), fg="red", err=True)
         raise typer.Exit(2) from exc
 

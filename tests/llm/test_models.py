@@ -188,3 +188,14 @@ def test_serve_never_installs_a_missing_model_it_names_the_fetch_command(
     assert missing in result.output and "guardchat model fetch" in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "data" / "models").exists() or not any((tmp_path / "data" / "models").iterdir())
+
+
+def test_fetching_an_unknown_model_names_the_choices_without_a_traceback(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from app.cli import app
+
+    result = CliRunner().invoke(app, ["model", "fetch", "gpt-5"], env={"GUARDCHAT_DATA_DIR": str(tmp_path)})
+    assert result.exit_code == 2, result.output
+    assert "unknown embedded model 'gpt-5'" in result.output and "qwen2.5-1.5b" in result.output
+    assert "Traceback" not in result.output
