@@ -284,7 +284,11 @@ class TurnRunner:
             refusal = blocking.refusal or texts.refusal
             # What the user already saw passed the rails; the refusal ends the stream.
             yield Delta(("\n\n" if released else "") + refusal)
-            answer = shown + ("\n\n" if released else "") + refusal
+            # A groundedness block replaces the answer (rails/config.yml: facts: block): the saved turn, the
+            # non-streamed reply and the web chat's final render hold the "I don't know" alone, not the first
+            # window ("An") a streaming client already got. A safety block keeps what was shown: it passed.
+            replaced = blocking.blocked_by == "groundedness"
+            answer = refusal if replaced else shown + ("\n\n" if released else "") + refusal
             result = self._result(answer, True, session_id, turn_id, rail_results, [], timer, trace, t_start)
             result.status = "blocked"
             trace["blocked_by"] = blocking.blocked_by

@@ -12,8 +12,10 @@ from typing import Any
 
 from starlette.responses import StreamingResponse
 
+from app.guard.base import GuardDecision, RailResult
 from app.llm.client import OpenAICompatClient
 from app.pipeline.turn import TurnRequest, TurnRunner
+from app.pipeline.turn_types import Delta
 from app.rag.ingest import ingest
 from app.rag.retrieve import HybridRetriever
 from app.sessions.redis import SessionBusy
@@ -410,3 +412,64 @@ async def test_a_follow_up_searches_with_the_earlier_subject_and_a_new_topic_alo
     assert follow.trace["retrieval"]["chunks"][0]["document_id"] == "wires"
     assert switch.trace["rewrite"]["implicit"] and "question alone" in switch.trace["rewrite"]["searched"]
     assert switch.trace["retrieval"]["chunks"][0]["document_id"] == "cards", switch.trace
+
+
+class FactsBlockingGuard(BlockedWordsGuard):
+    """The blocked-words guard plus a stand-in for the shipped facts rail (tests/guard/test_groundedness_rail.py
+    checks the real one blocks as `groundedness` with the "I don't know" text): "$99" is a figure no source holds."""
+
+    grounding_blocks = True
+
+    async def check_output(
+        self, messages: list[dict[str, str]], answer: str, context: list[str] | None = None
+    ) -> GuardDecision:
+        if "$99" in answer:
+            rail = RailResult("groundedness", "block", detail="unsupported facts: $99")
+            return GuardDecision(False, [rail], blocked_by="groundedness", refusal=self.texts.idk)
+        return await super().check_output(messages, answer, context)
+
+
+async def test_a_groundedness_block_replaces_the_answer_and_a_safety_block_keeps_what_was_shown(
+    redis_store_factory: StoreFactory, embedder, tmp_path: Path
+) -> None:
+    """Streaming releases the first token at once ("An"); when a later window states a figure no source holds,
+    the answer is replaced by "I don't know": the saved turn (what a follow-up reads) and the final render must
+    not begin with "An". A safety block ends the stream after text that passed the rails, which stays."""
+    settings = make_settings(tmp_path)
+    ingest(write_corpus(settings.knowledge_dir, CORPUS), settings, embedder=embedder, progress=False)
+    answers = [["An", " outgoing", " wire", " costs", " $99", " today."], ["The ", "bomb ", "squad ", "came."]]
+
+    async def handler(request, body):
+        async def generate() -> AsyncIterator[str]:
+            for event in wire.sse(answers.pop(0)):
+                yield event
+                await asyncio.sleep(0.05)  # as a model streams: the first token is checked and shown alone
+
+        return StreamingResponse(generate(), media_type="text/event-stream")
+
+    store = redis_store_factory()
+    with wire.serve({("POST", "/v1/chat/completions"): handler}) as server:
+        llm = OpenAICompatClient(server.base_url, "m")
+        state = pipeline_state(settings, llm, store, embedder, HybridRetriever(settings))
+        state.rails = LiveRails(LoadedRails("disk", FactsBlockingGuard(BASE_FILES), BASE_FILES))
+        idk, refusal = state.rails.current.guard.texts.idk, state.rails.current.guard.texts.refusal
+        try:
+            session = await store.create()
+            question = "How much does an outgoing domestic wire transfer cost?"
+            streamed: list[str] = []
+            runner = TurnRunner(state)
+            async for event in runner.events(
+                TurnRequest(messages=[{"role": "user", "content": question}], session_id=session.id)
+            ):
+                if isinstance(event, Delta):
+                    streamed.append(event.text)
+                else:
+                    invented = event.result
+            unsafe = await runner.run(TurnRequest(messages=[{"role": "user", "content": QUESTION}]))
+            saved = await store.history(session.id)
+        finally:
+            await llm.aclose()
+    assert streamed[0] == "An" and streamed[-1] == f"\n\n{idk}"  # a stream cannot take back a token
+    assert invented.blocked and invented.trace["blocked_by"] == "groundedness"
+    assert invented.answer == idk and [t.answer for t in saved] == [idk]
+    assert unsafe.blocked and unsafe.answer.startswith("The ") and unsafe.answer.endswith(f"\n\n{refusal}")
