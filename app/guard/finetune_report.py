@@ -4,7 +4,8 @@
   chit-chat line and system-prompt extraction, and every held-out jailbreak template wrapped around a held-out
   harmful request;
 - `guard_heldout`: app/eval/data/guard_heldout.jsonl, guard_lookalike_probe.jsonl (look-alikes and their harmful
-  twins, `probe_*`) and guard_bank_probe.jsonl (bank questions and their twins, `probe_bank_*`), written for
+  twins, `probe_*`), guard_bank_probe.jsonl (bank questions and their twins, `probe_bank_*`) and
+  guard_sensitive_probe.jsonl (sensitive-sounding safe requests and their twins, `probe_sensitive_*`), written for
   evaluation only, per category;
 - `topic`: app/eval/data/topic_dev.jsonl, on-domain questions refused and off-topic/advice requests refused.
 
@@ -26,7 +27,8 @@ from app.guard.train_data import SLOT
 
 TOPIC_DEV = EVAL_DATA / "topic_dev.jsonl"
 # The evaluation files training keeps away from (finetune_data.EVAL_FILES), reported per category: guard_heldout,
-# a second author's look-alikes (session 12) and a third author's bank questions (session 14), with their twins.
+# a second author's look-alikes (session 12), a third author's bank questions (session 14) and a fourth author's
+# sensitive-sounding requests (session 16), with their twins.
 PROBE_FILES = tuple(path for path in EVAL_FILES if path != TOPIC_DEV)
 
 
