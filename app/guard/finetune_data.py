@@ -4,7 +4,8 @@ Sources (app/guard/train_data.py `load_sources`): the public dev sets in ../shar
 slice (app/eval/holdout.py), our own rows in app/guard/training_data/, and paragraphs of the shipped knowledge
 base (benign answer-like text: the guard also scores answer windows). Rows within cosine NEAR_DUPLICATE (MiniLM)
 of any evaluation row — the public held-out slice, app/eval/data/guard_heldout.jsonl, guard_lookalike_probe.jsonl,
-guard_bank_probe.jsonl, guard_sensitive_probe.jsonl, topic_dev.jsonl — are dropped, so the evaluation never scores a paraphrase of a training row.
+guard_bank_probe.jsonl, guard_sensitive_probe.jsonl, topic_dev.jsonl — are dropped, so the evaluation never scores
+a paraphrase of a training row.
 
 Jailbreak templates train twice: bare (attack) and wrapped around harmful requests of the same split (attack
 and unsafe). A tenth of the rows, chosen by a hash of the text, is the validation split that calibration and
