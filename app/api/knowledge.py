@@ -69,17 +69,15 @@ def _store_unavailable(exc: SharedKnowledgeUnavailable, what: str) -> APIError:
 
 
 def _documents(state: AppState) -> dict[str, dict[str, Any]]:
-    retriever: Any = state.retriever
-    if retriever is not None and hasattr(retriever, "snapshot"):
-        docs: dict[str, dict[str, Any]] = retriever.snapshot.documents
+    if state.retriever is not None:
+        docs: dict[str, dict[str, Any]] = state.retriever.snapshot.documents
         return docs
     return load_snapshot(state.settings.index_dir, gpu=False).documents
 
 
 def _reload(state: AppState) -> None:
-    reload = getattr(state.retriever, "reload", None)
-    if reload is not None:
-        reload()
+    if state.retriever is not None:
+        state.retriever.reload()
 
 
 def _public(doc_id: str, entry: dict[str, Any]) -> dict[str, Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
@@ -47,12 +46,8 @@ async def search(body: SearchRequest, state: StateDep) -> SearchResponse:
         raise APIError(400, "The query is empty.", "invalid_request")
     k = body.k or state.settings.rag_top_k
     embedding = (await asyncio.to_thread(state.embedder.embed, [query]))[0]
-    detailed: Any = getattr(retriever, "retrieve_detailed", None)
-    if detailed is not None:
-        result = await detailed(query, embedding, k)
-        chunks, dropped, timings = result.chunks, len(result.dropped), result.timings
-    else:
-        chunks, dropped, timings = await retriever.retrieve(query, embedding, k), 0, {}
+    result = await retriever.retrieve_detailed(query, embedding, k)
+    chunks, dropped, timings = result.chunks, len(result.dropped), result.timings
     results = [
         SearchResult(
             document_id=c.document_id,

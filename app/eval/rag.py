@@ -21,6 +21,7 @@ from typing import Any
 
 from app.eval.rag_score import ChunkTexts, is_idk, legacy_answer_keys, summarise, verdict
 from app.eval.rag_turns import Driver, InProcessDriver, ServerDriver, TurnOutcome, is_scored, load_tasks, run_tasks
+from app.rag.base import Retriever
 
 __all__ = ["is_idk", "is_unanswerable", "run_rag_eval"]
 
@@ -64,13 +65,13 @@ def retrieval_tasks(tasks: list[dict[str, Any]]) -> Path:
     return path
 
 
-def chunk_lookup(retriever: Any) -> ChunkTexts:
+def chunk_lookup(retriever: Retriever | None) -> ChunkTexts:
     """Chunk ids -> "title\\ncontent" from the retriever's live index (ids it does not hold are skipped)."""
 
     def texts(ids: list[str]) -> list[str]:
-        snapshot = getattr(retriever, "snapshot", None)
-        if snapshot is None:
+        if retriever is None:
             return []
+        snapshot = retriever.snapshot
         rows = [snapshot.row_of.get(i) for i in ids]
         return [f"{snapshot.chunks[r].get('title', '')}\n{snapshot.chunks[r].get('content', '')}"
                 for r in rows if r is not None]

@@ -55,15 +55,13 @@ def settle_query(
     (app/rag/rewrite.py `settle`: two dense top-1 lookups, no embedding). Notes the choice in the rewrite trace."""
     query = str(rewrite["query"])
     retriever = state.retriever
-    dense_search = getattr(retriever, "dense_search", None)
-    embeddings_for = getattr(retriever, "embeddings_for", None)
-    if not rewrite.get("implicit") or dense_search is None or embeddings_for is None:
+    if not rewrite.get("implicit") or retriever is None:
         return query, query_vec
     from app.rag.rewrite import Rewrite, settle
 
     def nearest(vec: np.ndarray) -> np.ndarray | None:
-        found = dense_search(vec, 1)
-        stored = embeddings_for(found) if found else None
+        found = retriever.dense_search(vec, 1)
+        stored = retriever.embeddings_for(found) if found else None
         return None if stored is None else np.asarray(stored[0])
 
     rw = Rewrite(query, "join", implicit=True)
@@ -80,17 +78,12 @@ async def retrieve(state: AppState, query: str, vec: np.ndarray, timer: Timer) -
     if not state.settings.rag_enabled or state.retriever is None:
         return [], {"enabled": False}
     with timer.stage("retrieve"):
-        detailed = getattr(state.retriever, "retrieve_detailed", None)
-        if detailed is not None:
-            res = await detailed(query, vec, state.settings.rag_top_k)
-            chunks = list(res.chunks)
-            dropped = [
-                {"id": c.id, "document_id": c.document_id, "reason": reason, "score": round(float(score), 4)}
-                for c, reason, score in res.dropped
-            ]
-        else:
-            chunks = await state.retriever.retrieve(query, vec, state.settings.rag_top_k)
-            dropped = []
+        res = await state.retriever.retrieve_detailed(query, vec, state.settings.rag_top_k)
+        chunks = list(res.chunks)
+        dropped = [
+            {"id": c.id, "document_id": c.document_id, "reason": reason, "score": round(float(score), 4)}
+            for c, reason, score in res.dropped
+        ]
     return chunks, {
         "chunks": [{"id": c.id, "document_id": c.document_id, "score": round(c.score, 4)} for c in chunks],
         "dropped": dropped,
@@ -100,9 +93,8 @@ async def retrieve(state: AppState, query: str, vec: np.ndarray, timer: Timer) -
 def prime_grounding(state: AppState, sources: list[Chunk]) -> None:
     """Hands the groundedness rail the vectors the index already holds for these chunks."""
     grounding = state.extras.get("grounding")
-    embeddings_for = getattr(state.retriever, "embeddings_for", None)
-    if sources and grounding is not None and hasattr(grounding, "prime") and embeddings_for is not None:
-        grounding.prime([c.content for c in sources], embeddings_for(sources))
+    if sources and grounding is not None and hasattr(grounding, "prime") and state.retriever is not None:
+        grounding.prime([c.content for c in sources], state.retriever.embeddings_for(sources))
 
 
 def answered_from(question: str, history: list[dict[str, str]]) -> str:
@@ -120,9 +112,7 @@ def answering_llm(state: AppState, question: str, history: list[dict[str, str]],
 
 def bm25_idf(state: AppState) -> Callable[[str], float] | None:
     """The live index's BM25 term weights, which passage selection scores the question's words with."""
-    bm25 = getattr(getattr(state.retriever, "snapshot", None), "bm25", None)
-    idf: Callable[[str], float] | None = getattr(bm25, "idf", None)
-    return idf
+    return None if state.retriever is None else state.retriever.snapshot.bm25.idf
 
 
 def build_prompt(

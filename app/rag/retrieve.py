@@ -26,13 +26,12 @@ import logging
 import re
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from app.rag.base import Chunk
+from app.rag.base import Chunk, RetrievalResult
 from app.rag.bm25 import Bm25Matrix
 from app.rag.chunking import record_to_chunk
 from app.rag.filters import ChunkFilter
@@ -91,12 +90,6 @@ def _contains_identifier(record: dict[str, Any], identifiers: list[str]) -> bool
     text = f"{record['title']} {record.get('section', '')} {record['content']}".lower()
     return any(ident in text for ident in identifiers)
 
-
-@dataclass
-class RetrievalResult:
-    chunks: list[Chunk]
-    dropped: list[tuple[Chunk, str, float]] = field(default_factory=list)  # (chunk, reason, rail score)
-    timings: dict[str, float] = field(default_factory=dict)  # milliseconds
 
 
 class HybridRetriever:

@@ -335,9 +335,8 @@ def apply_with_ingest(settings: Any, embedder: Any, reload: Callable[[], Any]) -
 
 
 def _index_documents(state: AppState) -> Mapping[str, Mapping[str, Any]]:
-    snapshot = getattr(state.retriever, "snapshot", None)
-    if snapshot is not None:
-        docs: Mapping[str, Mapping[str, Any]] = snapshot.documents
+    if state.retriever is not None:
+        docs: Mapping[str, Mapping[str, Any]] = state.retriever.snapshot.documents
         return docs
     from app.rag.index import load_snapshot
 
@@ -351,7 +350,7 @@ async def start_shared_knowledge(state: AppState) -> SharedKnowledge | None:
     settings = state.settings
     if not settings.redis_url or state.retriever is None:
         return None
-    reload = getattr(state.retriever, "reload", None) or (lambda: None)
+    reload = state.retriever.reload
     shared = SharedKnowledge(
         redis_client(settings.redis_url),
         f"{settings.redis_key_prefix}{{knowledge}}:",

@@ -30,12 +30,10 @@ def safe_upload_name(name: str) -> str:
 
 def list_documents(state: AppState) -> list[list[Any]]:
     """Rows `document id, title, chunks, updated` of the live index (empty when RAG is off)."""
-    retriever = state.retriever
-    documents = getattr(retriever, "documents", None)
-    if documents is None:
+    if state.retriever is None:
         return []
     rows = []
-    for doc in documents():
+    for doc in state.retriever.documents():
         rows.append(
             [
                 doc.get("document_id"),
@@ -52,9 +50,8 @@ def document_ids(state: AppState) -> list[str]:
 
 
 def _reload_retriever(state: AppState) -> None:
-    reload = getattr(state.retriever, "reload", None)
-    if reload is not None:
-        reload()
+    if state.retriever is not None:
+        state.retriever.reload()
 
 
 def report_markdown(report: Any) -> str:

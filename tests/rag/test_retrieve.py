@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from app.rag.base import Chunk
+from app.rag.base import Chunk, RetrievalResult
 from app.rag.embedder import MiniLMEmbedder
 from app.rag.filters import FilterVerdict, InjectionChunkFilter, PatternChunkFilter
 from app.rag.ingest import ingest
-from app.rag.retrieve import CHUNK_FLOOR, KEYWORD_GATE_MARGIN, HybridRetriever, RetrievalResult
+from app.rag.retrieve import CHUNK_FLOOR, KEYWORD_GATE_MARGIN, HybridRetriever
 from app.settings import Settings
 from tests.rag.conftest import CORPUS, make_settings, write_corpus
 
