@@ -11,8 +11,8 @@ from fastapi import FastAPI
 
 from app.api import knowledge, search
 from app.api.errors import install_error_handlers
-from app.api.knowledge import safe_filename
 from app.rag.embedder import MiniLMEmbedder
+from app.rag.knowledge_admin import safe_filename
 from app.rag.retrieve import HybridRetriever
 from app.settings import Settings
 from app.state import AppState

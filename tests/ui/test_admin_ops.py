@@ -1,14 +1,21 @@
-"""Admin console helpers that need no server: token check, editor merge, result formatting, upload names."""
+"""Admin console helpers that need no server: token check, editor merge, result formatting; the Knowledge tab's
+uploads through the knowledge service the REST API uses."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 from pydantic import SecretStr
 
 from app.admin.versions import VersionConflict
 from app.api.security import is_admin_token
+from app.rag.retrieve import HybridRetriever
 from app.settings import Settings
+from app.state import AppState
+from app.ui import knowledge_ops
 from app.ui.admin_ops import code_language, merge_edit, outcome_markdown, store_error_text, try_markdown
-from app.ui.knowledge_ops import safe_upload_name
+from tests.rag.conftest import make_settings
 
 
 def test_admin_token_check_fails_closed_and_is_the_one_the_api_uses() -> None:
@@ -51,7 +58,31 @@ def test_try_result_and_conflict_messages() -> None:
     assert "no longer live" in (store_error_text(VersionConflict(1, 2)) or "")
 
 
-def test_upload_names_cannot_escape_the_uploads_folder() -> None:
-    assert safe_upload_name("../../etc/passwd") == "passwd"
-    assert safe_upload_name("C:\\docs\\fees 2024.md") == "fees-2024.md"
-    assert safe_upload_name(".hidden.md") == "hidden.md"
+async def test_console_uploads_are_named_limited_and_rolled_back_as_the_apis_are(tmp_path: Path, embedder) -> None:
+    """The Knowledge tab gets Gradio's temp copies; they go through the same service as POST /api/knowledge: a
+    sanitised name inside uploads/, the size limit, unsupported types refused, and a re-upload the loader rejects
+    leaves the previous file (still indexed) in place instead of deleting it."""
+    settings = make_settings(tmp_path).model_copy(update={"ingest_max_file_bytes": 5000})
+    state = AppState(settings=settings, llm=None, store=None, embedder=embedder,  # type: ignore[arg-type]
+                     retriever=HybridRetriever(settings), rails=None)  # type: ignore[arg-type]
+    gradio = tmp_path / "gradio-temp"
+    gradio.mkdir()
+    good = b"# Pet accounts\n\nThe Larkspur Pet Fund account pays 7% APY for pets."
+    files = {"Pet Fund (2024).md": good, "tool.exe": b"MZ", "huge.txt": b"lorem ipsum " * 1000}
+    for name, data in files.items():
+        (gradio / name).write_bytes(data)
+    report = await knowledge_ops.upload(state, [gradio / name for name in files])
+    uploads = settings.knowledge_dir / "uploads"
+    assert sorted(p.name for p in uploads.iterdir()) == ["Pet-Fund-2024.md"], report
+    assert "`tool.exe`: not uploaded — Unsupported file type '.exe'" in report
+    assert "`huge.txt`: not uploaded — The file is larger than the limit of 5,000 bytes." in report
+    assert "`uploads/Pet-Fund-2024`: added" in report
+
+    (gradio / "Pet Fund (2024).md").write_bytes(os.urandom(200).replace(b"\x00", b"\x01") + b"\x00")
+    report = await knowledge_ops.upload(state, [gradio / "Pet Fund (2024).md"])
+    assert "`uploads/Pet-Fund-2024`: error" in report
+    assert (uploads / "Pet-Fund-2024.md").read_bytes() == good  # restored, not deleted
+    assert knowledge_ops.document_ids(state) == ["uploads/Pet-Fund-2024"]
+    assert "Unknown document" in await knowledge_ops.delete(state, "uploads/nothing")
+    assert "and its uploaded file" in await knowledge_ops.delete(state, "uploads/Pet-Fund-2024")
+    assert not (uploads / "Pet-Fund-2024.md").exists() and knowledge_ops.document_ids(state) == []
