@@ -68,8 +68,10 @@ async def build_state(settings: Settings) -> AppState:
         embedder=embedder,
         retriever=retriever,
         rails=LiveRails(LoadedRails(version="local", guard=guard)),
-        extras={"embedded_server": embedded_server, "detector": detector, "grounding": grounding},
         query_embedder=query_embedder(detector, embedder),
+        embedded_server=embedded_server,
+        detector=detector,
+        grounding=grounding,
     )
     from app.admin.wiring import build_rails_publisher
 
@@ -108,18 +110,17 @@ def build_retriever(settings: Settings, embedder: Any, detector: Any) -> Any:
 
 
 async def close_state(state: AppState) -> None:
-    for follower in ("rails_publisher", "shared_knowledge"):
-        if state.extras.get(follower) is not None:
-            await state.extras[follower].stop()
+    for follower in (state.rails_publisher, state.shared_knowledge):
+        if follower is not None:
+            await follower.stop()
     # The live guard's own clients too (its Llama Guard HTTP sessions).
     for closer in (state.llm.aclose, state.store.aclose, state.rails.current.guard.aclose):
         try:
             await closer()
         except Exception:  # best effort on shutdown
             log.debug("close failed", exc_info=True)
-    server = state.extras.get("embedded_server")
-    if server is not None:
-        server.close()
+    if state.embedded_server is not None:
+        state.embedded_server.close()
 
 
 def create_app(settings: Settings | None = None, state_factory: StateFactory | None = None) -> FastAPI:
@@ -143,7 +144,7 @@ def create_app(settings: Settings | None = None, state_factory: StateFactory | N
         gc.freeze()
         from app.llm.speed import start_speed_probe  # after startup, in a thread: readiness does not wait for it
 
-        start_speed_probe(state.extras.get("embedded_server"), settings)
+        start_speed_probe(state.embedded_server, settings)
         try:
             yield
         finally:

@@ -5,13 +5,20 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Literal
 
 from app.guard.base import Guard
 from app.llm.base import ChatBackend
 from app.rag.base import Embedder, Retriever
 from app.sessions.base import SessionStore
 from app.settings import Settings
+
+if TYPE_CHECKING:  # the components below import this module: their types only, for the annotations
+    from app.admin.publisher import RailsPublisher
+    from app.guard.detector import Classifier
+    from app.llm.embedded import EmbeddedLLMServer
+    from app.rag.grounding import CachedGroundingCheck
+    from app.rag.shared_knowledge import SharedKnowledge
 
 
 @dataclass
@@ -49,7 +56,17 @@ class AppState:
     embedder: Embedder
     retriever: Retriever | None
     rails: LiveRails
-    extras: dict[str, Any] = field(default_factory=dict)  # embedded server handle, admin store, ...
     # Embeds a turn's user message (and its rewritten query): the guard model's shared pass where it has one
     # (app/guard/shared_pass.py), which reads the message anyway; None = `embedder`.
     query_embedder: Embedder | None = None
+    # Set by app/main.py build_state (a state built by hand, as in tests, leaves what it does not need):
+    embedded_server: EmbeddedLLMServer | None = None  # the llama.cpp server this process started (closed last)
+    # The guard model the start-up guard uses; rails publishes validate and build with the same one. "auto": load
+    # the configured one when needed. None: the config runs without one (no shipped weights).
+    detector: Classifier | None | Literal["auto"] = "auto"
+    grounding: CachedGroundingCheck | None = None  # the groundedness rail's check, primed with the index's vectors
+    rails_publisher: RailsPublisher | None = None  # app/admin/wiring.py build_rails_publisher: follows publishes
+    shared_knowledge: SharedKnowledge | None = None  # with Redis: app/rag/shared_knowledge.py
+    # One knowledge change (upload, delete, re-index, sync from another replica) at a time: a sync must never see
+    # a file that is saved but not yet published.
+    ingest_lock: asyncio.Lock = field(default_factory=asyncio.Lock)

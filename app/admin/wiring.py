@@ -19,7 +19,6 @@ from app.state import AppState, LoadedRails
 
 log = logging.getLogger(__name__)
 
-PUBLISHER_KEY = "rails_publisher"  # in AppState.extras
 
 
 def open_version_store(settings: Settings) -> RailsVersionStore:
@@ -121,7 +120,7 @@ def builder_for(
 
 def _app_grounding(state: AppState) -> Any:
     """The groundedness check the app gives its start-up guard: a published guard without it would
-    silently skip the groundedness rail. Prefer `state.extras["grounding"]`; this is the fallback, the same check
+    silently skip the groundedness rail. Prefer `state.grounding`; this is the fallback, the same check
     app/main.py builds."""
     from app.rag.grounding import CachedGroundingCheck
 
@@ -131,7 +130,7 @@ def _app_grounding(state: AppState) -> Any:
 async def build_rails_publisher(state: AppState) -> RailsPublisher:
     """Opens the store (seeding version 1 from `settings.rails_dir` when empty), makes `state.rails`
     serve the store's live version, starts following it and registers the publisher in
-    `state.extras["rails_publisher"]`. Stop it with `await publisher.stop()` at shutdown."""
+    `state.rails_publisher`. Stop it with `await publisher.stop()` at shutdown."""
     settings = state.settings
     store = open_version_store(settings)
     disk_files = read_rails_dir(settings.rails_dir)
@@ -145,9 +144,9 @@ async def build_rails_publisher(state: AppState) -> RailsPublisher:
     if not current.version.isdigit() and live.files == disk_files:
         # The guard the lifespan built from settings.rails_dir already runs this exact content.
         await state.rails.swap(LoadedRails(version_label(live.number), current.guard, dict(live.files)))
-    # The lifespan keeps the loaded detector (None without weights) in extras; validate with the same one.
-    detector = state.extras.get("detector", "auto")
-    grounding = state.extras.get("grounding") or _app_grounding(state)
+    # The lifespan keeps the loaded detector (None without weights) in the state; validate with the same one.
+    detector = state.detector
+    grounding = state.grounding or _app_grounding(state)
     builder = builder_for(
         settings,
         llm=state.llm,
@@ -166,5 +165,5 @@ async def build_rails_publisher(state: AppState) -> RailsPublisher:
         preparation=preparation_for(store, builder),
     )
     await publisher.start()
-    state.extras[PUBLISHER_KEY] = publisher
+    state.rails_publisher = publisher
     return publisher

@@ -1,7 +1,7 @@
 """Admin REST API for the live rails config: read, validate, try, publish, list/diff versions, roll back.
 
 Every route needs `Authorization: Bearer <GUARDCHAT_ADMIN_TOKEN>`. Publishing goes through the
-`RailsPublisher` in `state.extras["rails_publisher"]` (built by `build_rails_publisher` in the lifespan):
+`RailsPublisher` in `state.rails_publisher` (built by `build_rails_publisher` in the lifespan):
 a 409 (stale base version) or 422 (invalid config) leaves the live config untouched.
 """
 
@@ -20,7 +20,6 @@ from redis.exceptions import RedisError
 
 from app.admin.publisher import RailsInvalid, RailsPublisher
 from app.admin.versions import StoreEmpty, VersionConflict, VersionInfo, VersionNotFound
-from app.admin.wiring import PUBLISHER_KEY
 from app.api.deps import StateDep
 from app.api.errors import APIError, error_body
 from app.api.security import admin_token, is_admin_token
@@ -46,11 +45,9 @@ async def require_admin(
 
 
 async def get_publisher(state: StateDep) -> RailsPublisher:
-    publisher = state.extras.get(PUBLISHER_KEY)
-    if publisher is None:
+    if state.rails_publisher is None:
         raise APIError(503, "The rails store is not available.", "rails_store_unavailable")
-    assert isinstance(publisher, RailsPublisher)
-    return publisher
+    return state.rails_publisher
 
 
 PublisherDep = Annotated[RailsPublisher, Depends(get_publisher)]

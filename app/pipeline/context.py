@@ -92,9 +92,8 @@ async def retrieve(state: AppState, query: str, vec: np.ndarray, timer: Timer) -
 
 def prime_grounding(state: AppState, sources: list[Chunk]) -> None:
     """Hands the groundedness rail the vectors the index already holds for these chunks."""
-    grounding = state.extras.get("grounding")
-    if sources and grounding is not None and hasattr(grounding, "prime") and state.retriever is not None:
-        grounding.prime([c.content for c in sources], state.retriever.embeddings_for(sources))
+    if sources and state.grounding is not None and state.retriever is not None:
+        state.grounding.prime([c.content for c in sources], state.retriever.embeddings_for(sources))
 
 
 def answered_from(question: str, history: list[dict[str, str]]) -> str:

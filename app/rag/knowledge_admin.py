@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from app.rag.index import load_snapshot
 from app.rag.ingest import IngestReport, ingest, ingest_directory
 from app.rag.loaders import SUPPORTED_SUFFIXES, max_file_bytes
-from app.rag.shared_knowledge import EXTRAS_KEY, SharedKnowledge, SharedKnowledgeUnavailable, ingest_lock
+from app.rag.shared_knowledge import SharedKnowledge, SharedKnowledgeUnavailable
 from app.state import AppState
 
 UPLOADS_DIR = "uploads"
@@ -147,7 +147,7 @@ async def upload(state: AppState, uploads: Sequence[Upload], *, progress: bool =
     settings = state.settings
     folder = (settings.knowledge_dir / UPLOADS_DIR).resolve()
     change = KnowledgeChange()
-    async with ingest_lock(state.extras):
+    async with state.ingest_lock:
         folder.mkdir(parents=True, exist_ok=True)
         saved = await _store(uploads, folder, max_file_bytes(settings), change)
         if not saved:
@@ -177,7 +177,7 @@ async def upload(state: AppState, uploads: Sequence[Upload], *, progress: bool =
 async def delete(state: AppState, document_id: str) -> tuple[dict[str, Any], bool, str | None] | None:
     """Removes a document from the index and its uploaded file (so a re-index does not bring it back).
     (manifest entry, file removed, why not shared) — None when no such document is indexed."""
-    async with ingest_lock(state.extras):
+    async with state.ingest_lock:
         entry = documents(state).get(document_id)
         if entry is None:
             return None
@@ -199,7 +199,7 @@ async def delete(state: AppState, document_id: str) -> tuple[dict[str, Any], boo
 
 async def reindex(state: AppState, *, progress: bool = False) -> IngestReport:
     """Re-ingests the whole knowledge dir (unchanged files are skipped; files gone are pruned)."""
-    async with ingest_lock(state.extras):
+    async with state.ingest_lock:
         report = await asyncio.to_thread(
             ingest_directory, None, state.settings, embedder=state.embedder, progress=progress
         )
@@ -217,8 +217,7 @@ def _reload(state: AppState) -> None:
 
 
 def _shared(state: AppState) -> SharedKnowledge | None:
-    shared: SharedKnowledge | None = state.extras.get(EXTRAS_KEY)
-    return shared
+    return state.shared_knowledge
 
 
 async def _publish(state: AppState, publish: Callable[[SharedKnowledge], Awaitable[int]]) -> str | None:

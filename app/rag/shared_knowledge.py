@@ -38,21 +38,12 @@ from app.state import AppState
 log = logging.getLogger(__name__)
 
 UPLOADS_DIR = "uploads"
-EXTRAS_KEY = "shared_knowledge"  # in AppState.extras
-LOCK_KEY = "rag_ingest_lock"  # in AppState.extras: one knowledge change at a time per replica
 # What an uploaded file may be called (both upload paths produce such names): no directories, no hidden files.
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,199}")
 
 
 class SharedKnowledgeUnavailable(Exception):
     """The change was made on this replica only: the shared store (Redis) could not be written."""
-
-
-def ingest_lock(extras: dict[str, Any]) -> asyncio.Lock:
-    """The replica's knowledge lock: uploads, deletions and syncs never interleave (a sync must not see a
-    file that is saved but not yet published)."""
-    lock: asyncio.Lock = extras.setdefault(LOCK_KEY, asyncio.Lock())
-    return lock
 
 
 def upload_relpath(path: Path, knowledge_dir: Path) -> str | None:
@@ -345,7 +336,7 @@ def _index_documents(state: AppState) -> Mapping[str, Mapping[str, Any]]:
 
 async def start_shared_knowledge(state: AppState) -> SharedKnowledge | None:
     """With Redis and RAG on: catches this replica up with the shared knowledge, follows it, and registers it
-    in `state.extras["shared_knowledge"]` (the upload and delete paths publish through it). Stop it with
+    in `state.shared_knowledge` (the upload and delete paths publish through it). Stop it with
     `await shared.stop()` at shutdown."""
     settings = state.settings
     if not settings.redis_url or state.retriever is None:
@@ -357,10 +348,10 @@ async def start_shared_knowledge(state: AppState) -> SharedKnowledge | None:
         settings.knowledge_dir,
         documents=lambda: _index_documents(state),
         apply_changes=apply_with_ingest(settings, state.embedder, reload),
-        lock=ingest_lock(state.extras),
+        lock=state.ingest_lock,
         poll_interval_s=settings.rails_poll_interval_s,
         owns_client=True,
     )
     await shared.start()
-    state.extras[EXTRAS_KEY] = shared
+    state.shared_knowledge = shared
     return shared

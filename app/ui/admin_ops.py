@@ -11,7 +11,6 @@ from typing import Any
 
 from app.admin.publisher import RailsInvalid, RailsPublisher
 from app.admin.versions import StoreEmpty, VersionConflict, VersionNotFound
-from app.admin.wiring import PUBLISHER_KEY
 from app.state import AppState
 
 CONSOLE_AUTHOR = "admin console"
@@ -22,11 +21,9 @@ class AdminError(Exception):
 
 
 def publisher_of(state: AppState) -> RailsPublisher:
-    publisher = state.extras.get(PUBLISHER_KEY)
-    if publisher is None:
+    if state.rails_publisher is None:
         raise AdminError("The rails store is not available on this server.")
-    assert isinstance(publisher, RailsPublisher)
-    return publisher
+    return state.rails_publisher
 
 
 def code_language(path: str) -> str | None:

@@ -6,7 +6,7 @@ from pathlib import Path
 from app.admin.publisher import RailsPublisher
 from app.admin.versions import FileRailsVersionStore
 from app.admin.versions_redis import RedisRailsVersionStore
-from app.admin.wiring import PUBLISHER_KEY, build_rails_publisher, open_version_store
+from app.admin.wiring import build_rails_publisher, open_version_store
 from app.settings import Settings
 from app.state import AppState
 from tests.admin.helpers import BASE_FILES, initial_live
@@ -40,7 +40,7 @@ async def test_file_store_when_no_redis(tmp_path: Path) -> None:
     publisher = await build_rails_publisher(state)
     try:
         assert isinstance(publisher.store, FileRailsVersionStore)
-        assert state.extras[PUBLISHER_KEY] is publisher
+        assert state.rails_publisher is publisher
         live = await publisher.store.live()
         assert (live.number, live.author, live.files) == (1, "seed", BASE_FILES)
         # The lifespan's guard already runs the seeded content: it is kept, not rebuilt.

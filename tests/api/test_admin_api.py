@@ -39,7 +39,7 @@ async def admin(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, AppSta
         embedder=None,  # type: ignore[arg-type]
         retriever=None,
         rails=live,
-        extras={"rails_publisher": publisher},
+        rails_publisher=publisher,
     )
     app = FastAPI()
     install_error_handlers(app)

@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from app.rag.embedder import MiniLMEmbedder
 from app.rag.ingest import ingest
 from app.rag.retrieve import HybridRetriever
-from app.rag.shared_knowledge import EXTRAS_KEY, SharedKnowledge, SharedKnowledgeUnavailable, start_shared_knowledge
+from app.rag.shared_knowledge import SharedKnowledge, SharedKnowledgeUnavailable, start_shared_knowledge
 from app.state import AppState
 from app.ui import knowledge_ops
 from tests.api.test_knowledge import make_app
@@ -66,7 +66,7 @@ async def replica_on(
     state = app.state.guardchat
     state.retriever = HybridRetriever(settings)
     shared = await start_shared_knowledge(state)
-    assert shared is not None and state.extras[EXTRAS_KEY] is shared
+    assert shared is not None and state.shared_knowledge is shared
     transport = httpx.ASGITransport(app=app)
     try:
         async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120) as http:
