@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 _ANSWER = r"(?:answer|reply|response|explanation)"  # what the assistant said, as customers name it
 _REFERENT = r"(?:that|it|this|those|your (?:last |previous |earlier |first )?" + _ANSWER + ")"
 _PATTERNS = (
-    r"what(?:'?s| is| was) my name|(?:remember|know) my name|who am i",  # "whats": customers drop apostrophes
+    # "whats": customers drop apostrophes. "who am i" alone or "again" ("who am I paying for the overdraft" is not)
+    r"what(?:'?s| is| was) my name|(?:remember|know) my name|who am i(?= again\b|\W*$)",
     r"what did (?:you|i) (?:just )?(?:say|said|ask|write|mention|tell(?: you)?)|have i asked",
     r"what (?:was|were) (?:my|the|your) (?:last |previous |first |earlier )?(?:question|message|answer|name)",
     r"you (?:just |already |earlier )?(?:said|told|mentioned|wrote|gave|listed|explained|described|suggested|meant)"

@@ -48,6 +48,7 @@ def test_an_independent_set_of_customer_messages_is_told_apart() -> None:
     "the cash machine gave me $40 less than I asked for", "i said not me to the fraud text, whats next",
     "I have $20k in savings, can I put it into a CD instead?", "they say they didn't get it, the bill pay",
     "I got a letter saying my account is garnished, what does that mean?", "what is that fee on my statement",
+    "who am I paying for the overdraft on my statement", "who am i supposed to call about a stolen card",
 ])
 def test_the_customers_own_story_is_not_about_the_conversation(text: str) -> None:
     assert not about_conversation(text)
