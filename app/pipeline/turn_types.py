@@ -1,16 +1,20 @@
-"""The data a turn takes and gives (request, result, streamed events), its stage timer, and the pure helpers
-that turn a request and a stored history into prompt messages. The pipeline itself is app/pipeline/turn.py."""
+"""The data a turn takes and gives (request, result, streamed events), its stage timer, what its stages share
+(`TurnScope`, `StreamedAnswer`), and the pure helpers that turn a request and a stored history into prompt
+messages. The pipeline itself is app/pipeline/turn.py."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.guard.base import RailResult
-from app.sessions.base import Turn
+from app.guard.base import AssistantTexts, Guard, GuardDecision, RailResult
+from app.pipeline.streaming import Finished
+from app.sessions.base import OpenTurn, Turn
+from app.state import LoadedRails
 
 
 class TurnInputError(ValueError):
@@ -108,3 +112,43 @@ def history_messages(turns: list[Turn], limit: int) -> list[dict[str, str]]:
     for t in usable:
         out += [{"role": "user", "content": t.user}, {"role": "assistant", "content": t.answer}]
     return out
+
+
+@dataclass
+class TurnScope:
+    """What every stage of one turn reads: the request, the rails it started on, its timer and its trace."""
+
+    req: TurnRequest
+    history: list[dict[str, str]]
+    user_text: str
+    session: OpenTurn | None
+    timer: Timer
+    t_start: float
+    rails: LoadedRails
+    turn_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    trace: dict[str, Any] = field(default_factory=dict)
+    conversation: list[dict[str, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.trace.update(rails_version=self.rails.version, request_id=self.req.request_id)
+        if self.session is not None:
+            self.trace["history_turns"] = len(self.session.history)
+        self.conversation = [*self.history, {"role": "user", "content": self.user_text}]
+
+    @property
+    def guard(self) -> Guard:
+        return self.rails.guard
+
+    @property
+    def texts(self) -> AssistantTexts:
+        return self.rails.guard.texts
+
+
+@dataclass
+class StreamedAnswer:
+    """What the output rails decided once the answer stopped (`final`), what was shown, and the flagging
+    groundedness check started when generation ended."""
+
+    final: Finished | None = None
+    released: list[str] = field(default_factory=list)
+    grounding: asyncio.Task[GuardDecision] | None = None
