@@ -16,8 +16,8 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from app.eval.retrieval import rank_metrics
 from app.guard.guard_model import GUARD_MODEL_DIR, GuardModel, SharedPassEmbedder
-from app.rag.eval import _rank_metrics
 from app.rag.retrieve import HybridRetriever
 
 TASK_FILES = ("rag_tasks.jsonl", "rag_tasks_hard_dev.jsonl", "rag_tasks_hard_test.jsonl", "rag_followups.jsonl")
@@ -47,8 +47,8 @@ def measure(retriever: Any, embedder: Any, shared: SharedPassEmbedder, tasks: li
     for name, vectors in (("embedder", own), ("shared_pass", via_guard)):
         hybrid = [retriever.search(q, v, k)[0] for q, v in zip(questions, vectors, strict=True)]
         dense = [retriever.dense_search(v, k) for v in vectors]
-        out[name] = {"hybrid_recall@5": round(_rank_metrics(hybrid, golds, k)[f"recall@{k}"], 4),
-                     "dense_recall@5": round(_rank_metrics(dense, golds, k)[f"recall@{k}"], 4)}
+        out[name] = {"hybrid_recall@5": round(rank_metrics(hybrid, golds, k)[f"recall@{k}"], 4),
+                     "dense_recall@5": round(rank_metrics(dense, golds, k)[f"recall@{k}"], 4)}
     return out
 
 

@@ -1,4 +1,4 @@
-"""`guardchat eval rag`: retrieval metrics from app.rag.eval (recall@k, MRR, hybrid vs dense vs BM25) plus the
+"""`guardchat eval rag`: retrieval metrics from app.eval.retrieval (recall@k, MRR, hybrid vs dense vs BM25) plus the
 end-to-end answers of real turns — every task a conversation in its own session, each turn through the real turn
 pipeline (app/eval/rag_turns.py: in-process `TurnRunner`, or a running server's streamed
 `/v1/chat/completions` with `X-Session-Id`), scored per kind by app/eval/rag_score.py, and optionally an
@@ -52,7 +52,7 @@ async def judge_answer(llm: Any, question: str, facts: list[Any], answer: str) -
 
 
 def retrieval_tasks(tasks: list[dict[str, Any]]) -> Path:
-    """The one-turn tasks in the single-question format app.rag.eval reads (a follow-up's retrieval is measured by
+    """The one-turn tasks in the single-question format app.eval.retrieval reads (a follow-up's retrieval is measured by
     bench/followup_retrieval.py), in a temp file the caller deletes."""
     rows = []
     for task in tasks:
@@ -219,8 +219,8 @@ def _ensure_index(settings: Any) -> None:
 
 
 def _retrieval(tasks: list[dict[str, Any]], settings: Any, k: int, unanswerable: Path | None) -> dict[str, Any]:
+    from app.eval.retrieval import eval_rag
     from app.rag.embedder import get_embedder
-    from app.rag.eval import eval_rag
 
     _say("eval rag: retrieval metrics" + (" (+ the unanswerable contexts, ingested apart)" if unanswerable else ""))
     tasks_file = retrieval_tasks(tasks)

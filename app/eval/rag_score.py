@@ -36,9 +36,9 @@ ChunkTexts = Callable[[list[str]], list[str]]  # chunk ids -> their texts (title
 
 
 def is_idk(answer: str) -> bool:
-    from app.rag.eval import _is_idk  # one definition for both RAG evals
+    from app.eval.retrieval import is_idk as idk  # one definition for both RAG evals
 
-    return _is_idk(answer)
+    return idk(answer)
 
 
 def unsupported_sentences(answer: str, known_texts: list[str], idk_text: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""RAG eval end to end: retrieval metrics (app.rag.eval) + answers through a running server, with the
+"""RAG eval end to end: retrieval metrics (app.eval.retrieval) + answers through a running server, with the
 LLM-as-judge on the configured (embedded SmolLM2) model."""
 
 from __future__ import annotations

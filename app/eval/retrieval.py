@@ -40,7 +40,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-def _rank_metrics(ranked: list[list[Chunk]], golds: list[set[str]], k: int) -> dict[str, float]:
+def rank_metrics(ranked: list[list[Chunk]], golds: list[set[str]], k: int) -> dict[str, float]:
     hits, firsts, coverage, reciprocal = [], [], [], []
     for chunks, gold in zip(ranked, golds, strict=True):
         docs = [c.document_id for c in chunks[:k]]
@@ -93,9 +93,9 @@ def eval_rag(
         "threshold": settings.rag_score_threshold,
         "answerable_tasks": len(answerable),
         "unanswerable_tasks": len(unanswerable),
-        "hybrid": _rank_metrics(hybrid, golds, k),
-        "dense": _rank_metrics(dense, golds, k),
-        "bm25": _rank_metrics(keyword, golds, k),
+        "hybrid": rank_metrics(hybrid, golds, k),
+        "dense": rank_metrics(dense, golds, k),
+        "bm25": rank_metrics(keyword, golds, k),
         "search_p50_ms": statistics.median(search_ms) if search_ms else 0.0,
         "misses": [
             t["question"]
@@ -127,7 +127,7 @@ def eval_rag(
     report["threshold_sweep"] = [
         {
             "threshold": th,
-            f"recall@{k}": _rank_metrics(
+            f"recall@{k}": rank_metrics(
                 [
                     retriever.search(t["question"], v, k, threshold=th)[0]
                     for t, v in zip(answerable, answer_vecs, strict=True)
@@ -183,7 +183,7 @@ _IDK_PHRASES = ("don't know", "do not know", "couldn't find", "could not find", 
                 "sources do not", "sources don't", "not mentioned in", "no information about", "no information on")
 
 
-def _is_idk(answer: str) -> bool:
+def is_idk(answer: str) -> bool:
     lowered = answer.lower().replace("\u2019", "'")
     return any(phrase in lowered for phrase in _IDK_PHRASES)
 
@@ -210,7 +210,7 @@ async def _generation_metrics(
     idk = 0
     for task, chunks in zip(unanswerable, unanswerable_results, strict=True):
         answer, _ = await _answer(llm, task["question"], chunks, settings)
-        idk += int(_is_idk(answer))
+        idk += int(is_idk(answer))
     return {
         "citation_validity": cited_valid / cited_total if cited_total else None,  # cited ⊆ retrieved
         "citation_precision": cited_gold / cited_valid if cited_valid else None,  # cited sources that are gold
@@ -267,6 +267,6 @@ async def _context_idk_rates(
         for row, chunks in pairs:
             if bool(row["answerable"]) == flag:
                 answer, _ = await _answer(llm, row["question"], chunks, settings)
-                idk += int(_is_idk(answer))
+                idk += int(is_idk(answer))
                 n += 1
         by_label[label]["idk_rate"] = idk / n if n else None

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from app.eval.retrieval import eval_rag
 from app.llm.client import OpenAICompatClient
 from app.rag.embedder import MiniLMEmbedder
-from app.rag.eval import eval_rag
 from app.settings import PROJECT_ROOT
 from tests.rag.conftest import make_settings, write_corpus
 
