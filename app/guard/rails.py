@@ -325,7 +325,6 @@ def build_guard(
             settings.guard_url,
             settings.guard_model,
             api_key=api_key,
-            flavor="openai",
             timeout_s=settings.guard_timeout_s,
             connect_timeout_s=min(settings.llm_connect_timeout_s, settings.guard_timeout_s),
             max_retries=0,  # a retry would blow the turn's latency budget; failing closed is the answer

@@ -64,6 +64,12 @@ class ChatBackend(Protocol):
 
     model_name: str
 
+    @property
+    def continues_assistant(self) -> bool:
+        """llama.cpp continues a final assistant message instead of answering after it (the second look's
+        prefill); OpenAI-style servers differ (vLLM needs a flag): False there."""
+        ...
+
     async def complete(
         self, messages: list[dict[str, str]], options: GenerationOptions | None = None
     ) -> Completion: ...

@@ -1,10 +1,8 @@
-"""The one LLM client: OpenAI-compatible HTTP for trtllm-serve, NIM/vLLM and the embedded llama.cpp server.
-
-Flavors differ only where the servers do:
-- "embedded" (llama.cpp): GBNF `grammar` goes in the body; health = GET /v1/models.
-- "openai" (NIM, vLLM, OpenAI): a LoRA adapter is selected by sending its name as `model`; health = /v1/models.
-- "trtllm" (trtllm-serve): a LoRA adapter goes in the body as `lora_request` {lora_name, lora_int_id,
-  lora_path}; health = GET <root>/health.
+"""The LLM client: OpenAI-compatible HTTP. `OpenAICompatClient` speaks to NIM, vLLM and OpenAI itself (a LoRA
+adapter is selected by sending its name as `model`; health = GET /v1/models). Servers that differ are small
+subclasses that override only where they do: app/llm/trtllm.py (trtllm-serve: `lora_request`, GET <root>/health)
+and app/llm/llamacpp.py (the embedded llama.cpp server or a llama-server: GBNF grammars, `Connection: close`,
+continues a final assistant message). app/llm/factory.py `BACKENDS` maps GUARDCHAT_LLM_BACKEND to a class.
 
 Errors are typed (app/llm/base.py). Every call, streams included, goes over one pooled aiohttp session
 (app/llm/transport.py), which retries connection failures only before the response headers arrive, so a
@@ -23,7 +21,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar
 
 import aiohttp
 import orjson
@@ -42,8 +40,6 @@ from app.observability import model_time
 from app.observability.context import current_request_id
 
 log = logging.getLogger(__name__)
-
-Flavor = Literal["openai", "trtllm", "embedded"]
 
 _HEALTH_TIMEOUT_S = 10.0
 _DETAIL_CHARS = 300
@@ -84,31 +80,28 @@ def _normalize_adapters(adapters: Mapping[str, LoRAAdapter | str] | Iterable[str
 class OpenAICompatClient:
     """Implements app.llm.base.ChatBackend over one pooled aiohttp session (app/llm/transport.py)."""
 
+    # A final assistant message is continued, not answered after (the second look's prefill, app/rag/second_look.py)
+    continues_assistant: ClassVar[bool] = False
+    accepts_grammar: ClassVar[bool] = False  # a GBNF `grammar` in the body; others would reject the field
+
     def __init__(
         self,
         base_url: str,
         model: str,
         *,
         api_key: str | None = None,
-        flavor: Flavor = "openai",
         timeout_s: float = 120,
         connect_timeout_s: float = 5,
         max_retries: int = 2,
         lora_adapters: Mapping[str, LoRAAdapter | str] | Iterable[str] | None = None,
     ) -> None:
-        if flavor not in ("openai", "trtllm", "embedded"):
-            raise ValueError(f"unknown LLM flavor {flavor!r}")
         self.base_url = base_url.rstrip("/")
         self.root_url = self.base_url.removesuffix("/v1")
         self.model_name = model
-        self.flavor: Flavor = flavor
         self.max_retries = max(0, max_retries)
         self._api_key = api_key or None
         self._adapters = _normalize_adapters(lora_adapters)
-        if flavor == "trtllm":
-            pathless = [a.name for a in self._adapters.values() if not a.path]
-            if pathless:
-                raise ValueError(f"trtllm-serve needs a path for each LoRA adapter (name=path): {', '.join(pathless)}")
+        self._check_adapters()
         headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
         self._http = BackendTransport(
             self.base_url,
@@ -153,13 +146,7 @@ class OpenAICompatClient:
         """Yield content deltas. `on_usage(Usage)` is called if the server reports usage at the end."""
         body = self._body(options, stream=True)
         body["messages"] = messages
-        headers = self._headers(options)
-        if self.flavor == "embedded":
-            # llama.cpp closes the connection after every streamed answer, without saying so. Pooled, such a
-            # connection was handed to the next request before its close was seen, which then failed ("Can
-            # not write request body"; an error with max_retries=0, else a retry after 0.1 s). Asked to
-            # close, llama.cpp says `Connection: close` and aiohttp does not pool the connection.
-            headers["Connection"] = "close"
+        headers = self._headers(options) | self._stream_headers()
         started = time.perf_counter()
         response = await self._http.open("POST", self.base_url + "/chat/completions", body, headers)
         try:
@@ -178,13 +165,8 @@ class OpenAICompatClient:
         timeout = aiohttp.ClientTimeout(
             total=_HEALTH_TIMEOUT_S, sock_connect=min(_HEALTH_TIMEOUT_S, self._http.connect_timeout_s)
         )
-        url = self.root_url + "/health" if self.flavor == "trtllm" else self.base_url + "/models"
-        raw = await self._http.read(await self._http.open("GET", url, None, {}, timeout=timeout))
-        if self.flavor == "trtllm":
-            return  # trtllm-serve's /health answers 200 with an empty body
-        data = self._parse_json(raw)
-        if not isinstance(data, dict) or not isinstance(data.get("data"), list):
-            raise LLMBadResponse("LLM backend /models answered without a `data` list")
+        raw = await self._http.read(await self._http.open("GET", self._health_url(), None, {}, timeout=timeout))
+        self._check_health(raw)
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -201,8 +183,8 @@ class OpenAICompatClient:
         if stream:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}
-        if opts.grammar is not None and self.flavor == "embedded":
-            body["grammar"] = opts.grammar  # llama.cpp only; OpenAI-style servers would reject the field
+        if opts.grammar is not None and self.accepts_grammar:
+            body["grammar"] = opts.grammar
         if opts.adapter:
             self._apply_adapter(body, opts.adapter)
         body.update(opts.extra)
@@ -211,15 +193,26 @@ class OpenAICompatClient:
     def _apply_adapter(self, body: dict[str, Any], name: str) -> None:
         if self._adapters and name not in self._adapters:
             raise ValueError(f"LoRA adapter {name!r} is not configured for this backend")
-        if self.flavor == "openai":
-            body["model"] = name  # NIM / vLLM serve each loaded adapter as a model name
-        elif self.flavor == "trtllm":
-            adapter = self._adapters.get(name)
-            if adapter is None:
-                raise ValueError(f"LoRA adapter {name!r} has no path configured for trtllm-serve")
-            body["lora_request"] = {"lora_name": adapter.name, "lora_int_id": adapter.int_id, "lora_path": adapter.path}
-        else:
-            log.warning("the embedded llama.cpp backend has no LoRA adapters; ignoring adapter %r", name)
+        self._select_adapter(body, name)
+
+    # ------------------------------------------------------------ where servers differ (subclasses override)
+
+    def _check_adapters(self) -> None:
+        """Raises ValueError when the configured adapters cannot be served."""
+
+    def _select_adapter(self, body: dict[str, Any], name: str) -> None:
+        body["model"] = name  # NIM / vLLM serve each loaded adapter as a model name
+
+    def _stream_headers(self) -> dict[str, str]:
+        return {}
+
+    def _health_url(self) -> str:
+        return self.base_url + "/models"
+
+    def _check_health(self, raw: bytes) -> None:
+        data = self._parse_json(raw)
+        if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+            raise LLMBadResponse("LLM backend /models answered without a `data` list")
 
     def _headers(self, options: GenerationOptions | None) -> dict[str, str]:
         # The turn's request id travels to every backend call (also the guard's), for log correlation.

@@ -6,10 +6,21 @@ import logging
 
 from app.llm.client import OpenAICompatClient, parse_lora_adapters
 from app.llm.embedded import EmbeddedLLMServer
+from app.llm.llamacpp import LlamaCppClient
 from app.llm.models import fetch_model
+from app.llm.trtllm import TrtLLMClient
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# GUARDCHAT_LLM_BACKEND -> the client class that speaks to it. A new OpenAI-wire server is a subclass overriding
+# where it differs (app/llm/trtllm.py, app/llm/llamacpp.py) plus its line here.
+BACKENDS: dict[str, type[OpenAICompatClient]] = {
+    "openai": OpenAICompatClient,  # NIM, vLLM, OpenAI
+    "trtllm": TrtLLMClient,
+    "llamacpp": LlamaCppClient,  # a llama-server you run: the embedded server's wire
+    "embedded": LlamaCppClient,  # the llama.cpp server this process starts
+}
 
 
 def build_chat_backend(settings: Settings) -> tuple[OpenAICompatClient, EmbeddedLLMServer | None]:
@@ -33,11 +44,10 @@ def build_chat_backend(settings: Settings) -> tuple[OpenAICompatClient, Embedded
     if not settings.llm_model:
         raise ValueError(f"GUARDCHAT_LLM_MODEL is required when GUARDCHAT_LLM_BACKEND={settings.llm_backend}")
     api_key = settings.llm_api_key.get_secret_value() if settings.llm_api_key else None
-    client = OpenAICompatClient(
+    client = BACKENDS[settings.llm_backend](
         settings.llm_url,
         settings.llm_model,
         api_key=api_key,
-        flavor="embedded" if settings.llm_backend == "llamacpp" else settings.llm_backend,  # same wire as ours
         timeout_s=settings.llm_timeout_s,
         connect_timeout_s=settings.llm_connect_timeout_s,
         max_retries=settings.llm_max_retries,
@@ -58,10 +68,9 @@ def _build_embedded(settings: Settings) -> tuple[OpenAICompatClient, EmbeddedLLM
         parallel=settings.embedded_parallel,
     ).start()
     try:
-        client = OpenAICompatClient(
+        client = LlamaCppClient(
             server.base_url,
             settings.embedded_model,
-            flavor="embedded",
             timeout_s=settings.llm_timeout_s,
             connect_timeout_s=settings.llm_connect_timeout_s,
             max_retries=settings.llm_max_retries,

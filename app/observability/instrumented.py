@@ -87,6 +87,10 @@ class InstrumentedChatBackend:
     def model_name(self) -> str:
         return self.inner.model_name
 
+    @property
+    def continues_assistant(self) -> bool:
+        return self.inner.continues_assistant
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 

@@ -174,6 +174,7 @@ class NameCheckedLLM:
     def __init__(self, llm: ChatBackend, history: list[dict[str, str]]) -> None:
         self._llm, self._history = llm, history
         self.model_name = llm.model_name
+        self.continues_assistant = llm.continues_assistant
 
     def stream(
         self,

@@ -49,10 +49,10 @@ def second_look_plan(
     )  # fmt: skip
 
 
-def continues_assistant(llm: Any) -> bool:
+def continues_assistant(llm: ChatBackend) -> bool:
     """The backend continues a final assistant message instead of answering after it: llama.cpp (the embedded server,
     or a llama-server: `GUARDCHAT_LLM_BACKEND=llamacpp`) does; OpenAI-style servers differ (vLLM needs a flag)."""
-    return getattr(llm, "flavor", None) == "embedded"
+    return llm.continues_assistant
 
 
 _SENTENCE_END = re.compile(r"[.!?](?:\s|$)|\n\n")

@@ -33,7 +33,7 @@ def fake_llm() -> Iterator[Child]:
 
 
 async def test_fake_backend_speaks_openai_chat_plain_and_streamed(fake_llm: Child) -> None:
-    client = OpenAICompatClient(fake_llm.url + "/v1", "fake-llm", flavor="openai", timeout_s=30)
+    client = OpenAICompatClient(fake_llm.url + "/v1", "fake-llm", timeout_s=30)
     try:
         messages = [{"role": "user", "content": "How do I dispute a card transaction?"}]
         completion = await client.complete(messages, GenerationOptions(max_tokens=64))
@@ -45,7 +45,7 @@ async def test_fake_backend_speaks_openai_chat_plain_and_streamed(fake_llm: Chil
 
 
 async def test_fake_backend_answers_llama_guard_prompts_like_a_safe_verdict(fake_llm: Child) -> None:
-    backend = OpenAICompatClient(fake_llm.url + "/v1", "llama-guard", flavor="openai", timeout_s=30)
+    backend = OpenAICompatClient(fake_llm.url + "/v1", "llama-guard", timeout_s=30)
     try:
         judge = LlamaGuardClient(backend, [SafetyCategory("S1", "Violent Crimes")])
         verdict = await judge.check([("User", "How do I reset my PIN?")])

@@ -7,6 +7,7 @@ import pytest
 
 from app.eval.retrieval import eval_rag
 from app.llm.client import OpenAICompatClient
+from app.llm.llamacpp import LlamaCppClient
 from app.rag.embedder import MiniLMEmbedder
 from app.settings import PROJECT_ROOT
 from tests.rag.conftest import make_settings, write_corpus
@@ -55,7 +56,7 @@ def test_eval_rag_small_corpus_with_generation(tmp_path: Path, embedder: MiniLME
     write_corpus(settings.knowledge_dir)
 
     def llm() -> OpenAICompatClient:
-        return OpenAICompatClient(embedded_llm_url, "smollm2-135m", flavor="embedded", timeout_s=60)
+        return LlamaCppClient(embedded_llm_url, "smollm2-135m", timeout_s=60)
 
     report = eval_rag(
         _jsonl(tmp_path / "tasks.jsonl", TASKS),

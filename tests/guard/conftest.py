@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse
 
 from app.guard.rails import RailsGuard, build_guard
 from app.llm.client import OpenAICompatClient
+from app.llm.llamacpp import LlamaCppClient
 from app.settings import PROJECT_ROOT, Settings
 from tests.fixtures.threaded import free_port, serve_in_thread
 
@@ -132,7 +133,7 @@ async def remote_guard(
 
 @pytest_asyncio.fixture(scope="session")
 async def embedded_judge(embedded_llm_url: str) -> AsyncIterator[OpenAICompatClient]:
-    client = OpenAICompatClient(embedded_llm_url, "smollm2-135m", flavor="embedded", timeout_s=60)
+    client = LlamaCppClient(embedded_llm_url, "smollm2-135m", timeout_s=60)
     yield client
     await client.aclose()
 

@@ -117,7 +117,7 @@ def test_fit_conversation_gives_the_assessed_turn_the_budget_first() -> None:
 
 
 async def test_embedded_style_judge_reads_a_clipped_message_remote_reads_all(lg) -> None:
-    backend = OpenAICompatClient(lg.base_url, GUARD_MODEL, flavor="openai", timeout_s=5.0, max_retries=0)
+    backend = OpenAICompatClient(lg.base_url, GUARD_MODEL, timeout_s=5.0, max_retries=0)
     cats = [SafetyCategory("S2", "Non-Violent Crimes")]
     try:
         lg.queue("unsafe\nS2", "safe")

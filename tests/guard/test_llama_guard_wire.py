@@ -120,7 +120,7 @@ def trtllm() -> Iterator[tuple[TrtllmStandIn, str]]:
 
 
 async def _judge(url: str, **options: Any) -> None:
-    backend = OpenAICompatClient(url, GUARD_MODEL, flavor="openai", timeout_s=5.0, max_retries=0)
+    backend = OpenAICompatClient(url, GUARD_MODEL, timeout_s=5.0, max_retries=0)
     try:
         verdict = await LlamaGuardClient(backend, CATEGORIES, **options).check([("User", "How do I freeze my card?")])
     finally:
@@ -147,7 +147,7 @@ async def test_without_the_flag_the_server_would_prepend_a_second_bos(trtllm) ->
 
 async def test_the_stand_in_rejects_fields_trtllm_serve_does_not_know(trtllm) -> None:
     _, url = trtllm
-    backend = OpenAICompatClient(url, GUARD_MODEL, flavor="openai", timeout_s=5.0, max_retries=0)
+    backend = OpenAICompatClient(url, GUARD_MODEL, timeout_s=5.0, max_retries=0)
     from app.llm.base import GenerationOptions, LLMBadResponse
 
     try:

@@ -14,6 +14,7 @@ import pytest
 from app.llm.base import GenerationOptions, LLMBadResponse, LLMUnavailable, Usage
 from app.llm.client import OpenAICompatClient
 from app.llm.embedded import EmbeddedLLMServer
+from app.llm.llamacpp import LlamaCppClient
 from tests.fixtures.llm import TEST_MODEL
 
 QUESTION = [{"role": "user", "content": "Name three colors."}]
@@ -105,7 +106,7 @@ async def test_closed_server_is_unavailable(embedded_model_path: Path) -> None:
     server = EmbeddedLLMServer(embedded_model_path, model_name="smollm2-135m", ctx_size=256, threads=1, parallel=1)
     with server:
         url = server.base_url
-        client = OpenAICompatClient(url, "smollm2-135m", flavor="embedded", max_retries=1)
+        client = LlamaCppClient(url, "smollm2-135m", max_retries=1)
         await client.health()
     started = time.monotonic()
     with pytest.raises(LLMUnavailable):
@@ -158,7 +159,7 @@ async def test_leaving_a_stream_stops_generation(
 async def test_back_to_back_streams_need_no_retry(embedded_llm_url: str) -> None:
     """llama.cpp closes the connection after each streamed answer; a pooled one was reused before its close
     was seen and the next stream failed (with max_retries=0) or waited for a retry."""
-    client = OpenAICompatClient(embedded_llm_url, TEST_MODEL, flavor="embedded", max_retries=0)
+    client = LlamaCppClient(embedded_llm_url, TEST_MODEL, max_retries=0)
     try:
         for _ in range(4):
             deltas = [d async for d in client.stream(QUESTION, GenerationOptions(max_tokens=3, temperature=0))]

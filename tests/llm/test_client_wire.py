@@ -11,6 +11,7 @@ import pytest
 
 from app.llm.base import GenerationOptions, LLMBadResponse, LLMTimeout, LLMUnavailable, Usage
 from app.llm.client import LoRAAdapter, OpenAICompatClient, parse_lora_adapters
+from app.llm.trtllm import TrtLLMClient
 from tests.llm import wire
 
 MESSAGES = [{"role": "user", "content": "hello"}]
@@ -29,13 +30,13 @@ def test_parse_lora_adapters_names_paths_and_ids() -> None:
 
 def test_trtllm_requires_adapter_paths() -> None:
     with pytest.raises(ValueError, match="legal"):
-        OpenAICompatClient("http://127.0.0.1:1/v1", "m", flavor="trtllm", lora_adapters=["legal"])
+        TrtLLMClient("http://127.0.0.1:1/v1", "m", lora_adapters=["legal"])
 
 
 async def test_trtllm_health_lora_request_headers() -> None:
     with wire.serve(wire.trtllm_routes("llama-3-8b")) as server:
-        client = OpenAICompatClient(
-            server.base_url, "llama-3-8b", flavor="trtllm", api_key=SECRET, lora_adapters=["support=/lora/support"]
+        client = TrtLLMClient(
+            server.base_url, "llama-3-8b", api_key=SECRET, lora_adapters=["support=/lora/support"]
         )
         try:
             await client.health()
@@ -288,7 +289,7 @@ async def test_error_messages_never_contain_the_api_key() -> None:
 
 async def test_options_map_to_openai_fields() -> None:
     with wire.serve(wire.trtllm_routes("m")) as server:
-        client = OpenAICompatClient(server.base_url, "m", flavor="openai")
+        client = OpenAICompatClient(server.base_url, "m")
         options = GenerationOptions(
             max_tokens=9, temperature=0.3, top_p=0.8, stop=["\n\n"], grammar='root ::= "x"', extra={"seed": 7}
         )

@@ -9,8 +9,11 @@ import httpx
 import pytest
 
 from app.llm.base import GenerationOptions, LLMUnavailable
+from app.llm.client import OpenAICompatClient
 from app.llm.embedded import EmbeddedLLMServer
 from app.llm.factory import build_chat_backend
+from app.llm.llamacpp import LlamaCppClient
+from app.llm.trtllm import TrtLLMClient
 from app.settings import PROJECT_ROOT, Settings
 
 
@@ -57,8 +60,8 @@ async def test_remote_backends_build_clients() -> None:
         )
     )
     assert server is None
-    assert (client.flavor, client.base_url, client.root_url) == (
-        "trtllm",
+    assert (type(client), client.base_url, client.root_url) == (
+        TrtLLMClient,
         "http://gpu-host:8000/v1",
         "http://gpu-host:8000",
     )
@@ -70,11 +73,11 @@ async def test_remote_backends_build_clients() -> None:
     client, _ = build_chat_backend(
         settings(llm_backend="openai", llm_url="http://h/v1", llm_model="m", lora_adapters=["a"])
     )
-    assert client.flavor == "openai" and list(client.adapters) == ["a"]
+    assert type(client) is OpenAICompatClient and list(client.adapters) == ["a"]
     await client.aclose()
     # A llama-server run by the user speaks our embedded wire: grammars reach it.
     client, server = build_chat_backend(settings(llm_backend="llamacpp", llm_url="http://h:8080/v1", llm_model="q"))
-    assert server is None and client.flavor == "embedded" and client.base_url == "http://h:8080/v1"
+    assert server is None and type(client) is LlamaCppClient and client.base_url == "http://h:8080/v1"
     await client.aclose()
 
 
@@ -91,7 +94,7 @@ async def test_embedded_backend_end_to_end(embedded_model_path: Path) -> None:
     client, server = build_chat_backend(config)
     assert server is not None
     try:
-        assert client.flavor == "embedded" and client.model_name == "smollm2-135m"
+        assert type(client) is LlamaCppClient and client.model_name == "smollm2-135m"
         await client.health()
         result = await client.complete([{"role": "user", "content": "Hi"}], GenerationOptions(max_tokens=4))
         assert result.usage.completion_tokens > 0

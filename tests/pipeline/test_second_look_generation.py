@@ -15,6 +15,7 @@ import pytest
 from app.guard.base import AssistantTexts, GuardDecision
 from app.llm.base import Completion, GenerationOptions, Usage
 from app.llm.client import OpenAICompatClient
+from app.llm.llamacpp import LlamaCppClient
 from app.pipeline.generation import SpeculativeGeneration, continues_assistant
 from app.pipeline.streaming import Finished, Released, hold_back
 from app.pipeline.turn import TurnRequest, TurnRunner
@@ -45,7 +46,7 @@ class RecordingLLM:
     def __init__(self, inner: OpenAICompatClient, second: OpenAICompatClient | None = None) -> None:
         self.inner, self.second = inner, second
         self.model_name: str = inner.model_name
-        self.flavor = inner.flavor  # what the pipeline reads to know the backend continues an assistant message
+        self.continues_assistant = inner.continues_assistant  # llama.cpp continues a final assistant message
         self.calls: list[dict[str, Any]] = []
 
     async def complete(self, messages: list[dict[str, str]], options: GenerationOptions | None = None) -> Completion:
@@ -193,7 +194,7 @@ async def test_when_the_second_request_fails_the_first_answer_stands(embedded_ll
     messages, sources = _prompt()
     first = (await embedded_llm_client.complete(messages, OPTIONS)).text
     plan = Plan(first, QUESTION, prompt_passages(messages[0]["content"], sources), idf=IDF, min_coverage=0.3)
-    gone = OpenAICompatClient("http://127.0.0.1:9/v1", TEST_MODEL, flavor="embedded", max_retries=0)  # nothing listens
+    gone = LlamaCppClient("http://127.0.0.1:9/v1", TEST_MODEL, max_retries=0)  # nothing listens
     try:
         llm = RecordingLLM(embedded_llm_client, second=gone)
         generation = SpeculativeGeneration.start(llm, messages, OPTIONS, plan)
@@ -213,7 +214,7 @@ async def test_a_turn_records_its_second_look(
     second look that the same answer then gets."""
     settings = make_settings(tmp_path, rag_top_k=3)
     ingest(write_corpus(settings.knowledge_dir, CORPUS), settings, embedder=embedder, progress=False)
-    llm = RecordingLLM(OpenAICompatClient(embedded_llm_url, TEST_MODEL, flavor="embedded", timeout_s=60))
+    llm = RecordingLLM(LlamaCppClient(embedded_llm_url, TEST_MODEL, timeout_s=60))
     rails = initial_live()
     guard = rails.current.guard
     state = AppState(settings=settings, llm=llm, store=MemorySessionStore(ttl_s=600, max_turns=10), embedder=embedder,

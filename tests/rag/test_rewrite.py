@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from app.llm.client import OpenAICompatClient
+from app.llm.llamacpp import LlamaCppClient
 from app.rag.rewrite import looks_like_follow_up, rewrite_query
 
 HISTORY = [("How much does a domestic wire cost?", "A domestic wire costs $25 [1].")]
@@ -19,7 +20,7 @@ async def test_join_mode() -> None:
 
 
 async def test_llm_mode_with_the_real_model(embedded_llm_url: str) -> None:
-    client = OpenAICompatClient(embedded_llm_url, "smollm2-135m", flavor="embedded", timeout_s=60)
+    client = LlamaCppClient(embedded_llm_url, "smollm2-135m", timeout_s=60)
     try:
         rewrite = await rewrite_query("and international ones?", HISTORY, "llm", client)
     finally:
@@ -28,7 +29,7 @@ async def test_llm_mode_with_the_real_model(embedded_llm_url: str) -> None:
 
 
 async def test_llm_mode_falls_back_to_join_on_error() -> None:
-    client = OpenAICompatClient("http://127.0.0.1:9/v1", "nobody", flavor="openai", timeout_s=2, max_retries=0)
+    client = OpenAICompatClient("http://127.0.0.1:9/v1", "nobody", timeout_s=2, max_retries=0)
     try:
         rewrite = await rewrite_query("and international ones?", HISTORY, "llm", client)
     finally:
