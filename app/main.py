@@ -132,24 +132,39 @@ def create_app(settings: Settings | None = None, state_factory: StateFactory | N
     store_choice = choose_redis_url(settings.redis_url)
     settings.redis_url = store_choice.redis_url
 
+    from app.api.security import SecurityRuntime, add_security
+    from app.lifecycle import install_sigterm_drain
+    from app.observability import add_observability, configure_observability, instrument_state
+
+    runtime = SecurityRuntime(settings)  # what the security middleware reads at request time
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Logging is configured here, not at import: uvicorn applies its own logging config after the app object is
+        # created, and would undo ours.
+        configure_observability(settings)
         log.info(store_choice.note)
-        state = await (state_factory or build_state)(settings)
-        app.state.guardchat = state
-        # Startup leaves ~400k long-lived objects (torch, transformers, NeMo, the index). Every full garbage
-        # collection would walk them all (120-300 ms on 2 cores: a stall for every request in flight), and they
-        # live as long as the process: collect once, then move them out of the collector's reach.
-        gc.collect()
-        gc.freeze()
-        from app.llm.speed import start_speed_probe  # after startup, in a thread: readiness does not wait for it
-
-        start_speed_probe(state.embedded_server, settings)
+        await runtime.startup()  # admin token, exposure warning, rate limiter
         try:
-            yield
+            state = await (state_factory or build_state)(settings)
+            app.state.guardchat = state
+            # Startup leaves ~400k long-lived objects (torch, transformers, NeMo, the index). Every full garbage
+            # collection would walk them all (120-300 ms on 2 cores: a stall for every request in flight), and
+            # they live as long as the process: collect once, then move them out of the collector's reach.
+            gc.collect()
+            gc.freeze()
+            from app.llm.speed import start_speed_probe  # after startup, in a thread: readiness does not wait
+
+            start_speed_probe(state.embedded_server, settings)
+            install_sigterm_drain(runtime.drain)
+            instrument_state(state)  # store latency and LLM backend errors, measured without their code knowing
+            try:
+                yield
+            finally:
+                await close_state(state)
+                gc.unfreeze()  # back to normal generations (tests start many apps in one process)
         finally:
-            await close_state(state)
-            gc.unfreeze()  # back to normal generations (tests start many apps in one process)
+            await runtime.shutdown()
 
     app = FastAPI(
         title="guardchat",
@@ -168,11 +183,8 @@ def create_app(settings: Settings | None = None, state_factory: StateFactory | N
         health.router,
     ):
         app.include_router(router)
-    from app.api.security import install_security
-    from app.observability import install_observability
-
-    install_security(app, settings)  # auth, limits, CORS, security headers, SIGTERM drain
-    install_observability(app, settings)  # request ids, JSON logs, /metrics
+    add_security(app, runtime)  # auth, limits, CORS, security headers, SIGTERM drain
+    add_observability(app, settings)  # request ids, JSON logs, /metrics
     if settings.ui_enabled:
         from app.ui import mount_ui
 

@@ -1,4 +1,4 @@
-"""Auth, limits and security headers for the whole app, installed by `install_security(app, settings)`.
+"""Auth, limits and security headers for the whole app, added by `add_security(app, runtime)` (app/main.py).
 
 Middleware, outermost first:
   EdgeMiddleware    security headers on every response; body size limit (413 before any parsing)
@@ -18,8 +18,7 @@ import ipaddress
 import logging
 import secrets
 import sys
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -30,7 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.errors import APIError, error_body, error_response
 from app.api.ratelimit import KeyRateLimiter
-from app.lifecycle import Drain, DrainMiddleware, install_sigterm_drain
+from app.lifecycle import Drain, DrainMiddleware
 from app.sessions.base import SessionInfo, SessionNotFound, SessionStore
 from app.settings import Settings
 
@@ -462,11 +461,11 @@ def _disable_docs(app: FastAPI) -> None:
     app.openapi_url = app.docs_url = app.redoc_url = None
 
 
-def install_security(app: FastAPI, settings: Settings) -> SecurityRuntime:
-    """Installs the middleware above, CORS (only when origins are configured), the docs switch and the
-    start/stop hooks (admin token, exposure warning, rate limiter, SIGTERM drain) into `app`'s lifespan.
-    Call once from `create_app`, after the routers are included."""
-    runtime = SecurityRuntime(settings)
+def add_security(app: FastAPI, runtime: SecurityRuntime) -> None:
+    """Adds the middleware above, CORS (only when origins are configured) and the docs switch to `app`. The app's
+    lifespan (app/main.py) runs `runtime.startup()` / `shutdown()` and installs the SIGTERM drain. Call once from
+    `create_app`, after the routers are included."""
+    settings = runtime.settings
     app.state.guardchat_security = runtime
     if not settings.docs_enabled:
         _disable_docs(app)
@@ -482,18 +481,3 @@ def install_security(app: FastAPI, settings: Settings) -> SecurityRuntime:
         )
     app.add_middleware(DrainMiddleware, drain=runtime.drain)
     app.add_middleware(EdgeMiddleware, settings=settings)
-
-    inner = app.router.lifespan_context
-
-    @asynccontextmanager
-    async def lifespan(asgi_app: Any) -> AsyncIterator[Any]:
-        await runtime.startup()
-        try:
-            async with inner(asgi_app) as maybe_state:
-                install_sigterm_drain(runtime.drain)
-                yield maybe_state
-        finally:
-            await runtime.shutdown()
-
-    app.router.lifespan_context = lifespan
-    return runtime

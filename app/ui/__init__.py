@@ -1,10 +1,9 @@
 """The web UI: the customer chat at `/` and the admin console at `/admin`, mounted into the API's
 FastAPI app (one process, one port).
 
-Call `mount_ui(app, settings)` AFTER every API router has been included: Starlette matches routes in
-order, and a mount at `/` matches every path. `mount_ui` also moves its two mounts to the end of the
-route list (and `/admin` before `/`), so /v1, /api, /admin/api, /docs and /healthz keep winning even
-when it is called a little early; tests/ui/test_mount.py checks that.
+Call `mount_ui(app, settings)` AFTER every API route has been added (app/main.py does, last): Starlette matches
+routes in order, and a mount at `/` matches every path. The admin console and its `/admin` redirect go in before
+the chat's catch-all `/`; tests/ui/test_mount.py checks that every API route still wins.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ from typing import Any
 import gradio as gr
 from fastapi import FastAPI
 from fastapi.responses import RedirectResponse
-from starlette.routing import Mount
 
 from app.settings import Settings
 from app.state import AppState
@@ -25,15 +23,6 @@ CHAT_PATH = "/"
 ADMIN_PATH = "/admin"
 
 __all__ = ["mount_ui", "CHAT_PATH", "ADMIN_PATH"]
-
-
-def _ui_mounts_last(app: FastAPI, ui_mounts: list[Any]) -> None:
-    """Moves the UI mounts behind every other route, the more specific (/admin) first."""
-    routes = app.router.routes
-    ours = [r for r in routes if any(r is m for m in ui_mounts)]
-    rest = [r for r in routes if not any(r is m for m in ui_mounts)]
-    ours.sort(key=lambda r: getattr(r, "path", "") == "", reverse=False)  # Mount("/") has path ""; it goes last
-    routes[:] = rest + ours
 
 
 def mount_ui(app: FastAPI, settings: Settings) -> None:
@@ -50,17 +39,14 @@ def mount_ui(app: FastAPI, settings: Settings) -> None:
     secret = settings.ui_secret.get_secret_value() if settings.ui_secret else ""
     browser_secret = secret or secrets.token_urlsafe(24)
 
-    before = list(app.router.routes)
     common: dict[str, Any] = {"footer_links": [], "ssr_mode": False, "css": CSS, "show_error": False, "pwa": False}
     admin = build_admin(get_state, settings)
     gr.mount_gradio_app(app, admin, path=ADMIN_PATH, **common)
-    chat = build_chat(get_state, browser_secret=browser_secret)
-    gr.mount_gradio_app(app, chat, path=CHAT_PATH, **common)
 
     async def admin_without_slash() -> RedirectResponse:
         # Otherwise the mount at "/" would answer `/admin` (no slash) with the chat app's 404.
         return RedirectResponse(ADMIN_PATH + "/", status_code=307)
 
     app.add_api_route(ADMIN_PATH, admin_without_slash, methods=["GET"], include_in_schema=False)
-    added = [r for r in app.router.routes if not any(r is b for b in before) and isinstance(r, Mount)]
-    _ui_mounts_last(app, added)
+    chat = build_chat(get_state, browser_secret=browser_secret)
+    gr.mount_gradio_app(app, chat, path=CHAT_PATH, **common)  # the catch-all, last

@@ -16,7 +16,6 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import SecretStr
 
-from app.api.security import install_security
 from app.settings import Settings
 from tests.fixtures.server import LiveServer, free_port
 
@@ -32,11 +31,8 @@ def secured(settings: Settings, *keys: str, **updates: Any) -> Settings:
 
 
 def secured_server(settings: Settings) -> LiveServer:
-    """A LiveServer whose app has the hardening installed (done here until app/main.py wires it)."""
-    server = LiveServer(settings)
-    if getattr(server.app.state, "guardchat_security", None) is None:
-        install_security(server.app, server.settings)
-    return server
+    """A LiveServer (create_app adds the security middleware and runs its startup in the lifespan)."""
+    return LiveServer(settings)
 
 
 def bearer(key: str) -> dict[str, str]:

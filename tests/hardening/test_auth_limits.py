@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from app.api import security
-from app.api.security import UI_CSP, KeyRing, ensure_admin_token, hash_key, install_security, warn_if_exposed
+from app.api.security import UI_CSP, KeyRing, ensure_admin_token, hash_key, warn_if_exposed
 from app.main import create_app
 from app.settings import Settings
 from tests.fixtures.server import LiveServer
@@ -229,8 +229,6 @@ def test_security_headers_on_the_ui_and_api(secured_live: LiveServer) -> None:
 def _light_app(settings: Settings) -> httpx.AsyncClient:
     """The real app without its lifespan: enough for CORS and the docs switch, which act before any route."""
     app = create_app(settings)
-    if getattr(app.state, "guardchat_security", None) is None:
-        install_security(app, settings)
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
 
 

@@ -30,19 +30,9 @@ RATE_LIMIT = 6
 SECRET_PROMPT = "my favourite colour is ultramarine-7f3a, how do I reset my password?"
 GRACE_S = 20
 
-# Runs the real `guardchat serve` command. Until app/main.py calls install_security itself, the shim adds
-# it to the app `serve` builds; once create_app installs it, the shim changes nothing.
+# Runs the real `guardchat serve` command.
 LAUNCHER = """
 import sys
-import app.main as main
-from app.api.security import install_security
-original = main.create_app
-def create_app(settings=None, **kw):
-    app = original(settings, **kw)
-    if getattr(app.state, "guardchat_security", None) is None:
-        install_security(app, settings)
-    return app
-main.create_app = create_app
 from app.cli import app as cli
 cli(["serve", "--port", sys.argv[1]], prog_name="guardchat")
 """

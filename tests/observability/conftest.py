@@ -1,4 +1,4 @@
-"""A real guardchat server with observability installed (a no-op when app/main.py already installs it)."""
+"""A real guardchat server (app/main.py adds observability: the middleware, /metrics, the instrumented state)."""
 
 from __future__ import annotations
 
@@ -6,15 +6,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from app.observability import install_observability
 from app.settings import Settings
 from tests.fixtures.server import LiveServer
 
 
 def observed(settings: Settings) -> LiveServer:
-    server = LiveServer(settings)
-    install_observability(server.app, server.settings)
-    return server
+    return LiveServer(settings)
 
 
 @pytest.fixture(scope="module")
