@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
@@ -108,69 +109,82 @@ async def chat_completions(
             result = await runner.run(turn)
         except TurnInputError as exc:
             raise APIError(400, str(exc), "invalid_messages") from exc
-        return JSONResponse(
-            {
-                "id": completion_id,
-                "object": "chat.completion",
-                "created": created,
-                "model": model,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": result.answer},
-                        "finish_reason": result.finish_reason if result.finish_reason in ("stop", "length") else "stop",
-                    }
-                ],
-                "usage": _usage(result),
-                "guardchat": result.guardchat(),
-            },
-            headers={"X-Request-Id": request_id},
-        )
+        body_json = _completion(result, completion_id, created, model)
+        return JSONResponse(body_json, headers={"X-Request-Id": request_id})
 
-    events = runner.events(turn)  # an async generator: closed explicitly below
+    events = runner.events(turn)  # an async generator: closed explicitly by _sse
     # Pull the first event before answering, so errors that happen before any output (unknown session,
     # backend down, bad input) get a real HTTP status instead of an error inside a 200 stream.
     try:
         first = await anext(events)
     except TurnInputError as exc:
         raise APIError(400, str(exc), "invalid_messages") from exc
-
+    chunk = functools.partial(_chunk, completion_id, created, model)
     include_usage = bool((body.stream_options or {}).get("include_usage"))
+    return EventSourceResponse(
+        _sse(first, events, chunk, include_usage), headers={"X-Request-Id": request_id, "Cache-Control": "no-cache"},
+        ping=15,
+    )
 
-    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
-        payload = {
-            "id": completion_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-            **extra,
-        }
-        return json.dumps(payload, ensure_ascii=False)
 
-    async def sse() -> AsyncIterator[dict[str, str]]:
-        yield {"data": chunk({"role": "assistant", "content": ""})}
-        event: Delta | Done | None = first
-        try:
-            while event is not None:
-                if isinstance(event, Delta):
-                    if event.text:
-                        yield {"data": chunk({"content": event.text})}
-                else:
-                    result = event.result
-                    finish = result.finish_reason if result.finish_reason in ("stop", "length") else "stop"
-                    extra: dict[str, Any] = {"guardchat": result.guardchat()}
-                    if include_usage:
-                        extra["usage"] = _usage(result)
-                    yield {"data": chunk({}, finish, **extra)}
-                event = await anext(events, None)
-        except Exception as exc:  # mid-stream failure: an OpenAI-style error event, never a traceback
-            status, message, code = exception_to_error(exc)
-            yield {"data": json.dumps(error_body(status, message, code))}
-        finally:
-            # On a client disconnect this runs the turn's own cleanup now (cancel generation, save the
-            # turn as interrupted) rather than whenever the generator is garbage-collected.
-            await events.aclose()
-        yield {"data": "[DONE]"}
+def _finish_reason(result: TurnResult) -> str:
+    return result.finish_reason if result.finish_reason in ("stop", "length") else "stop"
 
-    return EventSourceResponse(sse(), headers={"X-Request-Id": request_id, "Cache-Control": "no-cache"}, ping=15)
+
+def _completion(result: TurnResult, completion_id: str, created: int, model: str) -> dict[str, Any]:
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": result.answer},
+                "finish_reason": _finish_reason(result),
+            }
+        ],
+        "usage": _usage(result),
+        "guardchat": result.guardchat(),
+    }
+
+
+def _chunk(
+    completion_id: str, created: int, model: str, delta: dict[str, Any], finish: str | None = None, **extra: Any
+) -> str:
+    payload = {
+        "id": completion_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        **extra,
+    }
+    return json.dumps(payload, ensure_ascii=False)
+
+
+async def _sse(
+    first: Delta | Done, events: AsyncGenerator[Delta | Done, None], chunk: Callable[..., str], include_usage: bool
+) -> AsyncIterator[dict[str, str]]:
+    yield {"data": chunk({"role": "assistant", "content": ""})}
+    event: Delta | Done | None = first
+    try:
+        while event is not None:
+            if isinstance(event, Delta):
+                if event.text:
+                    yield {"data": chunk({"content": event.text})}
+            else:
+                result = event.result
+                extra: dict[str, Any] = {"guardchat": result.guardchat()}
+                if include_usage:
+                    extra["usage"] = _usage(result)
+                yield {"data": chunk({}, _finish_reason(result), **extra)}
+            event = await anext(events, None)
+    except Exception as exc:  # mid-stream failure: an OpenAI-style error event, never a traceback
+        status, message, code = exception_to_error(exc)
+        yield {"data": json.dumps(error_body(status, message, code))}
+    finally:
+        # On a client disconnect this runs the turn's own cleanup now (cancel generation, save the
+        # turn as interrupted) rather than whenever the generator is garbage-collected.
+        await events.aclose()
+    yield {"data": "[DONE]"}
