@@ -75,14 +75,18 @@ def session_label(session_id: str | None) -> str:
     return f'<div class="gc-session" data-ready="1">Conversation ID: <code data-session-id="{safe}">{safe}</code></div>'
 
 
-def build_chat(get_state: StateGetter, *, browser_secret: str | None = None) -> gr.Blocks:
-    """`get_state` returns the live AppState at request time (the lifespan builds it after mounting)."""
+class ChatActions:
+    """What the chat page's events do; `get_state` returns the live AppState at request time (the lifespan builds
+    it after mounting)."""
 
-    async def restore(stored: dict[str, Any] | None) -> tuple[Any, ...]:
+    def __init__(self, get_state: StateGetter) -> None:
+        self.get_state = get_state
+
+    async def restore(self, stored: dict[str, Any] | None) -> tuple[Any, ...]:
         session_id = (stored or {}).get("session_id")
         if not session_id:
             return [], [], None, [], _stored(None), session_label(None)
-        state = get_state()
+        state = self.get_state()
         try:
             if await state.store.get(session_id) is None:  # expired or deleted: start afresh
                 return [], [], None, [], _stored(None), session_label(None)
@@ -96,7 +100,7 @@ def build_chat(get_state: StateGetter, *, browser_secret: str | None = None) -> 
         return chatbot, messages, session_id, turn_ids, _stored(session_id), session_label(session_id)
 
     async def respond(
-        text: str, messages: list[ChatMessage], session_id: str | None, turn_ids: list[str | None]
+        self, text: str, messages: list[ChatMessage], session_id: str | None, turn_ids: list[str | None]
     ) -> AsyncIterator[tuple[Any, ...]]:
         text = (text or "").strip()
         if not text:
@@ -105,7 +109,7 @@ def build_chat(get_state: StateGetter, *, browser_secret: str | None = None) -> 
         messages = [*messages, {"role": "user", "content": escape_answer(text)}, {"role": "assistant", "content": ""}]
         turn_ids = [*turn_ids, None, None]
         bubble = messages[-1]
-        state = get_state()
+        state = self.get_state()
         try:
             # The REST API's limits on a message (413 / 400 there), checked before a session exists (issue 20).
             check_text_limit(len(text), state.settings, "Your message")
@@ -129,22 +133,29 @@ def build_chat(get_state: StateGetter, *, browser_secret: str | None = None) -> 
             bubble["content"] = error_markdown(user_error_text(exc))
         yield messages, "", messages, session_id, turn_ids, _stored(session_id), session_label(session_id)
 
-    async def feedback(session_id: str | None, turn_ids: list[str | None], data: gr.LikeData) -> None:
+    async def feedback(self, session_id: str | None, turn_ids: list[str | None], data: gr.LikeData) -> None:
         index = data.index if isinstance(data.index, int) else data.index[0]
         turn_id = turn_ids[index] if 0 <= index < len(turn_ids) else None
         if not session_id or not turn_id:
             gr.Warning("Feedback can only be given on a saved answer.")
             return
         try:
-            await get_state().store.set_feedback(session_id, turn_id, feedback_score(data.liked))
+            await self.get_state().store.set_feedback(session_id, turn_id, feedback_score(data.liked))
         except Exception as exc:
             log.warning("feedback failed: %s", type(exc).__name__)
             gr.Warning("Your feedback could not be saved right now.")
             return
         gr.Info("Thanks for your feedback!")
 
+    @staticmethod
     def new_chat() -> tuple[Any, ...]:
         return [], [], None, [], _stored(None), "", session_label(None)
+
+
+def build_chat(get_state: StateGetter, *, browser_secret: str | None = None) -> gr.Blocks:
+    """The customer chat page; its events are ChatActions'."""
+    actions = ChatActions(get_state)
+    restore, respond, feedback, new_chat = actions.restore, actions.respond, actions.feedback, actions.new_chat
 
     with gr.Blocks(title="Larkspur Bank · Support", analytics_enabled=False) as demo:
         stored = gr.BrowserState(_stored(None), storage_key=STORAGE_KEY, secret=browser_secret)
