@@ -81,28 +81,9 @@ def eval_rag(
     answer_vecs, unanswer_vecs = vectors[: len(answerable)], vectors[len(answerable) :]
     golds = [set(t["gold_document_ids"]) for t in answerable]
 
-    hybrid, search_ms = [], []
-    for task, vec in zip(answerable, answer_vecs, strict=True):
-        chunks, timings = retriever.search(task["question"], vec, k)
-        hybrid.append(chunks)
-        search_ms.append(timings.get("search_ms", 0.0))
-    dense = [retriever.dense_search(vec, k) for vec in answer_vecs]
-    keyword = [retriever.keyword_search(t["question"], k) for t in answerable]
-    report: dict[str, Any] = {
-        "k": k,
-        "threshold": settings.rag_score_threshold,
-        "answerable_tasks": len(answerable),
-        "unanswerable_tasks": len(unanswerable),
-        "hybrid": rank_metrics(hybrid, golds, k),
-        "dense": rank_metrics(dense, golds, k),
-        "bm25": rank_metrics(keyword, golds, k),
-        "search_p50_ms": statistics.median(search_ms) if search_ms else 0.0,
-        "misses": [
-            t["question"]
-            for t, c, g in zip(answerable, hybrid, golds, strict=True)
-            if not any(x.document_id in g for x in c)
-        ],
-    }
+    hybrid, ranked = _ranked(retriever, answerable, answer_vecs, golds, k)
+    report: dict[str, Any] = {"k": k, "threshold": settings.rag_score_threshold,
+                              "answerable_tasks": len(answerable), "unanswerable_tasks": len(unanswerable), **ranked}
     unanswerable_results = [
         retriever.search(t["question"], v, k)[0] for t, v in zip(unanswerable, unanswer_vecs, strict=True)
     ]
@@ -117,32 +98,11 @@ def eval_rag(
         rows = _read_jsonl(Path(unanswerable_path))[:unanswerable_limit]
         off_vecs = embedder.embed([r["question"] for r in rows])
         off_domain = list(zip([r["question"] for r in rows], off_vecs, strict=True))
-        report["off_domain_abstention"] = sum(1 for q, v in off_domain if not retriever.search(q, v, k)[0]) / len(
-            off_domain
-        )
+        report["off_domain_abstention"] = _abstention(retriever, off_domain, k)
         report["contexts"], context_pairs = eval_context_abstention(
             Path(unanswerable_path), settings, embedder=embedder, limit=unanswerable_limit, k=k
         )
-
-    report["threshold_sweep"] = [
-        {
-            "threshold": th,
-            f"recall@{k}": rank_metrics(
-                [
-                    retriever.search(t["question"], v, k, threshold=th)[0]
-                    for t, v in zip(answerable, answer_vecs, strict=True)
-                ],
-                golds,
-                k,
-            )[f"recall@{k}"],
-            "off_domain_abstention": (
-                sum(1 for q, v in off_domain if not retriever.search(q, v, k, threshold=th)[0]) / len(off_domain)
-            )
-            if off_domain
-            else None,
-        }
-        for th in SWEEP
-    ]
+    report["threshold_sweep"] = _threshold_sweep(retriever, answerable, answer_vecs, golds, off_domain, k)
     if llm is not None:
 
         async def generate() -> None:
@@ -160,6 +120,51 @@ def eval_rag(
 
         asyncio.run(generate())
     return report
+
+
+def _ranked(
+    retriever: HybridRetriever, answerable: list[dict[str, Any]], vectors: np.ndarray, golds: list[set[str]], k: int
+) -> tuple[list[list[Chunk]], dict[str, Any]]:
+    """The hybrid's top-k per task, and hybrid vs plain dense vs plain BM25 metrics, the search time, the misses."""
+    hybrid, search_ms = [], []
+    for task, vec in zip(answerable, vectors, strict=True):
+        chunks, timings = retriever.search(task["question"], vec, k)
+        hybrid.append(chunks)
+        search_ms.append(timings.get("search_ms", 0.0))
+    dense = [retriever.dense_search(vec, k) for vec in vectors]
+    keyword = [retriever.keyword_search(t["question"], k) for t in answerable]
+    return hybrid, {
+        "hybrid": rank_metrics(hybrid, golds, k),
+        "dense": rank_metrics(dense, golds, k),
+        "bm25": rank_metrics(keyword, golds, k),
+        "search_p50_ms": statistics.median(search_ms) if search_ms else 0.0,
+        "misses": [
+            t["question"] for t, c, g in zip(answerable, hybrid, golds, strict=True)
+            if not any(x.document_id in g for x in c)
+        ],
+    }
+
+
+def _abstention(
+    retriever: HybridRetriever, questions: list[tuple[str, np.ndarray]], k: int, threshold: float | None = None
+) -> float | None:
+    """The share of `questions` for which retrieval returns nothing."""
+    if not questions:
+        return None
+    return sum(1 for q, v in questions if not retriever.search(q, v, k, threshold=threshold)[0]) / len(questions)
+
+
+def _threshold_sweep(
+    retriever: HybridRetriever, answerable: list[dict[str, Any]], vectors: np.ndarray, golds: list[set[str]],
+    off_domain: list[tuple[str, np.ndarray]], k: int,
+) -> list[dict[str, Any]]:
+    sweep = []
+    for th in SWEEP:
+        pairs = zip(answerable, vectors, strict=True)
+        found = [retriever.search(t["question"], v, k, threshold=th)[0] for t, v in pairs]
+        sweep.append({"threshold": th, f"recall@{k}": rank_metrics(found, golds, k)[f"recall@{k}"],
+                      "off_domain_abstention": _abstention(retriever, off_domain, k, th)})
+    return sweep
 
 
 async def _answer(llm: ChatBackend, question: str, chunks: list[Chunk], settings: Any) -> tuple[str, list[Chunk]]:
