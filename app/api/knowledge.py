@@ -17,6 +17,7 @@ from fastapi import APIRouter, File, UploadFile
 from app.api.deps import StateDep
 from app.api.errors import APIError
 from app.rag import knowledge_admin
+from app.rag.shared_knowledge import index_documents
 
 router = APIRouter(tags=["knowledge"])
 
@@ -55,7 +56,7 @@ def _result(outcome: knowledge_admin.FileOutcome) -> dict[str, Any]:
 
 @router.get("/api/knowledge")
 async def list_documents(state: StateDep) -> dict[str, Any]:
-    docs = knowledge_admin.documents(state)
+    docs = index_documents(state)
     items = [_public(doc_id, entry) for doc_id, entry in sorted(docs.items())]
     return {"documents": items, "total_documents": len(items), "total_chunks": sum(d["chunks"] for d in items)}
 

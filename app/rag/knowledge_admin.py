@@ -22,13 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
-from app.rag.index import load_snapshot
 from app.rag.ingest import IngestReport, ingest, ingest_directory
 from app.rag.loaders import SUPPORTED_SUFFIXES, max_file_bytes
-from app.rag.shared_knowledge import SharedKnowledge, SharedKnowledgeUnavailable
+from app.rag.shared_knowledge import UPLOADS_DIR, SharedKnowledge, SharedKnowledgeUnavailable, index_documents
 from app.state import AppState
 
-UPLOADS_DIR = "uploads"
 READ_BLOCK = 1 << 20
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -96,14 +94,6 @@ def safe_filename(name: str | None) -> str:
     if not stem or stem.lower() == "readme":
         stem = f"upload-{uuid.uuid4().hex[:8]}"
     return f"{stem}{suffix}"
-
-
-def documents(state: AppState) -> dict[str, dict[str, Any]]:
-    """The live index's manifest: document id -> entry (with the server path of its file)."""
-    if state.retriever is not None:
-        docs: dict[str, dict[str, Any]] = state.retriever.snapshot.documents
-        return docs
-    return load_snapshot(state.settings.index_dir, gpu=False).documents
 
 
 async def _save(upload: Upload, target: Path, limit: int) -> None:
@@ -178,7 +168,7 @@ async def delete(state: AppState, document_id: str) -> tuple[dict[str, Any], boo
     """Removes a document from the index and its uploaded file (so a re-index does not bring it back).
     (manifest entry, file removed, why not shared) — None when no such document is indexed."""
     async with state.ingest_lock:
-        entry = documents(state).get(document_id)
+        entry = index_documents(state).get(document_id)
         if entry is None:
             return None
         report = await asyncio.to_thread(

@@ -325,9 +325,10 @@ def apply_with_ingest(settings: Any, embedder: Any, reload: Callable[[], Any]) -
     return apply
 
 
-def _index_documents(state: AppState) -> Mapping[str, Mapping[str, Any]]:
+def index_documents(state: AppState) -> dict[str, dict[str, Any]]:
+    """The live index's manifest: document id -> entry (with the server path of its file)."""
     if state.retriever is not None:
-        docs: Mapping[str, Mapping[str, Any]] = state.retriever.snapshot.documents
+        docs: dict[str, dict[str, Any]] = state.retriever.snapshot.documents
         return docs
     from app.rag.index import load_snapshot
 
@@ -346,7 +347,7 @@ async def start_shared_knowledge(state: AppState) -> SharedKnowledge | None:
         redis_client(settings.redis_url),
         f"{settings.redis_key_prefix}{{knowledge}}:",
         settings.knowledge_dir,
-        documents=lambda: _index_documents(state),
+        documents=lambda: index_documents(state),
         apply_changes=apply_with_ingest(settings, state.embedder, reload),
         lock=state.ingest_lock,
         poll_interval_s=settings.rails_poll_interval_s,
