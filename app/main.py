@@ -184,7 +184,7 @@ def create_app(settings: Settings | None = None, state_factory: StateFactory | N
     ):
         app.include_router(router)
     add_security(app, runtime)  # auth, limits, CORS, security headers, SIGTERM drain
-    add_observability(app, settings)  # request ids, JSON logs, /metrics
+    add_observability(app, settings)  # request ids, /metrics
     if settings.ui_enabled:
         from app.ui import mount_ui
 

@@ -420,9 +420,14 @@ class FactsBlockingGuard(BlockedWordsGuard):
 
     grounding_blocks = True
 
+    def __init__(self, files: dict[str, str]) -> None:
+        super().__init__(files)
+        self.window_checked = threading.Event()  # the stand-in LLM holds the rest of its answer until then
+
     async def check_output(
         self, messages: list[dict[str, str]], answer: str, context: list[str] | None = None
     ) -> GuardDecision:
+        self.window_checked.set()
         if "$99" in answer:
             rail = RailResult("groundedness", "block", detail="unsupported facts: $99")
             return GuardDecision(False, [rail], blocked_by="groundedness", refusal=self.texts.idk)
@@ -439,11 +444,19 @@ async def test_a_groundedness_block_replaces_the_answer_and_a_safety_block_keeps
     ingest(write_corpus(settings.knowledge_dir, CORPUS), settings, embedder=embedder, progress=False)
     answers = [["An", " outgoing", " wire", " costs", " $99", " today."], ["The ", "bomb ", "squad ", "came."]]
 
+    guard = FactsBlockingGuard(BASE_FILES)
+
     async def handler(request, body):
+        guard.window_checked.clear()
+
         async def generate() -> AsyncIterator[str]:
-            for event in wire.sse(answers.pop(0)):
+            first, *rest = wire.sse(answers.pop(0), pings=False)  # the first event carries the first token
+            yield first
+            # As a slow model streams: the first token is checked (and shown) alone before the rest arrives, on any
+            # machine — a turn that found the whole answer there would check it in one window.
+            await asyncio.to_thread(guard.window_checked.wait, 30)
+            for event in rest:
                 yield event
-                await asyncio.sleep(0.05)  # as a model streams: the first token is checked and shown alone
 
         return StreamingResponse(generate(), media_type="text/event-stream")
 
@@ -451,7 +464,7 @@ async def test_a_groundedness_block_replaces_the_answer_and_a_safety_block_keeps
     with wire.serve({("POST", "/v1/chat/completions"): handler}) as server:
         llm = OpenAICompatClient(server.base_url, "m")
         state = pipeline_state(settings, llm, store, embedder, HybridRetriever(settings))
-        state.rails = LiveRails(LoadedRails("disk", FactsBlockingGuard(BASE_FILES), BASE_FILES))
+        state.rails = LiveRails(LoadedRails("disk", guard, BASE_FILES))
         idk, refusal = state.rails.current.guard.texts.idk, state.rails.current.guard.texts.refusal
         try:
             session = await store.create()
