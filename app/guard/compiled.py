@@ -24,7 +24,7 @@ import asyncio
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 Action = Callable[[], Awaitable[Any]]
 _SIMPLE_COMPARE = re.compile(r'^\s*\$([A-Za-z_]\w*)\s*(==|!=)\s*"([^"\\]*)"\s*$')
@@ -150,14 +150,33 @@ async def run_flow(name: str, steps: list[Step]) -> FlowOutcome:
     return FlowOutcome(name, False)
 
 
+class FlowEngine(Protocol):
+    """What runs a config's input or output rail flows for the turn in `app.guard.actions.current_turn`: our
+    compiled flows (`CompiledRails`) or NeMo's LLMRails (`NemoFlows`). `RailsGuard` holds one."""
+
+    @property
+    def name(self) -> str:
+        """The engine's name in logs, the admin status and `rails validate`: `compiled` or `nemo`."""
+        ...
+
+    async def run(
+        self, direction: str, messages: list[dict[str, str]], only: set[str] | None = None
+    ) -> FlowOutcome | None:
+        """The blocking flow's outcome, or None when every flow passes; `messages`: the turn as NeMo reads it."""
+        ...
+
+
 @dataclass(frozen=True)
 class CompiledRails:
     input_flows: list[tuple[str, list[Step]]]
     output_flows: list[tuple[str, list[Step]]]
     input_parallel: bool
     output_parallel: bool
+    name: str = "compiled"
 
-    async def run(self, direction: str, only: set[str] | None = None) -> FlowOutcome | None:
+    async def run(
+        self, direction: str, messages: list[dict[str, str]], only: set[str] | None = None
+    ) -> FlowOutcome | None:
         """Runs the input or output rails (or `only` the named flows of them); returns the blocking flow's
         outcome, or None when all pass. An action that raises propagates (the guard turns it into a
         guard_error refusal)."""
@@ -182,6 +201,27 @@ class CompiledRails:
         finally:
             for task in tasks:
                 task.cancel()
+
+
+class NemoFlows:
+    """NeMo's LLMRails `check_async`: interprets the Colang per event (any config; `only` cannot be honoured, so
+    every flow of that direction runs)."""
+
+    name = "nemo"
+
+    def __init__(self, rails: Any) -> None:
+        self.rails = rails
+
+    async def run(
+        self, direction: str, messages: list[dict[str, str]], only: set[str] | None = None
+    ) -> FlowOutcome | None:
+        from nemoguardrails.rails.llm.options import RailStatus, RailType
+
+        rail_type = RailType.INPUT if direction == "input" else RailType.OUTPUT
+        result = await self.rails.check_async(messages, rail_types=[rail_type])
+        if result.status != RailStatus.BLOCKED:
+            return None
+        return FlowOutcome(result.rail or "", True, result.content)
 
 
 def compile_rails(rails_config: Any, actions: dict[str, Action]) -> tuple[CompiledRails | None, str | None]:

@@ -14,18 +14,20 @@ Engines (`rails_engine`), the fastest that can run the config, chosen and logged
 3. `nemo`: NeMo's LLMRails `check_async` (`rails.input.parallel` honoured), which interprets Colang per
    event, ≈ 5–7 ms per check even with instant actions; Colang outside the compiled subset runs here.
 `rails_engine=auto` (default) tries them in that order, `compiled` skips IORails, `nemo` forces LLMRails.
-All engines refuse with the config's texts and fail closed alike.
+All engines refuse with the config's texts and fail closed alike. IORails runs a whole check itself
+(`RailsGuard.iorails`); the other two run our flows behind one protocol, `FlowEngine` (`RailsGuard.flows`:
+`CompiledRails` or `NemoFlows`, app/guard/compiled.py). `on_llmrails()` gives a twin of a guard on LLMRails, for
+`rails validate` to compare; the guard itself never changes engine.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
+import copy
 import functools
 import logging
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +43,7 @@ from app.guard.cascade import (
     quietly_done,
     score_in_thread,
 )
-from app.guard.compiled import CompiledRails, compile_rails
+from app.guard.compiled import FlowEngine, NemoFlows, compile_rails
 from app.guard.detector import text_windows
 from app.guard.iorails_engine import IORailsEngine, flow_name
 from app.guard.llama_guard import LlamaGuardClient, conversation_from_messages
@@ -108,16 +110,18 @@ class RailsGuard:
             self._rails.register_action(action, name)
         spec = loaded.section.groundedness
         self.grounding_blocks = "block" in (spec.action, spec.facts)
-        self.compiled: CompiledRails | None = None
+        # IORails runs a whole catalog-only check itself; otherwise `flows` runs the flows with our actions.
         self.iorails: IORailsEngine | None = None
+        self.flows: FlowEngine = NemoFlows(self._rails)
         self.engine_reason = "rails_engine=nemo"
         if settings.rails_engine == "auto":
             self.iorails, self.engine_reason = IORailsEngine.build(loaded.rails_config, settings, self.texts)
         if self.iorails is None and settings.rails_engine != "nemo":
             why_not_iorails = f"not IORails: {self.engine_reason}; " if settings.rails_engine == "auto" else ""
-            self.compiled, why_not = compile_rails(loaded.rails_config, dict(actions))
+            compiled, why_not = compile_rails(loaded.rails_config, dict(actions))
+            self.flows = compiled or self.flows
             self.engine_reason = why_not_iorails + (
-                "the rail flows compile" if self.compiled else f"the config cannot be compiled: {why_not}"
+                "the rail flows compile" if compiled else f"the config cannot be compiled: {why_not}"
             )
         log.info("rails engine: %s (%s)", self.engine_name, self.engine_reason)
         rails_cfg = loaded.rails_config.rails
@@ -135,17 +139,14 @@ class RailsGuard:
     @property
     def engine_name(self) -> str:
         """The engine a turn runs on: `iorails`, `compiled` or `nemo` (why: `engine_reason`)."""
-        return "iorails" if self.iorails else "compiled" if self.compiled else "nemo"
+        return "iorails" if self.iorails else self.flows.name
 
-    @contextlib.contextmanager
-    def on_llmrails(self) -> Iterator[None]:
-        """Runs checks on NeMo's LLMRails while inside (`rails validate` compares the engines)."""
-        engines = self.iorails, self.compiled
-        self.iorails = self.compiled = None
-        try:
-            yield
-        finally:
-            self.iorails, self.compiled = engines
+    def on_llmrails(self) -> RailsGuard:
+        """This guard with every check on NeMo's LLMRails (`rails validate` compares the engines); this one is left
+        as it is. It shares this guard's clients: close this one, not it."""
+        twin = copy.copy(self)
+        twin.iorails, twin.flows = None, NemoFlows(self._rails)
+        return twin
 
     @property
     def files(self) -> dict[str, str]:
@@ -241,19 +242,12 @@ class RailsGuard:
     async def _run(
         self, turn: TurnContext, nemo_messages: list[dict[str, str]], direction: str, only: set[str] | None = None
     ) -> GuardDecision:
-        from nemoguardrails.rails.llm.options import RailStatus, RailType
-
         started = time.perf_counter()
         token = current_turn.set(turn)
         try:
-            if self.compiled is not None:
-                outcome = await self.compiled.run(direction, only)
-                blocked = outcome is not None
-                flow, content = (outcome.flow, outcome.message) if outcome else ("", None)
-            else:
-                rail_type = RailType.INPUT if direction == "input" else RailType.OUTPUT
-                result = await self._rails.check_async(nemo_messages, rail_types=[rail_type])
-                blocked, flow, content = result.status == RailStatus.BLOCKED, result.rail or "", result.content
+            outcome = await self.flows.run(direction, nemo_messages, only)
+            blocked = outcome is not None
+            flow, content = (outcome.flow, outcome.message) if outcome else ("", None)
         except Exception as exc:
             log.exception("%s rails failed", direction)
             return self._failed(f"{direction}_rails", exc, started, turn.results)

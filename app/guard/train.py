@@ -252,17 +252,20 @@ def choose_thresholds(items: list[Item], unsafe_p: np.ndarray, attack_p: np.ndar
             "off_topic_block": topic_t}
 
 
-def train(eval_dir: Path, out_dir: Path, *, seed: int = 1234, folds: int = 5, embedder: Any = None,
-          max_per_source: int | None = None, cache_path: Path | None = None) -> dict[str, Any]:
-    """Cross-validate, choose thresholds, fit on all data, write detector.npz/.json + report json to `out_dir`.
-    `max_per_source` subsamples every source (tests); `cache_path` keeps MiniLM vectors between runs."""
-    import sklearn
+@dataclass
+class _Prepared:
+    """The training items (bare rows, then jailbreak-wrapped ones), their windows' rows and folds."""
 
-    if embedder is None:  # fp32 PyTorch: the same vectors on every machine (bf16 exists on some CPUs only)
-        from app.rag.embedder import MiniLMEmbedder
+    items: list[Item]
+    rows: Any
+    row_fold: np.ndarray
+    held: list[str]
+    dropped: dict[str, int]
 
-        embedder = MiniLMEmbedder(precision="float32")
-    rng = random.Random(seed)
+
+def _prepare(eval_dir: Path, embedder: Any, rng: random.Random, folds: int, max_per_source: int | None,
+             cache_path: Path | None) -> _Prepared:
+    """Sources -> near-held-out rows dropped -> folds -> wrapped templates -> windowed feature rows."""
     sources = load_sources(Path(eval_dir), rng, max_per_source)
     bare = [it for name in sorted(sources) for it in sources[name]]
     cache = EmbeddingCache(embedder, cache_path)
@@ -277,9 +280,14 @@ def train(eval_dir: Path, out_dir: Path, *, seed: int = 1234, folds: int = 5, em
     items = bare + wrapped
     item_fold = np.concatenate([fold, np.array(wrapped_fold, dtype=int)])
     rows = window_rows(items, cache)
-    row_fold = item_fold[rows.item]
+    return _Prepared(items, rows, item_fold[rows.item], held, dropped)
 
-    # Out-of-fold logits per window, then per item (max over windows for unsafe/attack, head for topic).
+
+def _out_of_fold(data: _Prepared, folds: int, seed: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray],
+                                                                   np.ndarray]:
+    """Out-of-fold logits per window, then per item (max over windows for unsafe/attack, the first window for the
+    topic) -> (Platt calibration per head, calibrated probabilities per head, topic probabilities)."""
+    rows, row_fold, n = data.rows, data.row_fold, len(data.items)
     oof = {"unsafe": np.zeros(len(rows.x)), "attack": np.zeros(len(rows.x))}
     oof_topic = np.zeros((len(rows.x), len(TOPIC_LABELS)))
     for k in range(folds):
@@ -288,17 +296,29 @@ def train(eval_dir: Path, out_dir: Path, *, seed: int = 1234, folds: int = 5, em
         for head in oof:
             oof[head][test] = rows.x[test] @ fitted[f"{head}_w"] + fitted[f"{head}_b"][0]
         oof_topic[test] = rows.x[test] @ fitted["topic_w"].T + fitted["topic_b"]
-    n = len(items)
     item_logit = {h: _item_max(v, rows.item, n) for h, v in oof.items()}
-    labels = {"unsafe": np.array([1 if it.source in UNSAFE_SOURCES else 0 for it in items]),
-              "attack": np.array([1 if it.source in ATTACK_SOURCES else 0 for it in items])}
+    labels = {"unsafe": np.array([1 if it.source in UNSAFE_SOURCES else 0 for it in data.items]),
+              "attack": np.array([1 if it.source in ATTACK_SOURCES else 0 for it in data.items])}
     cal = {h: _platt(item_logit[h], labels[h]) for h in oof}
     prob = {h: 1 / (1 + np.exp(-(cal[h][0] * item_logit[h] + cal[h][1]))) for h in oof}
     head_rows = np.zeros(n, dtype=int)
     head_rows[rows.item[::-1]] = np.arange(len(rows.item))[::-1]  # first window of each item
     topic_logits = oof_topic[head_rows]
     topic_p = np.exp(topic_logits - topic_logits.max(1, keepdims=True))
-    topic_p /= topic_p.sum(1, keepdims=True)
+    return cal, prob, topic_p / topic_p.sum(1, keepdims=True)
+
+
+def train(eval_dir: Path, out_dir: Path, *, seed: int = 1234, folds: int = 5, embedder: Any = None,
+          max_per_source: int | None = None, cache_path: Path | None = None) -> dict[str, Any]:
+    """Cross-validate, choose thresholds, fit on all data, write detector.npz/.json + report json to `out_dir`.
+    `max_per_source` subsamples every source (tests); `cache_path` keeps MiniLM vectors between runs."""
+    if embedder is None:  # fp32 PyTorch: the same vectors on every machine (bf16 exists on some CPUs only)
+        from app.rag.embedder import MiniLMEmbedder
+
+        embedder = MiniLMEmbedder(precision="float32")
+    data = _prepare(eval_dir, embedder, random.Random(seed), folds, max_per_source, cache_path)
+    items = data.items
+    cal, prob, topic_p = _out_of_fold(data, folds, seed)
     off_topic_p = 1 - topic_p[:, TOPIC_LABELS.index("on_domain")]
     thresholds = choose_thresholds(items, prob["unsafe"], prob["attack"], off_topic_p)
     from app.guard.train_report import cv_report, harmful_by_category, unsafe_block_sweep  # imports our constants
@@ -306,34 +326,43 @@ def train(eval_dir: Path, out_dir: Path, *, seed: int = 1234, folds: int = 5, em
     report = cv_report(items, prob["unsafe"], prob["attack"], off_topic_p, topic_p.argmax(1), thresholds)
     report["harmful_by_category"] = harmful_by_category(items, prob["unsafe"], thresholds)
     report["unsafe_block_sweep"] = unsafe_block_sweep(items, prob["unsafe"])
-
-    final = fit_heads(rows, np.ones(len(rows.x), dtype=bool), seed)
+    final = fit_heads(data.rows, np.ones(len(data.rows.x), dtype=bool), seed)
     final["unsafe_cal"], final["attack_cal"] = cal["unsafe"], cal["attack"]
-    out_dir = Path(out_dir)
+    meta = _write_detector(Path(out_dir), final, data, thresholds, eval_dir, embedder,
+                           {"seed": seed, "folds": folds, "C": C_REG, "max_per_source": max_per_source})
+    full_report = {"thresholds": thresholds, "cv": report, "calibration": {h: c.tolist() for h, c in cal.items()},
+                   "counts": meta["counts"], "seed": seed, "folds": folds, "holdout": meta["holdout"]}
+    (Path(out_dir) / "train_report.json").write_text(json.dumps(full_report, indent=2) + "\n", encoding="utf-8")
+    return full_report
+
+
+def _write_detector(out_dir: Path, final: dict[str, np.ndarray], data: _Prepared, thresholds: dict[str, float],
+                    eval_dir: Path, embedder: Any, settings: dict[str, Any]) -> dict[str, Any]:
+    """detector.npz (the heads) and detector.json (thresholds, labels, provenance); returns the json."""
+    import sklearn
+
     out_dir.mkdir(parents=True, exist_ok=True)
     arrays = {k: v.astype(np.float32) for k, v in final.items()}
     np.savez_compressed(out_dir / f"{WEIGHTS_STEM}.npz", **arrays)  # type: ignore[arg-type]
     data_files = sorted(Path(eval_dir).glob("*.jsonl")) + sorted(TRAINING_DATA_DIR.glob("*.jsonl"))
+    items = data.items
     meta = {
         "thresholds": thresholds,
         "category_labels": CATEGORY_LABELS,
         "topic_labels": list(TOPIC_LABELS),
         "lexical_features": list(LEXICAL_FEATURES),
         "windows": {"words": WINDOW_WORDS, "stride": WINDOW_STRIDE, "max": MAX_WINDOWS},
-        "seed": seed, "folds": folds, "C": C_REG, "max_per_source": max_per_source,
+        **settings,
         "data_sha256": {p.name: file_hash(p) for p in data_files},
         "counts": {s: int(sum(1 for it in items if it.source == s)) for s in dict.fromkeys(it.source for it in items)},
-        "windows_total": int(len(rows.x)),
-        "holdout": {"salt": SALT, "shares": HOLDOUT_SHARE, "held_out_rows": len(held),
-                    "near_duplicates_dropped": {k: v for k, v in dropped.items() if v}},
+        "windows_total": int(len(data.rows.x)),
+        "holdout": {"salt": SALT, "shares": HOLDOUT_SHARE, "held_out_rows": len(data.held),
+                    "near_duplicates_dropped": {k: v for k, v in data.dropped.items() if v}},
         "versions": {"scikit-learn": sklearn.__version__, "numpy": np.__version__,
                      "embedder": Path(str(getattr(embedder, "model_path", "minilm"))).name},
     }
     (out_dir / f"{WEIGHTS_STEM}.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    full_report = {"thresholds": thresholds, "cv": report, "calibration": {h: c.tolist() for h, c in cal.items()},
-                   "counts": meta["counts"], "seed": seed, "folds": folds, "holdout": meta["holdout"]}
-    (out_dir / "train_report.json").write_text(json.dumps(full_report, indent=2) + "\n", encoding="utf-8")
-    return full_report
+    return meta
 
 
 def main() -> None:

@@ -207,8 +207,7 @@ async def run_case(guard: RailsGuard, embedder: Embedder, case: RailsTestCase) -
             passed = bool(blocking & set(case.rails))
     engine = guard.engine_name
     if engine != "nemo":
-        with guard.on_llmrails():
-            on_nemo = _outcome(await _decide(guard, case, embedding))
+        on_nemo = _outcome(await _decide(guard.on_llmrails(), case, embedding))
         if on_nemo != got:
             passed = False
             got = f"{got} ({engine} engine) but {on_nemo} on NeMo LLMRails"

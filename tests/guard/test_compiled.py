@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from app.guard.compiled import compile_rails
+from app.guard.compiled import CompiledRails, compile_rails
 from app.guard.loader import read_rails_files
 from app.guard.validate import parse_tests
 from tests.guard.conftest import RAILS_DIR, CannedAnswer
@@ -28,59 +28,55 @@ async def _decide(guard: Any, embedder: Any, case: Any) -> Any:
 
 
 def test_the_shipped_config_compiles(remote_guard) -> None:
-    assert remote_guard.compiled is not None
-    assert [name for name, _ in remote_guard.compiled.input_flows] == list(
-        remote_guard.loaded.rails_config.rails.input.flows
-    )
-    assert remote_guard.compiled.input_parallel is True
+    compiled = remote_guard.flows
+    assert isinstance(compiled, CompiledRails)
+    assert [name for name, _ in compiled.input_flows] == list(remote_guard.loaded.rails_config.rails.input.flows)
+    assert compiled.input_parallel is True
 
 
 async def test_compiled_and_nemo_engines_decide_alike_on_every_rails_test(remote_guard, embedder, lg) -> None:
     """Same verdict, same blocking rail, same refusal text, same rail results, on all shipped rails tests.
     Llama Guard (the stand-in) flags the cases a safety rail must block and every third other one, so that both
     outcomes occur whatever the order of the cases."""
-    compiled = remote_guard.compiled
-    assert compiled is not None
+    assert remote_guard.engine_name == "compiled"
+    on_nemo = remote_guard.on_llmrails()
+    assert on_nemo.engine_name == "nemo" and remote_guard.engine_name == "compiled"  # a twin: the guard is as it was
     disagreements = []
     outcomes: set[str | None] = set()
     seen: dict[str, int] = {}  # cases of each kind so far
-    try:
-        for case in _cases():
-            kind = "output" if case.answer is not None else "input"
-            seen[kind] = seen.get(kind, 0) + 1
-            flagged = (
-                any(rail.startswith("safety") for rail in case.rails)
-                or seen[kind] % (2 if kind == "output" else 3) == 0
-            )
-            # A case with history may run the topic rail in context (a thread): a stand-in "unsafe" would then race
-            # it to block first, and the rails listed would depend on timing.
-            flagged = flagged and not case.history
-            answer = "unsafe\nS2" if flagged else "safe"
-            results = []
-            for engine in (compiled, None):
-                remote_guard.compiled = engine
-                lg.queue(answer, answer)
-                decision = await _decide(remote_guard, embedder, case)
-                lg.reset()
-                results.append(
-                    (
-                        decision.allowed,
-                        decision.blocked_by,
-                        decision.refusal,
-                        sorted((r.name, r.verdict) for r in decision.rails),
-                    )
+    for case in _cases():
+        kind = "output" if case.answer is not None else "input"
+        seen[kind] = seen.get(kind, 0) + 1
+        flagged = (
+            any(rail.startswith("safety") for rail in case.rails)
+            or seen[kind] % (2 if kind == "output" else 3) == 0
+        )
+        # A case with history may run the topic rail in context (a thread): a stand-in "unsafe" would then race
+        # it to block first, and the rails listed would depend on timing.
+        flagged = flagged and not case.history
+        answer = "unsafe\nS2" if flagged else "safe"
+        results = []
+        for guard in (remote_guard, on_nemo):
+            lg.queue(answer, answer)
+            decision = await _decide(guard, embedder, case)
+            lg.reset()
+            results.append(
+                (
+                    decision.allowed,
+                    decision.blocked_by,
+                    decision.refusal,
+                    sorted((r.name, r.verdict) for r in decision.rails),
                 )
-            if results[0] != results[1]:
-                disagreements.append((case.name, results))
-            outcomes.add(results[0][1])
-    finally:
-        remote_guard.compiled = compiled
+            )
+        if results[0] != results[1]:
+            disagreements.append((case.name, results))
+        outcomes.add(results[0][1])
     assert not disagreements, disagreements
     assert {None, "safety_input", "safety_output", "topic", "attack"} <= outcomes  # every kind of outcome occurred
 
 
 async def test_a_failing_guard_refuses_on_the_compiled_engine(remote_guard, embedder, lg) -> None:
-    assert remote_guard.compiled is not None
+    assert isinstance(remote_guard.flows, CompiledRails)
     lg.queue(CannedAnswer(status=500))
     text = "How do I order a new debit card?"
     decision = await remote_guard.check_input([{"role": "user", "content": text}], embedder.embed([text])[0])
@@ -143,7 +139,7 @@ async def test_sequential_flows_follow_colang_branching(a, b, blocked_flow, mess
     calls: list[str] = []
     compiled, why_not = compile_rails(config, _actions(calls, a, b))
     assert compiled is not None, why_not
-    outcome = await compiled.run("input")
+    outcome = await compiled.run("input", [])
     got = (outcome.flow, outcome.message) if outcome else (None, None)
     assert got == (blocked_flow, message)
     if blocked_flow == "check a":
@@ -157,7 +153,7 @@ async def test_parallel_flows_end_at_the_first_block() -> None:
     calls: list[str] = []
     compiled, _ = compile_rails(config, _actions(calls, "block", "allow", b_delay=5.0))
     assert compiled is not None
-    outcome = await asyncio.wait_for(compiled.run("input"), 2.0)  # the slow flow is cancelled, not awaited
+    outcome = await asyncio.wait_for(compiled.run("input", []), 2.0)  # the slow flow is cancelled, not awaited
     assert outcome is not None and outcome.flow == "check a"
 
 

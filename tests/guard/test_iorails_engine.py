@@ -241,7 +241,7 @@ async def test_fail_open_records_the_broken_rail_and_runs_the_others(chat_lg: Ch
 
 async def test_the_shipped_config_runs_on_the_compiled_engine(remote_guard: RailsGuard) -> None:
     assert remote_guard.engine_name == "compiled"
-    assert remote_guard.iorails is None and remote_guard.compiled is not None
+    assert remote_guard.iorails is None and remote_guard.flows.name == "compiled"
     assert "not IORails" in remote_guard.engine_reason and "guardchat check" in remote_guard.engine_reason
 
 

@@ -130,7 +130,7 @@ async def test_a_test_fails_when_the_compiled_engine_and_nemo_disagree(embedder,
     settings = Settings(guard_timeout_s=60)
     guard = build_guard(_shipped(), settings, llm=embedded_judge, embedder=embedder, detector=detector)
     try:
-        assert guard.compiled is not None
+        assert guard.engine_name == "compiled"
         colang = 'define bot no\n  "No."\n\ndefine flow always block\n  $v = execute deny\n  bot no\n  stop\n'
         yaml = "rails:\n  input:\n    flows:\n      - always block\n"
 
@@ -143,10 +143,10 @@ async def test_a_test_fails_when_the_compiled_engine_and_nemo_disagree(embedder,
         case = RailsTestCase("tests/x.yml", 1, "card question", "How do I freeze my debit card?", "allowed", [])
         agreed = await run_case(guard, embedder, case)
         assert agreed.passed and agreed.got == "allowed", agreed.detail
-        guard.compiled = blocking
+        guard.flows = blocking
         result = await run_case(guard, embedder, case)
         assert not result.passed
         assert "on NeMo LLMRails" in result.got and result.got.startswith("blocked"), result.got
-        assert guard.compiled is blocking  # restored after the NeMo run
+        assert guard.flows is blocking  # the NeMo run was on a twin: the guard's own engine is untouched
     finally:
         await guard.aclose()
