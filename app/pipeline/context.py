@@ -18,6 +18,7 @@ from app.pipeline.conversation import (
     is_small_talk,
     small_talk_messages,
 )
+from app.pipeline.conversation_intent import shipped_intent
 from app.pipeline.turn_types import Timer
 from app.rag.base import Chunk
 from app.rag.grounding import supporting_sources
@@ -96,15 +97,31 @@ def prime_grounding(state: AppState, sources: list[Chunk]) -> None:
         state.grounding.prime([c.content for c in sources], state.retriever.embeddings_for(sources))
 
 
-def answered_from(question: str, history: list[dict[str, str]]) -> str:
+def is_about_conversation(question: str, history: list[dict[str, str]], vector: np.ndarray | None) -> bool:
+    """A question the history answers, not the knowledge base ("what was my name?", "bullet it out"): there is
+    history, and the phrases (conversation.py) or the nearest examples (conversation_intent.py, on the message's
+    vector) say so."""
+    if not history:
+        return False
+    if about_conversation(question):
+        return True
+    if vector is None:
+        return False
+    intent = shipped_intent(len(vector))
+    return intent is not None and intent.is_about_conversation(vector)
+
+
+def answered_from(about_history: bool) -> str:
     """What a RAG turn without sources is answered from (the trace's `answered_from`): see `build_prompt`."""
-    return "conversation" if history and about_conversation(question) else "small_talk"
+    return "conversation" if about_history else "small_talk"
 
 
-def answering_llm(state: AppState, question: str, history: list[dict[str, str]], use_rag: bool) -> ChatBackend:
+def answering_llm(
+    state: AppState, question: str, history: list[dict[str, str]], use_rag: bool, about_history: bool
+) -> ChatBackend:
     """The backend that answers the turn: the state's, or for a question about the customer's name that the history
     answers (`build_prompt`), one that checks the name it states against the customer's messages."""
-    if use_rag and history and about_conversation(question) and asks_name(question):
+    if use_rag and about_history and asks_name(question):
         return NameCheckedLLM(state.llm, history)
     return state.llm
 
@@ -121,16 +138,17 @@ def build_prompt(
     sources: list[Chunk],
     texts: AssistantTexts,
     use_rag: bool,
+    about_history: bool = False,
 ) -> tuple[list[dict[str, str]] | None, list[Chunk]]:
     """The generation prompt and the sources it actually holds (numbered, cut to the token budget).
     None when RAG is on and nothing relevant was retrieved: the turn then answers the "I don't know" text at once,
     without asking the LLM. A question about the conversation itself, when there is one, is answered from the
-    history alone, and a greeting or thanks that retrieval finds nothing for gets a reply of its own
-    (app/pipeline/conversation.py): neither is a knowledge-base question."""
+    history alone (`about_history`: `is_about_conversation`), and a greeting or thanks that retrieval finds
+    nothing for gets a reply of its own (app/pipeline/conversation.py): neither is a knowledge-base question."""
     if not use_rag:
         system = {"role": "system", "content": texts.system_prompt}
         return [system, *history, {"role": "user", "content": question}], []
-    if history and about_conversation(question):  # "what was my name?": the history answers, not the KB
+    if about_history:  # "what was my name?": the history answers, not the KB
         return conversation_messages(texts.system_prompt, history, question), []
     if not sources and is_small_talk(question):  # "hi!", "thanks, bye": nothing to look up, nothing to not know
         return small_talk_messages(texts.system_prompt, history, question), []

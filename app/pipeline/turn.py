@@ -198,6 +198,7 @@ class TurnRunner:
             user_vec, query_vec = vectors[0], vectors[-1]
         if query != user_text:  # a follow-up that named its own subject is searched alone
             query, query_vec = context.settle_query(self.state, user_text, rewrite, user_vec, query_vec)
+        turn.about_history = context.is_about_conversation(user_text, turn.history, user_vec)
         return query, user_vec, query_vec
 
     def _start_generation(
@@ -209,12 +210,14 @@ class TurnRunner:
         settings = st.settings
         use_rag = settings.rag_enabled and st.retriever is not None
         with turn.timer.stage("prompt"):
-            messages, sources = context.build_prompt(st, turn.user_text, turn.history, sources, turn.texts, use_rag)
+            messages, sources = context.build_prompt(
+                st, turn.user_text, turn.history, sources, turn.texts, use_rag, turn.about_history
+            )
         if messages is None:
             return sources, None
         turn.trace["prompt_chars"] = sum(len(m["content"]) for m in messages)
         if use_rag and not sources:
-            turn.trace["answered_from"] = context.answered_from(turn.user_text, turn.history)
+            turn.trace["answered_from"] = context.answered_from(turn.about_history)
         options = GenerationOptions(
             max_tokens=req.max_tokens or settings.llm_max_tokens,
             temperature=req.temperature if req.temperature is not None else settings.llm_temperature,
@@ -227,7 +230,7 @@ class TurnRunner:
         look = None
         if use_rag:
             look = second_look_plan(st, turn.user_text, turn.history, messages, sources, turn.texts.idk)
-        llm = context.answering_llm(st, turn.user_text, turn.history, use_rag)
+        llm = context.answering_llm(st, turn.user_text, turn.history, use_rag, turn.about_history)
         return sources, SpeculativeGeneration.start(llm, messages, options, look)
 
     async def _stream(

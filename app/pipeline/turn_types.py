@@ -128,6 +128,7 @@ class TurnScope:
     turn_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     trace: dict[str, Any] = field(default_factory=dict)
     conversation: list[dict[str, str]] = field(default_factory=list)
+    about_history: bool = False  # a question about the conversation itself (context.is_about_conversation)
 
     def __post_init__(self) -> None:
         self.trace.update(rails_version=self.rails.version, request_id=self.req.request_id)

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 from starlette.responses import StreamingResponse
 
 from app.guard.base import GuardDecision, RailResult
@@ -286,11 +287,13 @@ async def test_the_speculative_llm_request_goes_out_before_the_input_rails_work(
     assert guard.seen_before_rails[-1] is True
 
 
+@pytest.mark.parametrize("question", ["And what was my name?", "in short?"])
 async def test_a_question_about_the_conversation_is_answered_from_the_history(
-    redis_store_factory: StoreFactory, embedder, tmp_path: Path
+    redis_store_factory: StoreFactory, embedder, tmp_path: Path, question: str
 ) -> None:
     """"What was my name?" is no knowledge-base question: the LLM gets the earlier turns and an instruction to
-    answer from them, instead of the turn saying "I don't know"."""
+    answer from them, instead of the turn saying "I don't know". "in short?" matches no phrase: the nearest
+    examples recognise it (app/pipeline/conversation_intent.py)."""
     settings = make_settings(tmp_path)
     ingest(write_corpus(settings.knowledge_dir, CORPUS), settings, embedder=embedder, progress=False)
     prompts: list[list[dict[str, str]]] = []
@@ -308,7 +311,7 @@ async def test_a_question_about_the_conversation_is_answered_from_the_history(
         state = pipeline_state(settings, llm, redis_store_factory(), embedder, HybridRetriever(settings))
         try:
             about = await TurnRunner(state).run(
-                TurnRequest(messages=[*history, {"role": "user", "content": "And what was my name?"}]))
+                TurnRequest(messages=[*history, {"role": "user", "content": question}]))
             alone = await TurnRunner(state).run(
                 TurnRequest(messages=[{"role": "user", "content": "What was my name?"}]))
         finally:
@@ -317,7 +320,7 @@ async def test_a_question_about_the_conversation_is_answered_from_the_history(
     [prompt] = prompts
     assert "about this conversation itself" in prompt[0]["content"]
     [asked] = prompt[1:]  # the earlier turns as a transcript, then the question
-    assert all(m["content"] in asked["content"] for m in history) and asked["content"].endswith("what was my name?")
+    assert all(m["content"] in asked["content"] for m in history) and asked["content"].endswith(question)
     assert "Sources" not in prompt[0]["content"]  # the knowledge base is not what answers it
     assert alone.answer == state.rails.current.guard.texts.idk  # no history: nothing to answer from
 
