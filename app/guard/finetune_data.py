@@ -30,6 +30,8 @@ EVAL_DATA = ROOT / "app" / "eval" / "data"
 EVAL_FILES = tuple(EVAL_DATA / name for name in (
     "guard_heldout.jsonl", "guard_lookalike_probe.jsonl", "guard_bank_probe.jsonl", "guard_sensitive_probe.jsonl",
     "topic_dev.jsonl"))
+# Other sets that measure what the guard's rows feed (not guard probes): training keeps away from them too.
+OTHER_MEASURES = (ROOT / "tests" / "data" / "conversation_intent.jsonl",)
 KNOWLEDGE_DIR = ROOT / "knowledge"
 NEAR_DUPLICATE = 0.9
 VAL_SHARE = 0.1
@@ -73,7 +75,7 @@ def answer_fragments(paragraphs: list[str], seed: int = FRAGMENT_SEED) -> list[s
 
 def evaluation_texts(eval_dir: Path) -> list[str]:
     texts = heldout_texts(eval_dir)
-    for path in EVAL_FILES:
+    for path in EVAL_FILES + OTHER_MEASURES:
         if path.exists():
             texts += [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").split("\n") if line]
     return texts
@@ -143,7 +145,7 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 
 def file_hashes(eval_dir: Path) -> dict[str, str]:
     """sha256 (16 hex) of every data file a training run reads."""
-    from app.guard.train_data import TRAINING_DATA_DIR, file_hash
+    from app.guard.train_data import CONVERSATION_EXAMPLES, TRAINING_DATA_DIR, file_hash
 
-    files = sorted(Path(eval_dir).glob("*.jsonl")) + sorted(TRAINING_DATA_DIR.glob("*.jsonl"))
+    files = sorted(Path(eval_dir).glob("*.jsonl")) + sorted(TRAINING_DATA_DIR.glob("*.jsonl")) + [CONVERSATION_EXAMPLES]
     return {p.name: file_hash(p) for p in files}

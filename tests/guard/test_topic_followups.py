@@ -72,7 +72,7 @@ def _topic(decision: GuardDecision) -> Any:
                 ("I lost my wallet", "Lock your cards in the app [1]."),
                 ("how do i order a replacement card", "In the app."),
             ],
-            "what color is it",  # the replacement card's: alone, a question about anything
+            "is it made of metal",  # the replacement card's: alone, a question about anything
         ),
     ],
 )
