@@ -57,8 +57,8 @@ test: install-dev browser-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install-dev
-	$(BIN)/ruff check app tests bench
-	$(BIN)/mypy app
+	$(BIN)/ruff check app training tests bench
+	$(BIN)/mypy app training
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

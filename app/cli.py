@@ -171,7 +171,7 @@ def guard_train(
     rows_out: Annotated[Path | None, typer.Option(help="Also write the training rows (for a GPU run)")] = None,
 ) -> None:
     """Fine-tune the guard model (MiniLM's top layers; reproducible with a fixed seed) and export it int8."""
-    from app.guard.finetune_export import train_guard
+    from training.finetune_export import train_guard
 
     train_guard(eval_dir, out, seed=seed, epochs=epochs, device=device, weights=weights, rows_out=rows_out)
 
@@ -183,8 +183,8 @@ def guard_train_linear(
     seed: Annotated[int, typer.Option()] = 1234,
 ) -> None:
     """Train the earlier linear heads on frozen MiniLM embeddings (GUARDCHAT_GUARD_CLASSIFIER=linear)."""
-    from app.guard.train import train
-    from app.guard.train_report import print_summary
+    from training.train import train
+    from training.train_report import print_summary
 
     print_summary(train(eval_dir, out, seed=seed))
 

@@ -2,7 +2,7 @@
 validation split (a tenth of the training rows; no evaluation row): unsafe-head recall on harmful rows at the
 threshold that refuses 1% / 3% of benign validation rows, false refusals per benign source there, attack recall.
 
-Made for the GPU machine (seconds a fit), from an unpacked base (app/guard/finetune_remote.py):
+Made for the GPU machine (seconds a fit), from an unpacked base (training/finetune_remote.py):
 
     PYTHONPATH=$PWD python -m bench.guard_layer_sweep --base /tmp/base --frozen 2 3 0 --keep 2 --out $OUT
 """
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-import app.guard.finetune as ft
+import training.finetune as ft
 
 
 def val_metrics(logits: np.ndarray, val: list[dict[str, Any]]) -> dict[str, float]:

@@ -5,7 +5,7 @@ lexical features): `unsafe` (harmful request), `attack` (jailbreak / prompt inje
 system-prompt extraction), `topic` (bank support vs. advice we refuse vs. off-topic) and the
 Llama Guard 3 categories S1-S14 (one-vs-rest, meaningful only when `unsafe` is high).
 
-Inference is pure numpy: the weights were fitted by `app.guard.train` (scikit-learn, train time
+Inference is pure numpy: the weights were fitted by `training.train` (scikit-learn, train time
 only) and are committed as app/guard/weights/detector.npz + detector.json.
 
 MiniLM truncates at 256 word pieces, and jailbreak templates are often long with the payload at

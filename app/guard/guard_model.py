@@ -7,7 +7,7 @@ One encoder pass per text gives every score the rails need:
 - `topic`: on_domain / investment, legal, tax advice / off_topic (softmax).
 
 The weights ship in app/guard/weights/guard_model/ (OpenVINO IR with int8 weights, the tokenizer, the
-calibration and thresholds in guard.json), made by `guardchat guard train` (app/guard/finetune*.py). Nothing
+calibration and thresholds in guard.json), made by `guardchat guard train` (training/finetune*.py). Nothing
 is fetched at run time. Inference runs at f32 precision on every CPU (no bf16 where the CPU has it), so a text
 gets the same scores under any load and the same verdict on any x86 machine.
 

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from app.eval.holdout import HOLDOUT_SHARE, holdout_rows, is_holdout, write_samples
-from app.guard.train_data import SLOT, heldout_texts, load_sources
+from training.train_data import SLOT, heldout_texts, load_sources
 
 
 def test_split_is_a_pure_function_of_the_normalised_text() -> None:

@@ -1,6 +1,6 @@
 """The committed stage-1 detector: loads, separates obvious cases, and catches payloads hidden in long texts.
 
-Every example here is written for this test (none is in app/guard/training_data or the eval sets).
+Every example here is written for this test (none is in training/data or the eval sets).
 Assertions use the thresholds stored with the weights, so they test the shipped decision, not a magic number."""
 
 from __future__ import annotations

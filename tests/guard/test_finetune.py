@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.guard.finetune import fit, load_weights, predict, save_weights
-from app.guard.finetune_data import EVAL_FILES, far_from, knowledge_paragraphs, split_of
-from app.guard.finetune_export import choose_block, write_model
 from app.guard.guard_model import GuardModel
+from training.finetune import fit, load_weights, predict, save_weights
+from training.finetune_data import EVAL_FILES, far_from, knowledge_paragraphs, split_of
+from training.finetune_export import choose_block, write_model
 
 
 def _rows() -> list[dict]:
@@ -142,8 +142,8 @@ def test_a_packed_base_fits_a_gpu_machine_and_unpacks_to_the_same_encoder(base_d
     training rows use; unpacked, it encodes those rows like the real base."""
     from transformers import AutoModel
 
-    from app.guard.finetune_data import write_rows
-    from app.guard.finetune_remote import pack, unpack
+    from training.finetune_data import write_rows
+    from training.finetune_remote import pack, unpack
 
     rows = _rows()
     write_rows(rows, tmp_path / "rows.jsonl")
@@ -173,7 +173,7 @@ def predict_embeddings(model: object, base_dir: Path, texts: list[str]) -> np.nd
 
 
 def test_rows_to_block_and_rows_to_allow_weigh_the_same() -> None:
-    from app.guard.finetune import source_weights
+    from training.finetune import source_weights
 
     rows = ([{"source": "harmful", "unsafe": 1, "attack": 0}] * 9 + [{"source": "our_attack", "unsafe": None,
             "attack": 1}] * 4 + [{"source": "chitchat", "unsafe": 0, "attack": 0}] * 100
@@ -188,7 +188,7 @@ def test_rows_to_block_and_rows_to_allow_weigh_the_same() -> None:
 
 
 def test_out_of_fold_summary_reads_per_source_and_per_origin() -> None:
-    from app.guard.finetune_cv import fold_of, summary
+    from training.finetune_cv import fold_of, summary
 
     assert fold_of("How do I forge a check?", 5) == fold_of("  how do i forge a check?", 5)
     assert {fold_of(f"row {i}", 5) for i in range(50)} == set(range(5))
@@ -204,7 +204,7 @@ def test_out_of_fold_summary_reads_per_source_and_per_origin() -> None:
 
 
 def test_byte_planes_are_lossless() -> None:
-    from app.guard.finetune_remote import _read_planes, _write_planes
+    from training.finetune_remote import _read_planes, _write_planes
 
     header = b'{"a":{"dtype":"F16"}}'
     raw = len(header).to_bytes(8, "little") + header + bytes(range(256)) * 3 + b"\x07"  # odd-sized data region

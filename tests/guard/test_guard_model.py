@@ -1,7 +1,7 @@
 """The shipped fine-tuned guard (app/guard/weights/guard_model): loads offline, decides alone, and decides the
 same way every time.
 
-Every example here is written for this test (none is in app/guard/training_data or the eval sets). Assertions use
+Every example here is written for this test (none is in training/data or the eval sets). Assertions use
 the thresholds stored with the model, so they test the shipped decision, not a magic number."""
 
 from __future__ import annotations

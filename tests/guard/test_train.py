@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from app.guard.detector import Detector
-from app.guard.train import train
-from app.guard.train_data import TRAINING_DATA_DIR, llama_guard_categories
+from training.train import train
+from training.train_data import TRAINING_DATA_DIR, llama_guard_categories
 
 EVAL_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "eval"
 

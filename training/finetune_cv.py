@@ -5,8 +5,8 @@ which *kinds* of rows a fit that never saw them gets wrong, for every row we hav
 kinds that generalise worst (never the held-out evaluation rows: they are not in the rows file). Same fit as
 `finetune.fit` (seed, epochs, frozen layers); folds by a hash of the text, train-split rows only.
 
-    python -m app.guard.finetune_cv --rows rows.jsonl --base DIR --out oof.jsonl --folds 5     # GPU: ~2 minutes
-    python -m app.guard.finetune_cv --summary oof.jsonl                                         # per source
+    python -m training.finetune_cv --rows rows.jsonl --base DIR --out oof.jsonl --folds 5     # GPU: ~2 minutes
+    python -m training.finetune_cv --summary oof.jsonl                                         # per source
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from app.guard.finetune import EPOCHS
 from app.guard.guard_model import ATTACK_COL, UNSAFE_COL
+from training.finetune import EPOCHS
 
 
 def fold_of(text: str, folds: int) -> int:
@@ -34,7 +34,7 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 def out_of_fold(rows: list[dict[str, Any]], base: Path, folds: int, seed: int, epochs: int) -> list[dict[str, Any]]:
     """Each train-split row scored by the fit that left its fold out: unsafe and attack probabilities."""
-    from app.guard.finetune import fit, predict
+    from training.finetune import fit, predict
 
     train = [r for r in rows if r["split"] == "train"]
     out: list[dict[str, Any]] = []
@@ -90,7 +90,7 @@ def main() -> None:
     if not (args.rows and args.base and args.out):
         parser.error("--rows, --base and --out are needed to run the folds")
     if args.no_balance:
-        from app.guard import finetune
+        from training import finetune
 
         finetune.BALANCE = False
     rows = [json.loads(line) for line in args.rows.read_text(encoding="utf-8").split("\n") if line]

@@ -1,7 +1,7 @@
 """The fine-tuned guard's training rows: one JSONL file that a CPU or a GPU machine trains from.
 
-Sources (app/guard/train_data.py `load_sources`): the public dev sets in ../shared/eval minus their held-out
-slice (app/eval/holdout.py), our own rows in app/guard/training_data/, and paragraphs of the shipped knowledge
+Sources (training/train_data.py `load_sources`): the public dev sets in ../shared/eval minus their held-out
+slice (app/eval/holdout.py), our own rows in training/data/, and paragraphs of the shipped knowledge
 base (benign answer-like text: the guard also scores answer windows). Rows within cosine NEAR_DUPLICATE (MiniLM)
 of any evaluation row — the public held-out slice, app/eval/data/guard_heldout.jsonl, guard_lookalike_probe.jsonl,
 guard_bank_probe.jsonl, guard_sensitive_probe.jsonl, topic_dev.jsonl — are dropped, so the evaluation never scores
@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 
 from app.guard.guard_model import TOPIC_LABELS
-from app.guard.train_data import SLOT, Item, heldout_texts, load_sources
+from training.train_data import SLOT, Item, heldout_texts, load_sources
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 EVAL_DATA = ROOT / "app" / "eval" / "data"
 EVAL_FILES = tuple(EVAL_DATA / name for name in (
     "guard_heldout.jsonl", "guard_lookalike_probe.jsonl", "guard_bank_probe.jsonl", "guard_sensitive_probe.jsonl",
@@ -145,7 +145,7 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 
 def file_hashes(eval_dir: Path) -> dict[str, str]:
     """sha256 (16 hex) of every data file a training run reads."""
-    from app.guard.train_data import CONVERSATION_EXAMPLES, TRAINING_DATA_DIR, file_hash
+    from training.train_data import CONVERSATION_EXAMPLES, TRAINING_DATA_DIR, file_hash
 
     files = sorted(Path(eval_dir).glob("*.jsonl")) + sorted(TRAINING_DATA_DIR.glob("*.jsonl")) + [CONVERSATION_EXAMPLES]
     return {p.name: file_hash(p) for p in files}

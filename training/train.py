@@ -1,7 +1,7 @@
 """`guardchat guard train`: fit the stage-1 detector heads (app/guard/detector.py) on MiniLM embeddings.
 
 Data: the public dev sets in ../shared/eval (harmful requests, jailbreak templates, chit-chat,
-system-prompt extraction, SQuAD-style questions) plus our own rows in app/guard/training_data/.
+system-prompt extraction, SQuAD-style questions) plus our own rows in training/data/.
 Method: class-balanced logistic regression per head (scikit-learn here only; inference is numpy),
 Platt-calibrated on grouped k-fold out-of-fold scores; thresholds are chosen from those same
 out-of-fold scores. Jailbreak templates are wrapped around harmful requests only within a fold,
@@ -31,7 +31,7 @@ from app.guard.detector import (
     build_features,
     text_windows,
 )
-from app.guard.train_data import (
+from training.train_data import (
     ATTACK_SOURCES,
     BENIGN_SOURCES,
     SLOT,
@@ -321,7 +321,7 @@ def train(eval_dir: Path, out_dir: Path, *, seed: int = 1234, folds: int = 5, em
     cal, prob, topic_p = _out_of_fold(data, folds, seed)
     off_topic_p = 1 - topic_p[:, TOPIC_LABELS.index("on_domain")]
     thresholds = choose_thresholds(items, prob["unsafe"], prob["attack"], off_topic_p)
-    from app.guard.train_report import cv_report, harmful_by_category, unsafe_block_sweep  # imports our constants
+    from training.train_report import cv_report, harmful_by_category, unsafe_block_sweep  # imports our constants
 
     report = cv_report(items, prob["unsafe"], prob["attack"], off_topic_p, topic_p.argmax(1), thresholds)
     report["harmful_by_category"] = harmful_by_category(items, prob["unsafe"], thresholds)
@@ -369,14 +369,14 @@ def main() -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__)
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[1]
     parser.add_argument("--eval-dir", type=Path, default=root.parent / "shared" / "eval")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "weights")
+    parser.add_argument("--out", type=Path, default=root / "app" / "guard" / "weights")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--cache", type=Path, default=root / "data" / "cache" / "guard_embeddings.npz")
     args = parser.parse_args()
-    from app.guard.train_report import print_summary
+    from training.train_report import print_summary
 
     print_summary(train(args.eval_dir, args.out, seed=args.seed, folds=args.folds, cache_path=args.cache))
 

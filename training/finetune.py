@@ -1,7 +1,7 @@
 """Fine-tunes all-MiniLM-L6-v2's upper layers into the guard's multi-head classifier (app/guard/guard_model.py).
 
 Needs only torch, transformers, safetensors and tokenizers, so it runs here on the CPU (`guardchat guard train`)
-or on a GPU machine from a rows file (`python -m app.guard.finetune --rows ... --base ... --out ...`).
+or on a GPU machine from a rows file (`python -m training.finetune --rows ... --base ... --out ...`).
 
 Method: the encoder's mean-pooled output feeds one linear layer [unsafe, attack, S1..S14, topic x5]. Losses,
 each masked to the rows that carry its label: binary cross-entropy for unsafe and attack, multi-label BCE for
@@ -38,7 +38,7 @@ from app.guard.guard_model import (
     pad_batch,
 )
 
-EPOCHS = 6  # 5-fold CV (app/guard/finetune_cv.py): 6 beat 4 on harmful rows unlike the training rows
+EPOCHS = 6  # 5-fold CV (training/finetune_cv.py): 6 beat 4 on harmful rows unlike the training rows
 BATCH = 32
 LR_ENCODER = 8e-5  # four layers train, not six: a little faster
 LR_HEAD = 1e-3
@@ -329,7 +329,7 @@ def load_weights(base_dir: Path, weight_files: list[Path]) -> Any:
 def main() -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(description="Fine-tune the guard from a rows file (app/guard/finetune_data.py)")
+    parser = argparse.ArgumentParser(description="Fine-tune the guard from a rows file (training/finetune_data.py)")
     parser.add_argument("--rows", type=Path, required=True)
     parser.add_argument("--base", type=Path, required=True, help="the all-MiniLM-L6-v2 directory")
     parser.add_argument("--out", type=Path, required=True)

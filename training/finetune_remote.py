@@ -5,13 +5,13 @@ with the word-embedding rows the training rows use (~14.5k of 30,522: no other r
 word embeddings stay frozen), the config, the tokenizer and the gzipped rows. The fp16 bytes are stored as two
 deflated byte planes (high bytes, low bytes: the exponents compress well; 33.3 -> 28.5 MB, lossless) because the
 repository alone (the shipped guard model) is ~35 MB. `unpack` rebuilds a model
-directory (unused word rows zero) that `python -m app.guard.finetune --base` reads. The shards that come back are
+directory (unused word rows zero) that `python -m training.finetune --base` reads. The shards that come back are
 exported here against the real fp32 base (`guardchat guard train --weights`), so calibration and thresholds are
 fitted on exactly what ships.
 
-    python -m app.guard.finetune_remote pack --rows data/guard/rows.jsonl --out data/gpu     # here
-    python -m app.guard.finetune_remote unpack --src data/gpu --out /tmp/base                 # there
-    python -m app.guard.finetune --rows /tmp/base/rows.jsonl --base /tmp/base --out $OUT      # there
+    python -m training.finetune_remote pack --rows data/guard/rows.jsonl --out data/gpu     # here
+    python -m training.finetune_remote unpack --src data/gpu --out /tmp/base                 # there
+    python -m training.finetune --rows /tmp/base/rows.jsonl --base /tmp/base --out $OUT      # there
 """
 
 from __future__ import annotations
