@@ -15,7 +15,7 @@ from app.settings import Settings
 
 if TYPE_CHECKING:  # the components below import this module: their types only, for the annotations
     from app.admin.publisher import RailsPublisher
-    from app.guard.detector import Classifier
+    from app.guard.base import Classifier
     from app.llm.embedded import EmbeddedLLMServer
     from app.rag.grounding import CachedGroundingCheck
     from app.rag.shared_knowledge import SharedKnowledge

@@ -35,7 +35,7 @@ from app.guard.topic_followup import topic_in_context
 from app.rag.base import Embedder
 
 if TYPE_CHECKING:
-    from app.guard.detector import DetectorScores
+    from app.guard.base import DetectorScores
 
 # (answer, retrieved context) -> RailResult, sync or async. Written by the RAG engineer.
 GroundingCheck = Callable[[str, list[str]], "RailResult | Awaitable[RailResult]"]

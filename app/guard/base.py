@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from app.rag.base import Embedder
 
 Verdict = Literal["allow", "block", "flag", "error", "skip"]
 
@@ -89,3 +92,40 @@ class Guard(Protocol):
     async def aclose(self) -> None:
         """Closes the guard's own clients (Llama Guard HTTP sessions). Called once no turn uses the guard."""
         ...
+
+
+# The stage-1 classifier's scores, thresholds and protocol: shared by the fine-tuned guard model
+# (app/guard/guard_model.py) and the linear detector (app/guard/detector.py), which picks between them.
+@dataclass
+class DetectorScores:
+    unsafe: float  # P(the text is a harmful request / content), 0..1, calibrated
+    categories: dict[str, float]  # "S1".."S14" -> P(category | unsafe); may be zeros for a safe text
+    attack: float  # P(jailbreak or prompt injection / instruction override / system-prompt extraction)
+    off_topic: float  # P(outside the bank-support domain, incl. investment/legal/tax advice requests)
+    topic: str  # argmax of TOPIC_LABELS
+    latency_ms: float
+    windows: int = 1  # how many windows were scored (1 for short texts)
+    topic_probs: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class DetectorThresholds:
+    """Stored with the weights; the rails config may override them."""
+
+    unsafe_block: float  # >= -> block without asking the judge
+    unsafe_allow: float  # <  -> allow without asking the judge; in between = uncertain band -> LLM judge
+    attack_block: float
+    attack_allow: float
+    off_topic_block: float
+
+
+class Classifier(Protocol):
+    """What the rails ask of a stage-1 classifier: the fine-tuned guard (app/guard/guard_model.py, the default)
+    or the linear heads on MiniLM embeddings below (`GUARDCHAT_GUARD_CLASSIFIER=linear`)."""
+
+    kind: str
+    thresholds: DetectorThresholds
+
+    def score(self, text: str, embedder: Embedder, embedding: np.ndarray | None = None) -> DetectorScores: ...
+
+    def score_many(self, texts: list[str], embedder: Embedder) -> list[DetectorScores]: ...

@@ -32,7 +32,7 @@ from app.observability import model_time
 from app.rag.base import Embedder
 
 if TYPE_CHECKING:
-    from app.guard.detector import Classifier, DetectorScores
+    from app.guard.base import Classifier, DetectorScores
 
 
 # A harmful text counts against a category in force when P(category | unsafe) reaches this (multi-label head).

@@ -19,12 +19,12 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import numpy as np
 
+from app.guard.base import Classifier, DetectorScores, DetectorThresholds
 from app.guard.llama_guard import DEFAULT_CATEGORIES
 from app.rag.base import Embedder
 
@@ -41,41 +41,6 @@ MAX_WINDOWS = 8
 
 _ENCODED_BLOB = re.compile(r"(?:[A-Za-z0-9+/]{24,}={0,2})|(?:(?:0x)?[0-9a-fA-F]{24,})|(?:(?:[01]{8}\s){4,})")
 LEXICAL_FEATURES = ("encoded_blob", "non_alpha_ratio")
-
-
-@dataclass
-class DetectorScores:
-    unsafe: float  # P(the text is a harmful request / content), 0..1, calibrated
-    categories: dict[str, float]  # "S1".."S14" -> P(category | unsafe); may be zeros for a safe text
-    attack: float  # P(jailbreak or prompt injection / instruction override / system-prompt extraction)
-    off_topic: float  # P(outside the bank-support domain, incl. investment/legal/tax advice requests)
-    topic: str  # argmax of TOPIC_LABELS
-    latency_ms: float
-    windows: int = 1  # how many windows were scored (1 for short texts)
-    topic_probs: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class DetectorThresholds:
-    """Stored with the weights; the rails config may override them."""
-
-    unsafe_block: float  # >= -> block without asking the judge
-    unsafe_allow: float  # <  -> allow without asking the judge; in between = uncertain band -> LLM judge
-    attack_block: float
-    attack_allow: float
-    off_topic_block: float
-
-
-class Classifier(Protocol):
-    """What the rails ask of a stage-1 classifier: the fine-tuned guard (app/guard/guard_model.py, the default)
-    or the linear heads on MiniLM embeddings below (`GUARDCHAT_GUARD_CLASSIFIER=linear`)."""
-
-    kind: str
-    thresholds: DetectorThresholds
-
-    def score(self, text: str, embedder: Embedder, embedding: np.ndarray | None = None) -> DetectorScores: ...
-
-    def score_many(self, texts: list[str], embedder: Embedder) -> list[DetectorScores]: ...
 
 
 def load_classifier(kind: Literal["finetuned", "linear"] = "finetuned", threads: int = 0) -> Classifier:

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from app.guard.detector import DetectorScores
+    from app.guard.base import DetectorScores
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ class GuardModel:
     def __init__(self, directory: Path = GUARD_MODEL_DIR, threads: int = 0, streams: int = 0) -> None:
         """`streams` passes run at once (default: one per core, at most 4), each on `threads` threads (0: the
         cores divided among the streams). Before, one pass at a time: at 32 concurrent turns they queued."""
-        from app.guard.detector import DetectorThresholds
+        from app.guard.base import DetectorThresholds
         from app.rag.openvino_embedder import opt_out_of_openvino_telemetry
 
         directory = Path(directory)
@@ -290,7 +290,7 @@ class GuardModel:
         return Pass(logits, embedding)
 
     def score_many(self, texts: list[str], embedder: Any = None) -> list[DetectorScores]:
-        from app.guard.detector import DetectorScores
+        from app.guard.base import DetectorScores
 
         started = time.perf_counter()
         probs = probabilities(self.logits(texts), self.calibration) if texts else {}

@@ -55,7 +55,7 @@ from app.rag.embedder import bundled_model_path
 from app.settings import Settings
 
 if TYPE_CHECKING:
-    from app.guard.detector import Classifier, DetectorScores
+    from app.guard.base import Classifier, DetectorScores
 
 log = logging.getLogger(__name__)
 

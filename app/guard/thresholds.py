@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from app.guard.detector import Classifier, DetectorThresholds
+    from app.guard.base import Classifier, DetectorThresholds
     from app.guard.llama_guard import Role
 
 

@@ -37,7 +37,7 @@ from app.rag.base import Embedder
 from app.rag.rewrite import join_rewrite
 
 if TYPE_CHECKING:
-    from app.guard.detector import Classifier, DetectorScores
+    from app.guard.base import Classifier, DetectorScores
 
 FOLLOW_UP_MAX_RISE = 1.0  # log10: the joined text's off-topic odds at most 10x those of the earlier turns alone
 FOLLOW_UP_MIN_GAP = 0.25  # the joined text's cosine to the earlier turns at least this above its cosine to the message

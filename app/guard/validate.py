@@ -38,8 +38,7 @@ from app.settings import Settings
 if TYPE_CHECKING:
     import numpy as np
 
-    from app.guard.base import GuardDecision
-    from app.guard.detector import Classifier
+    from app.guard.base import Classifier, GuardDecision
     from app.guard.rails import RailsGuard
 
 log = logging.getLogger(__name__)
