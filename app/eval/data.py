@@ -25,6 +25,7 @@ BLOCK_LABELS = frozenset({
 ALLOW_LABELS = frozenset({"benign", "safe", "on_domain", "on-domain", "lookalike"})
 TOPIC_DATA = Path(__file__).parent / "data" / "topic_dev.jsonl"
 SAFETY_SMOKE_DATA = Path(__file__).parent / "data" / "safety_smoke.jsonl"
+DEFAULT_RAG_TASKS = Path(__file__).resolve().parents[2] / "tests" / "data" / "rag_tasks.jsonl"  # a checkout's
 
 _TEMPLATE_SLOT = re.compile(r"\{\{\s*prompt\s*\}\}")
 # Used only when a run has jailbreak templates but no harmful rows to wrap in them.

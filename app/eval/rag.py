@@ -156,8 +156,8 @@ def run_rag_eval(
     """Retrieval metrics (always in-process, on the local index — built from KNOWLEDGE_DIR if missing) and, with
     `answers`, every task's turns end to end. `limit` takes the first N tasks of each file (after the `kinds` and
     `split` filters)."""
+    from app.eval.data import DEFAULT_RAG_TASKS
     from app.eval.report import write_rag_report
-    from app.eval.runner import DEFAULT_RAG_TASKS
 
     paths = list(data) or [DEFAULT_RAG_TASKS]
     tasks = load_tasks(paths, limit=limit, kinds=kinds, split=split)

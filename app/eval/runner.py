@@ -15,10 +15,8 @@ from typing import Any
 from app.eval.data import SAFETY_SMOKE_DATA, TOPIC_DATA, load_rows
 from app.eval.guard_eval import check_in_process, check_via_server, summarize
 from app.eval.report import write_guard_report
-from app.settings import PROJECT_ROOT
 
 # The RAG engineer's task set (gold document ids for the shipped knowledge/).
-DEFAULT_RAG_TASKS = PROJECT_ROOT / "tests" / "data" / "rag_tasks.jsonl"
 
 
 @contextlib.asynccontextmanager

@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from app.eval.data import DEFAULT_RAG_TASKS
 from app.eval.rag import is_unanswerable
-from app.eval.runner import DEFAULT_RAG_TASKS, run_rag_eval
+from app.eval.runner import run_rag_eval
 from app.settings import Settings
 from tests.fixtures.server import LiveServer
 
