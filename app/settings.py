@@ -146,6 +146,8 @@ class Settings(BaseSettings):
     rag_enabled: bool = True
     rag_top_k: int = 3
     rag_score_threshold: float = 0.3
+    # Once the query passed rag_score_threshold, each chunk needs only this dense cosine (app/rag/retrieve.py).
+    rag_chunk_floor: float = Field(default=0.15, ge=0.0, le=1.0)
     rag_context_tokens: int = 900  # prompt eval dominates CPU latency: ~60 tok/s for qwen2.5-1.5b on 2 cores
     # "passages": the sentences/rows of the retrieved chunks that answer the question, in a budget between
     # rag_context_min_tokens and rag_context_tokens that adapts to it (app/rag/passages.py); "chunks": whole chunks

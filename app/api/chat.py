@@ -24,7 +24,7 @@ router = APIRouter(tags=["chat"])
 
 
 def _model_name(state: AppState) -> str:
-    return getattr(state.llm, "model_name", None) or state.settings.llm_model or "guardchat"
+    return state.llm.model_name or state.settings.llm_model or "guardchat"
 
 
 def _pick_adapter(state: AppState, body: ChatCompletionRequest, header: str | None) -> str | None:

@@ -44,7 +44,7 @@ async def readyz(state: StateDep) -> dict[str, Any] | JSONResponse:
 
 @router.get("/v1/models")
 async def models(state: StateDep) -> dict[str, Any]:
-    name = getattr(state.llm, "model_name", None) or state.settings.llm_model or "guardchat"
+    name = state.llm.model_name or state.settings.llm_model or "guardchat"
     ids = [name, *state.settings.lora_adapter_names]
     return {
         "object": "list",

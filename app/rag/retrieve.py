@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 RRF_K = 10
 MIN_CANDIDATES = 50
 CANDIDATE_FACTOR = 10
-CHUNK_FLOOR = 0.15  # per-chunk dense cosine floor once the query passed the threshold (see search())
 # A query whose best cosine is within this margin under the threshold still counts as on-topic when the top
 # BM25 chunk holds this share of its idf mass. Measured: bank keyword queries 0.69-1.0; none of 300
 # off-domain SQuAD questions in the margin reaches 0.45.
@@ -216,7 +215,7 @@ class HybridRetriever:
         # threshold (the same test that made the old per-chunk gate return nothing), and then a chunk the
         # keyword lists found needs only the lower floor. A per-chunk threshold dropped right chunks that BM25
         # ranked high but whose wording was far from the question's (hard dev set: recall@5 +2 points).
-        floor = min(threshold, float(getattr(self.settings, "rag_chunk_floor", CHUNK_FLOOR)))
+        floor = min(threshold, self.settings.rag_chunk_floor)
         best = dense[0][1] if dense else -1.0
         on_topic = best >= threshold
         keyword_gate = False

@@ -11,7 +11,7 @@ from app.rag.base import Chunk, RetrievalResult
 from app.rag.embedder import MiniLMEmbedder
 from app.rag.filters import FilterVerdict, InjectionChunkFilter, PatternChunkFilter
 from app.rag.ingest import ingest
-from app.rag.retrieve import CHUNK_FLOOR, KEYWORD_GATE_MARGIN, HybridRetriever
+from app.rag.retrieve import KEYWORD_GATE_MARGIN, HybridRetriever
 from app.settings import Settings
 from tests.rag.conftest import CORPUS, make_settings, write_corpus
 
@@ -224,7 +224,7 @@ def test_on_topic_query_keeps_chunks_between_floor_and_threshold(tmp_path: Path,
     chunks, _ = retriever.search(question, vector, 6, threshold=threshold)
     below = [c for c in chunks if c.score < threshold]
     assert chunks[0].score >= threshold and below  # the query passed, so lower-cosine chunks may follow
-    assert all(c.score >= CHUNK_FLOOR for c in chunks)
+    assert all(c.score >= Settings().rag_chunk_floor for c in chunks)
     # A floor above the threshold: the threshold rules every chunk (rag_chunk_floor is read with getattr).
     strict = settings.model_copy(update={"rag_chunk_floor": 1.0})
     only, _ = HybridRetriever(strict).search(question, vector, 6, threshold=threshold)
