@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import inspect
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.admin.paths import read_rails_dir
 from app.admin.prepare import Preparation, RedisPrepareChannel
@@ -16,6 +15,9 @@ from app.admin.versions import FileRailsVersionStore, RailsVersionStore
 from app.guard.base import Guard
 from app.settings import Settings
 from app.state import AppState, LoadedRails
+
+if TYPE_CHECKING:
+    from app.guard.validate import ValidationReport
 
 log = logging.getLogger(__name__)
 
@@ -51,38 +53,21 @@ async def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     return await result if inspect.isawaitable(result) else result
 
 
-def _plain(item: Any) -> dict[str, Any]:
-    if isinstance(item, dict):
-        return dict(item)
-    if hasattr(item, "model_dump"):
-        return dict(item.model_dump())
-    if hasattr(item, "to_dict"):
-        return dict(item.to_dict())
-    if dataclasses.is_dataclass(item) and not isinstance(item, type):
-        return dataclasses.asdict(item)
-    return {"message": str(item)}
-
-
-def outcome_from_report(report: Any) -> ValidationOutcome:
+def outcome_from_report(report: ValidationReport) -> ValidationOutcome:
     """`app.guard.validate.ValidationReport` -> the admin API's shape."""
-    errors = []
-    for err in getattr(report, "errors", []) or []:
-        data = _plain(err)
-        errors.append({"file": data.get("file") or "", "line": data.get("line"), "message": str(data.get("message"))})
-    tests = []
-    for result in getattr(report, "tests", None) or []:
-        case = getattr(result, "case", None)
-        tests.append(
-            {
-                "name": getattr(case, "name", None),
-                "file": getattr(case, "file", None),
-                "line": getattr(case, "line", None),
-                "expect": getattr(case, "expect", None),
-                "got": getattr(result, "got", None),
-                "passed": bool(getattr(result, "passed", False)),
-                "detail": getattr(result, "detail", ""),
-            }
-        )
+    errors = [{"file": err.file or "", "line": err.line, "message": str(err.message)} for err in report.errors]
+    tests = [
+        {
+            "name": result.case.name,
+            "file": result.case.file,
+            "line": result.case.line,
+            "expect": result.case.expect,
+            "got": result.got,
+            "passed": result.passed,
+            "detail": result.detail,
+        }
+        for result in report.tests
+    ]
     return ValidationOutcome(errors=errors, tests=tests)
 
 

@@ -163,8 +163,8 @@ async def rails_status(publisher: PublisherDep) -> dict[str, Any]:
         "serving_version": publisher.live.current.version,
         "last_sync_error": publisher.last_sync_error,
         # Which engine runs the served config, and why (iorails | compiled | nemo: docs/rails.md).
-        "engine": getattr(guard, "engine_name", None),
-        "engine_reason": getattr(guard, "engine_reason", None),
+        "engine": guard.engine_name,
+        "engine_reason": guard.engine_reason,
     }
 
 

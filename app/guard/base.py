@@ -65,6 +65,16 @@ class Guard(Protocol):
     output_context_chars: int
     grounding_blocks: bool  # the config blocks ungrounded answers: windows must be checked with the context
 
+    @property
+    def engine_name(self) -> str | None:
+        """The engine that runs the checks (iorails | compiled | nemo, docs/rails.md); None: a guard without one."""
+        ...
+
+    @property
+    def engine_reason(self) -> str | None:
+        """Why that engine (logged at load, shown by GET /api/admin/rails/status and `rails validate`)."""
+        ...
+
     def prefetch_input(self, messages: list[dict[str, str]]) -> asyncio.Future[Any] | None:
         """Starts the input checks that need only the text (a remote Llama Guard call, the guard model's pass), so
         they run while the turn embeds its query; `check_input` on the same messages then uses their result.

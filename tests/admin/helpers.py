@@ -41,6 +41,8 @@ class BlockedWordsGuard:
     output_chunk_chars = 200
     output_context_chars = 400
     grounding_blocks = False
+    engine_name = None  # no rails engine: the admin status reports none
+    engine_reason = None
 
     def __init__(self, files: dict[str, str]) -> None:
         self.texts = AssistantTexts()
