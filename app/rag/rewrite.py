@@ -56,9 +56,18 @@ class Rewrite:
     implicit: bool = False
 
 
+# A short question ending on a particle or preposition with nothing after it left its object to the conversation
+# ("what happens if i go over" — the withdrawal limit; "how long for the replacement to show up"): searched alone,
+# "go over" found the overdraft page instead of the savings limit it continued.
+_DANGLING = re.compile(r"\b(?:over|out|back|through|about|for|with|to|from|up|off|on|in)\W*$", re.IGNORECASE)
+
+
 def refers_back(question: str) -> bool:
-    """An explicit back-reference: a pronoun or a connector opening ("and for...", "what about...")."""
-    return bool(_FOLLOW_UP.search(question))
+    """An explicit back-reference: a pronoun, a connector opening ("and for...", "what about..."), or a short
+    question whose last word is a particle or preposition without its object."""
+    if _FOLLOW_UP.search(question):
+        return True
+    return len(question.split()) <= SHORT_QUESTION_WORDS and bool(_DANGLING.search(question))
 
 
 def looks_like_follow_up(question: str) -> bool:

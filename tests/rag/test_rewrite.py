@@ -49,7 +49,10 @@ def test_follow_ups_retrieve_what_their_standalone_question_would() -> None:
 
 
 async def test_an_implicit_follow_up_is_marked_for_retrieval_to_settle() -> None:
-    short = await rewrite_query("how long for the replacement to show up", HISTORY, "join", None)
+    short = await rewrite_query("how long does the replacement take", HISTORY, "join", None)
     assert short.mode == "join" and short.implicit  # no back-reference: retrieval may keep it alone
+    # A last word that leaves its object to the conversation ("go over" what?) points back: never searched alone.
+    dangling = await rewrite_query("what happens if i go over", HISTORY, "join", None)
+    assert dangling.mode == "join" and not dangling.implicit
     explicit = await rewrite_query("and international ones?", HISTORY, "join", None)
     assert not explicit.implicit
