@@ -15,7 +15,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -34,8 +34,21 @@ class FilterVerdict:
 
 CHUNK_ATTACK_THRESHOLD = 0.95
 
-# (chunks) -> one verdict per chunk, same order.
-ChunkFilter = Callable[[list[Chunk]], list[FilterVerdict]]
+
+class ChunkFilter(Protocol):
+    """The retrieval rail, as the retriever uses it."""
+
+    def __call__(self, chunks: list[Chunk]) -> list[FilterVerdict]:
+        """One verdict per chunk, same order."""
+        ...
+
+    def is_cached(self, chunks: list[Chunk]) -> bool:
+        """True when every verdict is known without work: the retriever then skips the thread hop."""
+        ...
+
+    def use_stored_embeddings(self, lookup: Callable[[list[Chunk]], np.ndarray | None]) -> None:
+        """The retriever's stored chunk vectors, for a rail that would otherwise embed each chunk per turn."""
+        ...
 
 
 class _VerdictCache:
@@ -99,6 +112,10 @@ class InjectionChunkFilter:
         """True when every chunk already has a verdict: the call is then microseconds, no thread needed."""
         return all(self._cache.get(c.id) is not None for c in chunks)
 
+    def use_stored_embeddings(self, lookup: Callable[[list[Chunk]], np.ndarray | None]) -> None:
+        if self.embeddings_for is None:  # one given at construction wins
+            self.embeddings_for = lookup
+
     def _score(self, chunks: list[Chunk]) -> list[FilterVerdict]:
         pattern_verdicts = self.patterns(chunks) if self.patterns else [FilterVerdict(True)] * len(chunks)
         stored = self.embeddings_for(chunks) if self.embeddings_for else None
@@ -136,6 +153,12 @@ _INSTRUCTION_RE = re.compile("|".join(f"(?:{p})" for p in _INSTRUCTION_PATTERNS)
 
 class PatternChunkFilter:
     """Regex fallback: drops chunks that address the assistant with overriding instructions."""
+
+    def is_cached(self, chunks: list[Chunk]) -> bool:
+        return False  # nothing to cache: the patterns run (in the retriever's thread) every time
+
+    def use_stored_embeddings(self, lookup: Callable[[list[Chunk]], np.ndarray | None]) -> None:
+        return None  # reads text only
 
     def __call__(self, chunks: list[Chunk]) -> list[FilterVerdict]:
         verdicts = []

@@ -101,9 +101,8 @@ class HybridRetriever:
         self._reload_lock = threading.Lock()
         self._last_check = time.monotonic()
         self._snapshot = load_snapshot(self.index_dir, ef_search=hnsw_ef_search(settings))
-        if chunk_filter is not None and getattr(chunk_filter, "embeddings_for", False) is None:
-            # Let the rail reuse the stored chunk embeddings instead of re-embedding each turn.
-            chunk_filter.embeddings_for = self.embeddings_for  # type: ignore[attr-defined]
+        if chunk_filter is not None:  # the rail reuses the stored chunk embeddings instead of re-embedding each turn
+            chunk_filter.use_stored_embeddings(self.embeddings_for)
 
     @property
     def index_dir(self) -> Path:
@@ -259,10 +258,9 @@ class HybridRetriever:
         result = RetrievalResult(candidates[:k], [], timings)
         if self.chunk_filter and candidates:
             filter_started = time.perf_counter()
-            is_cached = getattr(self.chunk_filter, "is_cached", None)
             # Verdicts known for the top k: no thread hop. (The over-fetched rest is scored only when a top chunk
             # is dropped, so asking about all of them would never find them cached.)
-            if is_cached is not None and is_cached(candidates[:k]):
+            if self.chunk_filter.is_cached(candidates[:k]):
                 result.chunks, result.dropped = self._apply_filter(candidates, k)
             else:
                 result.chunks, result.dropped = await asyncio.to_thread(self._apply_filter, candidates, k)

@@ -147,10 +147,11 @@ async def test_a_repeated_retrieval_takes_the_rails_verdicts_from_cache_on_the_e
 
 
 async def test_rail_failure_fails_closed(indexed: Settings, embedder: MiniLMEmbedder) -> None:
-    def broken(chunks: list[Chunk]) -> list[FilterVerdict]:
-        raise RuntimeError("detector crashed")
+    class Broken(PatternChunkFilter):
+        def __call__(self, chunks: list[Chunk]) -> list[FilterVerdict]:
+            raise RuntimeError("detector crashed")
 
-    retriever = HybridRetriever(indexed, chunk_filter=broken)
+    retriever = HybridRetriever(indexed, chunk_filter=Broken())
     result = await retriever.retrieve_detailed("savings rate", _embed(embedder, "savings rate"), 3)
     assert result.chunks == [] and result.dropped
     assert all(reason.startswith("rail_error") for _, reason, _ in result.dropped)
