@@ -4,8 +4,8 @@ Sources (training/train_data.py `load_sources`): the public dev sets in ../share
 slice (app/eval/holdout.py), our own rows in training/data/, and paragraphs of the shipped knowledge
 base (benign answer-like text: the guard also scores answer windows). Rows within cosine NEAR_DUPLICATE (MiniLM)
 of any evaluation row — the public held-out slice, app/eval/data/guard_heldout.jsonl, guard_lookalike_probe.jsonl,
-guard_bank_probe.jsonl, guard_sensitive_probe.jsonl, topic_dev.jsonl — are dropped, so the evaluation never scores
-a paraphrase of a training row.
+guard_bank_probe.jsonl, guard_sensitive_probe.jsonl, topic_dev.jsonl, and tests/data/conversation_intent.jsonl
+(`OTHER_MEASURES`) — are dropped, so the evaluation never scores a paraphrase of a training row.
 
 Jailbreak templates train twice: bare (attack) and wrapped around harmful requests of the same split (attack
 and unsafe). A tenth of the rows, chosen by a hash of the text, is the validation split that calibration and
@@ -145,7 +145,8 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 
 def file_hashes(eval_dir: Path) -> dict[str, str]:
     """sha256 (16 hex) of every data file a training run reads."""
-    from training.train_data import CONVERSATION_EXAMPLES, TRAINING_DATA_DIR, file_hash
+    from app.pipeline.conversation_intent import EXAMPLES
+    from training.train_data import TRAINING_DATA_DIR, file_hash
 
-    files = sorted(Path(eval_dir).glob("*.jsonl")) + sorted(TRAINING_DATA_DIR.glob("*.jsonl")) + [CONVERSATION_EXAMPLES]
+    files = sorted(Path(eval_dir).glob("*.jsonl")) + sorted(TRAINING_DATA_DIR.glob("*.jsonl")) + [EXAMPLES]
     return {p.name: file_hash(p) for p in files}

@@ -13,12 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from app.eval.holdout import HOLDOUT_SHARE, holdout_rows, is_holdout
+from app.pipeline.conversation_intent import read_examples
 
 TRAINING_DATA_DIR = Path(__file__).resolve().parent / "data"
-# Requests about the conversation itself ("what was the last thing you told me", "tl;dr pls"), written for the
-# turn's nearest-example test (app/pipeline/conversation_intent.py): benign and on-domain here too. Without them the
-# attack head read such recall questions as system-prompt extraction.
-CONVERSATION_EXAMPLES = Path(__file__).resolve().parents[1] / "app/pipeline/data/conversation_examples.jsonl"
 SLOT = re.compile(r"\{\{\s*prompt\s*\}\}")
 
 # Do-Not-Answer mixes clear harm with borderline asks (advice, chatbot feelings, rumours). In these two
@@ -132,8 +129,11 @@ def load_sources(eval_dir: Path, rng: random.Random, max_per_source: int | None)
             else:
                 source = kind if kind in OWN_BENIGN_KINDS else "general"
                 src.setdefault(source, []).append(Item(row["text"], source, 0, 0, row.get("topic")))
+    # Requests about the conversation itself ("what was the last thing you told me", "tl;dr pls"), written for the
+    # turn's nearest-example test (app/pipeline/conversation_intent.py): benign and on-domain here too. Without them
+    # the attack head read such recall questions as system-prompt extraction.
     src["conversation"] = src.get("conversation", []) + [
-        Item(row["text"], "conversation", 0, 0, "on_domain") for row in _jsonl(CONVERSATION_EXAMPLES)
+        Item(str(row["text"]), "conversation", 0, 0, "on_domain") for row in read_examples()
         if row["about_conversation"]
     ]
     return {k: cap(v) for k, v in src.items()}
