@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import os
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -70,6 +72,7 @@ async def build_state(settings: Settings) -> AppState:
         rails=LiveRails(LoadedRails(version="local", guard=guard)),
         query_embedder=query_embedder(detector, embedder),
         embedded_server=embedded_server,
+        page_warmer=build_page_warmer(settings, embedded_server),
         detector=detector,
         grounding=grounding,
     )
@@ -109,7 +112,37 @@ def build_retriever(settings: Settings, embedder: Any, detector: Any) -> Any:
     return HybridRetriever(settings, chunk_filter=InjectionChunkFilter(detector, embedder))
 
 
+def build_page_warmer(settings: Settings, embedded_server: Any) -> Any:
+    """The answer pages' background reader (app/llm/page_warmer.py): with pages, the embedded LLM and warming on."""
+    if settings.rag_context_mode != "pages" or embedded_server is None or not settings.rag_enabled:
+        return None
+    from app.llm.page_warmer import PageWarmer
+
+    server = embedded_server
+    return PageWarmer(server.base_url, server.model_name, cache_mib=settings.embedded_prompt_cache_mib)
+
+
+def start_page_warmer(state: AppState, probe: threading.Thread | None) -> None:
+    """Queues every page and starts reading them once the speed probe is done (it must time an idle server)."""
+    warmer = state.page_warmer
+    if warmer is None or not state.settings.rag_warm_pages:
+        return
+    from app.pipeline.answer_pages import plan_warmup
+
+    async def after_probe() -> None:
+        while probe is not None and probe.is_alive():
+            await asyncio.sleep(0.5)
+        plan_warmup(state, warmer)
+        warmer.start()
+
+    state.background.append(asyncio.create_task(after_probe(), name="page-warmer-start"))
+
+
 async def close_state(state: AppState) -> None:
+    for task in state.background:
+        task.cancel()
+    if state.page_warmer is not None:
+        await state.page_warmer.stop()
     for follower in (state.rails_publisher, state.shared_knowledge):
         if follower is not None:
             await follower.stop()
@@ -155,7 +188,8 @@ def create_app(settings: Settings | None = None, state_factory: StateFactory | N
             gc.freeze()
             from app.llm.speed import start_speed_probe  # after startup, in a thread: readiness does not wait
 
-            start_speed_probe(state.embedded_server, settings)
+            probe = start_speed_probe(state.embedded_server, settings)
+            start_page_warmer(state, probe)
             install_sigterm_drain(runtime.drain)
             instrument_state(state)  # store latency and LLM backend errors, measured without their code knowing
             try:

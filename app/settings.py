@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     embedded_ctx: int = 4096
     embedded_threads: int = 0  # 0 = all cores
     embedded_parallel: int = 2
+    # llama.cpp's host-memory prompt cache (KV states of earlier prompts): the answer pages live here (~28 KiB a
+    # token for Qwen2.5-1.5B: the 35 shipped pages take ~1 GiB), and the conversations beside them.
+    embedded_prompt_cache_mib: int = Field(default=3072, ge=0)
 
     # --- sessions ---
     # None = the in-process store. "auto" = Redis at redis://127.0.0.1:6379/0 if it answers, else the
@@ -152,8 +155,15 @@ class Settings(BaseSettings):
     # "passages": the sentences/rows of the retrieved chunks that answer the question, in a budget between
     # rag_context_min_tokens and rag_context_tokens that adapts to it (app/rag/passages.py); "chunks": whole chunks
     # up to rag_context_tokens. Passages cut a grounded prompt's tokens (and so CPU time to first token) ~2x.
-    rag_context_mode: Literal["passages", "chunks"] = "passages"
+    # "pages": the whole answer page of the top chunk (its document, or a run of its chunks: rag_page_tokens) after the
+    # fixed instructions, so llama.cpp's prompt cache reads it once and each question reads only itself
+    # (app/rag/pages.py); a page not read yet (app/llm/page_warmer.py) gets the passages prompt meanwhile.
+    rag_context_mode: Literal["passages", "chunks", "pages"] = "pages"
     rag_context_min_tokens: int = Field(default=120, ge=20)
+    rag_page_tokens: int = Field(default=1100, ge=100)
+    rag_page_extra_tokens: int = Field(default=0, ge=0)  # passages of other documents after the page (uncached)
+    # With pages and the embedded LLM: read every page into the prompt cache in the background while idle.
+    rag_warm_pages: bool = True
     query_rewrite: Literal["join", "llm"] = "join"
     # A second look when the model answers "I don't know" while a prompt passage holds this share of the question's
     # idf-weighted terms (app/rag/second_look.py). Mode "auto": the answer is started for the model ("According to

@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # the components below import this module: their types only, 
     from app.admin.publisher import RailsPublisher
     from app.guard.base import Classifier
     from app.llm.embedded import EmbeddedLLMServer
+    from app.llm.page_warmer import PageWarmer
     from app.rag.grounding import CachedGroundingCheck
     from app.rag.shared_knowledge import SharedKnowledge
 
@@ -70,3 +71,6 @@ class AppState:
     # One knowledge change (upload, delete, re-index, sync from another replica) at a time: a sync must never see
     # a file that is saved but not yet published.
     ingest_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # With rag_context_mode "pages" and the embedded LLM: which answer pages its prompt cache holds (app/main.py).
+    page_warmer: PageWarmer | None = None
+    background: list[asyncio.Task[None]] = field(default_factory=list)  # start-up tasks close_state cancels

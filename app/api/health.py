@@ -34,7 +34,9 @@ async def readyz(state: StateDep) -> dict[str, Any] | JSONResponse:
         checks["store"] = f"unavailable: {exc}"
     checks["rails"] = f"ok (version {state.rails.current.version})"
     ready = all(v.startswith("ok") for v in checks.values())
-    body = {"status": "ready" if ready else "not_ready", "checks": checks}
+    body: dict[str, Any] = {"status": "ready" if ready else "not_ready", "checks": checks}
+    if state.page_warmer is not None:  # informational: answers never wait for it (app/llm/page_warmer.py)
+        body["answer_pages"] = state.page_warmer.progress()
     if not ready:
         reasons = "; ".join(f"{k}: {v}" for k, v in checks.items() if not v.startswith("ok"))
         body["error"] = {"message": f"Not ready: {reasons}", "type": "service_unavailable", "code": "not_ready"}

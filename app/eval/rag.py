@@ -99,9 +99,26 @@ async def _driver(settings: Any, server: str | None, api_key: str | None) -> Asy
     _say("eval rag: starting the app in-process (LLM, guard, retriever)...")
     state = await build_state(settings)
     try:
+        await _warm_pages(state)
         yield InProcessDriver(state), state.retriever, state.rails.current.guard.texts.idk
     finally:
         await close_state(state)
+
+
+async def _warm_pages(state: Any) -> None:
+    """With answer pages, the eval asks once every page is in the LLM's prompt cache, as a server that has been up
+    a while would have them: the answers then never depend on how far the warm-up got (app/llm/page_warmer.py)."""
+    from app.pipeline.answer_pages import plan_warmup
+
+    warmer = state.page_warmer
+    if warmer is None or not state.settings.rag_warm_pages:
+        return
+    pages = plan_warmup(state, warmer)
+    _say(f"eval rag: reading {pages} answer pages into the LLM's prompt cache first...")
+    warmer.start()
+    await warmer.wait_until_warm(timeout_s=3 * 3600)
+    await warmer.stop()
+    _say(f"eval rag: answer pages {warmer.progress()}")
 
 
 async def turn_answers(tasks: list[dict[str, Any]], settings: Any, *, server: str | None = None,

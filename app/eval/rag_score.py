@@ -147,7 +147,9 @@ def _fact_counts(task: dict[str, Any], outcomes: list[TurnOutcome], chunk_texts:
         if out.blocked:
             blocked += int(out.blocked_by == "groundedness")
         else:
-            found = unsupported_sentences(out.answer, chunk_texts(out.retrieved_ids) + said, idk_text)
+            # The sources are what the model read: the prompt's (a whole answer page), else what retrieval gave.
+            known = chunk_texts(out.source_ids or out.retrieved_ids)
+            found = unsupported_sentences(out.answer, known + said, idk_text)
             shown += len(found)
             if found:
                 examples.append({"user": out.user, "sentences": found})

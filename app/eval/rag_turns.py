@@ -37,6 +37,7 @@ class TurnOutcome:
     blocked_by: str | None = None  # the rail that refused (input or output)
     citations: list[dict[str, Any]] = field(default_factory=list)
     retrieved_ids: list[str] = field(default_factory=list)  # chunk ids retrieval gave the turn
+    source_ids: list[str] = field(default_factory=list)  # chunk ids the prompt held ([]: none, or not reported)
     answered_from: str | None = None  # "conversation", "small_talk", "no_sources" (the trace's field)
     ttft_ms: float | None = None  # request start -> first text the customer sees
     total_ms: float = 0.0
@@ -158,6 +159,7 @@ class InProcessDriver:
             user=text, answer=result.answer, blocked=result.blocked, blocked_by=trace.get("blocked_by"),
             citations=list(result.citations),
             retrieved_ids=[c["id"] for c in (trace.get("retrieval") or {}).get("chunks", [])],
+            source_ids=list(trace.get("source_ids") or []),
             answered_from=trace.get("answered_from"),
             ttft_ms=None if first is None else (first - start) * 1000, total_ms=(time.perf_counter() - start) * 1000,
         )
@@ -209,6 +211,7 @@ class ServerDriver:
             user=text, answer="".join(parts), blocked=bool(extra.get("blocked")), blocked_by=trace.get("blocked_by"),
             citations=list(extra.get("citations") or []),
             retrieved_ids=[c["id"] for c in (trace.get("retrieval") or {}).get("chunks", [])],
+            source_ids=list(trace.get("source_ids") or []),
             answered_from=trace.get("answered_from"),
             ttft_ms=None if first is None else (first - start) * 1000, total_ms=total_ms,
         )

@@ -172,7 +172,8 @@ async def _answer(llm: ChatBackend, question: str, chunks: list[Chunk], settings
     # the server weighs them by the live index's idf.
     prepared = build_messages(
         question, [], chunks, system_prompt=EVAL_SYSTEM_PROMPT, context_tokens=settings.rag_context_tokens,
-        fit=settings.rag_context_mode, min_context_tokens=settings.rag_context_min_tokens,
+        fit="chunks" if settings.rag_context_mode == "chunks" else "passages",
+        min_context_tokens=settings.rag_context_min_tokens,
     )  # fmt: skip
     if prepared.no_context:
         return DEFAULT_IDK, []

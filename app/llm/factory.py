@@ -66,6 +66,7 @@ def _build_embedded(settings: Settings) -> tuple[OpenAICompatClient, EmbeddedLLM
         ctx_size=settings.embedded_ctx,
         threads=settings.embedded_threads,
         parallel=settings.embedded_parallel,
+        prompt_cache_ram_mib=settings.embedded_prompt_cache_mib,
     ).start()
     try:
         client = LlamaCppClient(

@@ -75,7 +75,7 @@ def grounded_prompt_tokens(settings: Settings) -> int:
     grows with the question (whole prompts measured 488-529 Qwen tokens on the task sets: docs/benchmarks.md)."""
     full_chunks = settings.rag_top_k * math.ceil(settings.rag_chunk_chars / CHARS_PER_TOKEN)
     sources = min(settings.rag_context_tokens, full_chunks)
-    if settings.rag_context_mode == "passages":
+    if settings.rag_context_mode != "chunks":  # pages: a page not read yet gets the passages (what this estimates)
         sources = min(sources, 2 * settings.rag_context_min_tokens)
     return PROMPT_OVERHEAD_TOKENS + sources
 

@@ -139,6 +139,7 @@ def build_prompt(
     texts: AssistantTexts,
     use_rag: bool,
     about_history: bool = False,
+    trace: dict[str, Any] | None = None,
 ) -> tuple[list[dict[str, str]] | None, list[Chunk]]:
     """The generation prompt and the sources it actually holds (numbered, cut to the token budget).
     None when RAG is on and nothing relevant was retrieved: the turn then answers the "I don't know" text at once,
@@ -154,6 +155,14 @@ def build_prompt(
         return small_talk_messages(texts.system_prompt, history, question), []
     from app.rag.chain import build_messages
 
+    if state.settings.rag_context_mode == "pages":
+        from app.pipeline.answer_pages import page_prompt
+
+        paged = page_prompt(state, question, history, sources, texts)
+        if trace is not None and sources:  # "why?": whether the answer page was read from the LLM's cache
+            trace["context"] = paged.variables["context"] if paged is not None else "passages (page not cached yet)"
+        if paged is not None:
+            return list(paged.messages), list(paged.sources)
     prepared = build_messages(
         question,
         history,
@@ -161,7 +170,7 @@ def build_prompt(
         system_prompt=texts.system_prompt,
         context_tokens=state.settings.rag_context_tokens,
         idk_text=texts.idk,
-        fit=state.settings.rag_context_mode,
+        fit="chunks" if state.settings.rag_context_mode == "chunks" else "passages",
         min_context_tokens=state.settings.rag_context_min_tokens,
         idf=bm25_idf(state),
     )

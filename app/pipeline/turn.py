@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import AsyncExitStack, aclosing
+from contextlib import AsyncExitStack, aclosing, nullcontext
 from typing import Any
 
 import numpy as np
@@ -77,6 +77,15 @@ class TurnRunner:
         raise RuntimeError("turn ended without a result")  # pragma: no cover - events() always ends with Done
 
     async def events(self, req: TurnRequest) -> AsyncGenerator[Delta | Done, None]:
+        warmer = self.state.page_warmer
+        # No answer page is read into the LLM's cache while a customer waits (app/llm/page_warmer.py). aclosing: the
+        # turn (and its session lock) ends when this generator is closed, not when the collector finds it.
+        with warmer.busy() if warmer is not None else nullcontext():
+            async with aclosing(self._events(req)) as inner:
+                async for event in inner:
+                    yield event
+
+    async def _events(self, req: TurnRequest) -> AsyncGenerator[Delta | Done, None]:
         prior, user_text = split_request(req.messages)
         in_prompt = self.state.settings.history_turns_in_prompt
         timer = Timer()
@@ -211,11 +220,13 @@ class TurnRunner:
         use_rag = settings.rag_enabled and st.retriever is not None
         with turn.timer.stage("prompt"):
             messages, sources = context.build_prompt(
-                st, turn.user_text, turn.history, sources, turn.texts, use_rag, turn.about_history
+                st, turn.user_text, turn.history, sources, turn.texts, use_rag, turn.about_history, turn.trace
             )
         if messages is None:
             return sources, None
         turn.trace["prompt_chars"] = sum(len(m["content"]) for m in messages)
+        if sources:  # what the model read (an answer page holds more than retrieval returned): the eval's "sources"
+            turn.trace["source_ids"] = [c.id for c in sources]
         if use_rag and not sources:
             turn.trace["answered_from"] = context.answered_from(turn.about_history)
         options = GenerationOptions(

@@ -17,7 +17,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from langchain_core.messages import BaseMessage, convert_to_openai_messages
 from langchain_core.prompt_values import PromptValue
@@ -27,6 +27,9 @@ from langchain_core.runnables import Runnable, RunnableLambda
 from app.rag.base import Chunk
 from app.rag.passages import MIN_TOKENS as MIN_PASSAGE_TOKENS
 from app.rag.passages import fit_passages
+
+if TYPE_CHECKING:
+    from app.rag.pages import Page
 
 DEFAULT_IDK = "I don't know. I couldn't find that in our knowledge base."
 RULES = """Rules:
@@ -142,7 +145,7 @@ def build_messages(
     sources_text = "Sources:\n\n" + "\n\n".join(blocks) if blocks else "Sources: none."
     # Variables (not template text) carry all user/document content, so braces in it are never interpreted.
     variables = {
-        "instructions": f"{system_prompt.strip()}\n\n{RULES.format(idk=idk_text)}",
+        "instructions": page_instructions(system_prompt, idk_text),
         "sources": sources_text,
         "history": turns,
         "question": question,
@@ -152,6 +155,52 @@ def build_messages(
     # exactly `PROMPT_CHAIN.invoke(variables)`.
     messages = _to_openai(PROMPT.format_prompt(**variables))
     return PreparedPrompt(messages, sources, no_context=not sources, context_tokens=used, variables=variables)
+
+
+def build_page_messages(
+    question: str,
+    history: list[dict[str, str]],
+    page: Page,
+    retrieved: list[Chunk],
+    *,
+    system_prompt: str,
+    idk_text: str = DEFAULT_IDK,
+    extra_tokens: int = 0,
+    min_extra_tokens: int = MIN_PASSAGE_TOKENS,
+    idf: Callable[[str], float] | None = None,
+) -> PreparedPrompt:
+    """The prompt of an answer page (app/rag/pages.py): the page's chunks as sources [1]..[k], in the same text on
+    every turn, then, within `extra_tokens` (0: none), the passages of the `retrieved` chunks the page does not
+    hold, numbered on from k+1. Retrieved chunks keep their scores in the returned sources."""
+    scored = {c.id: c for c in retrieved}
+    sources = [scored.get(c.id, c) for c in page.chunks]
+    extra_text = ""
+    outside = [c for c in retrieved if c.id not in {p.id for p in page.chunks}]
+    if extra_tokens > 0 and outside:
+        turns = dialogue_turns(history)
+        previous = next((m["content"] for m in reversed(turns) if m["role"] == "user"), "")
+        first = len(sources)
+        picked = fit_passages(
+            outside, question, heading=lambda n, c: source_heading(first + n, c), previous=previous, idf=idf,
+            min_tokens=min(min_extra_tokens, extra_tokens), max_tokens=extra_tokens,
+        )  # fmt: skip
+        pairs = enumerate(zip(picked.chunks, picked.texts, strict=True), first + 1)
+        extra_text = "".join(f"\n\n{source_heading(n, c)}\n{text}" for n, (c, text) in pairs)
+        sources += picked.chunks
+    instructions = page_instructions(system_prompt, idk_text)
+    variables = {
+        "instructions": instructions,
+        "sources": f"Sources:\n\n{page.text}{extra_text}",  # starts the same as page_prefix(instructions, page)
+        "history": dialogue_turns(history),
+        "question": question,
+    }
+    messages = _to_openai(PROMPT.format_prompt(**variables))
+    return PreparedPrompt(messages, sources, context_tokens=page.tokens, variables=variables)
+
+
+def page_instructions(system_prompt: str, idk_text: str = DEFAULT_IDK) -> str:
+    """The fixed head of every grounded prompt (what `page_prefix` starts with)."""
+    return f"{system_prompt.strip()}\n\n{RULES.format(idk=idk_text)}"
 
 
 def prompt_passages(system: str, sources: list[Chunk]) -> list[str]:
