@@ -155,12 +155,11 @@ class Settings(BaseSettings):
     # "passages": the sentences/rows of the retrieved chunks that answer the question, in a budget between
     # rag_context_min_tokens and rag_context_tokens that adapts to it (app/rag/passages.py); "chunks": whole chunks
     # up to rag_context_tokens. Passages cut a grounded prompt's tokens (and so CPU time to first token) ~2x.
-    # "pages": the whole answer page of the top chunk (its document, or a run of its chunks: rag_page_tokens) after the
-    # fixed instructions, so llama.cpp's prompt cache reads it once and each question reads only itself
+    # "pages": the whole answer page of the top chunk (its document, or a run of its chunks within rag_context_tokens)
+    # after the fixed instructions, so llama.cpp's prompt cache reads it once and each question reads only itself
     # (app/rag/pages.py); a page not read yet (app/llm/page_warmer.py) gets the passages prompt meanwhile.
     rag_context_mode: Literal["passages", "chunks", "pages"] = "pages"
     rag_context_min_tokens: int = Field(default=120, ge=20)
-    rag_page_tokens: int = Field(default=1100, ge=100)
     rag_page_extra_tokens: int = Field(default=0, ge=0)  # passages of other documents after the page (uncached)
     # With pages and the embedded LLM: read every page into the prompt cache in the background while idle.
     rag_warm_pages: bool = True

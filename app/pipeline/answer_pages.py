@@ -56,7 +56,7 @@ def page_prompt(
     if not sources or state.retriever is None:
         return None
     settings = state.settings
-    page = page_book(state.retriever.snapshot, settings.rag_page_tokens).page_of(sources[0])
+    page = page_book(state.retriever.snapshot, settings.rag_context_tokens).page_of(sources[0])
     if page is None:
         return None
     warmer = state.page_warmer
@@ -77,7 +77,7 @@ def plan_warmup(state: AppState, warmer: PageWarmer) -> int:
     if state.retriever is None:
         return 0
     texts = state.rails.current.guard.texts
-    book = page_book(state.retriever.snapshot, state.settings.rag_page_tokens)
+    book = page_book(state.retriever.snapshot, state.settings.rag_context_tokens)
     for page in book.pages:
         warmer.want(page_warm_job(texts, page))
     log.info("answer pages: %d to read into the LLM's prompt cache while idle (~%d tokens)",

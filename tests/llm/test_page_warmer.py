@@ -85,7 +85,7 @@ def test_pages_beyond_the_cache_are_forgotten_oldest_first() -> None:
 
 
 async def test_a_turn_uses_the_page_once_it_is_warm(embedded_llm_url: str, embedder, tmp_path: Path) -> None:
-    settings = make_settings(tmp_path, rag_context_mode="pages", rag_page_tokens=400)
+    settings = make_settings(tmp_path, rag_context_mode="pages", rag_context_tokens=400)
     ingest(write_corpus(settings.knowledge_dir, CORPUS), settings, embedder=embedder, progress=False)
     llm = LlamaCppClient(embedded_llm_url, TEST_MODEL, timeout_s=60)
     state = pipeline_state(settings, llm, None, embedder, HybridRetriever(settings))
@@ -126,7 +126,7 @@ def test_the_server_reads_every_page_after_start_and_says_how_far_it_got(
 ) -> None:
     """The lifespan queues the index's pages and reads them in the background; /readyz reports the progress
     (bench/answer_ttft.py waits on it) and never waits for it."""
-    settings = make_settings(tmp_path, rag_context_mode="pages", rag_page_tokens=400, ui_enabled=False,
+    settings = make_settings(tmp_path, rag_context_mode="pages", rag_context_tokens=400, ui_enabled=False,
                              redis_url=None)  # fmt: skip
     ingest(write_corpus(settings.knowledge_dir, CORPUS), settings, embedder=embedder, progress=False)
     pages = len(page_book(HybridRetriever(settings).snapshot, 400))
