@@ -145,3 +145,23 @@ def test_the_server_reads_every_page_after_start_and_says_how_far_it_got(
         while client.get("/readyz").json()["answer_pages"]["warm"] < pages and time.monotonic() < deadline:
             time.sleep(0.5)
         assert client.get("/readyz").json()["answer_pages"] == {"warm": pages, "pending": 0, "failures": 0}
+
+
+async def test_a_page_is_found_in_the_cache_after_a_question_about_the_conversation(embedded_llm_url: str) -> None:
+    """A question about the conversation is answered from a short prompt that shares the system prompt with the
+    pages. llama.cpp's default slot choice reused that slot (similar enough) without looking in its prompt cache,
+    and the next page was read in full; EmbeddedLLMServer's slot_prompt_similarity (0.5) makes it look."""
+    system = "You are the support assistant of a bank. " * 12  # ~120 tokens every prompt starts with
+    head = f"{system}\n\nSources:\n\n"
+    warmer = PageWarmer(embedded_llm_url, TEST_MODEL, cache_mib=256)
+    job = warm_job("after-conversation", head, BLOCKS, tokens=200)
+    warmer.want(job)
+    warmer.start()
+    try:
+        assert await warmer.wait_until_warm(timeout_s=120)
+    finally:
+        await warmer.stop()
+    await _reused_tokens(embedded_llm_url, f"{system}\n\nOur conversation so far: (nothing yet)")
+    await _reused_tokens(embedded_llm_url, "An unrelated prompt about the weather in spring. " * 10)
+    read, reused = await _reused_tokens(embedded_llm_url, job.steps[-1])
+    assert read < 40 and reused >= 250, (read, reused)
