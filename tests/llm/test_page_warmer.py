@@ -40,18 +40,23 @@ async def _reused_tokens(base_url: str, system: str) -> tuple[int, int]:
     return int(timings["prompt_n"]), int(timings["cache_n"])
 
 
-async def test_a_warmed_page_is_read_from_the_prompt_cache(embedded_llm_url: str) -> None:
-    warmer = PageWarmer(embedded_llm_url, TEST_MODEL, cache_mib=256)
-    job = warm_job("fees-page", HEAD, BLOCKS, tokens=200, step_tokens=40)
-    assert len(job.steps) == 2 and job.steps[-1] == HEAD + "\n\n".join(BLOCKS)  # read in two steps
-    # A prompt in between: the page must come back from the host-memory cache, not from the slot it was read in.
-    await _reused_tokens(embedded_llm_url, "Something else entirely. " * 20)
+async def _read(warmer: PageWarmer, job: WarmJob) -> None:
+    """Reads one page with the warmer's background task, then stops it."""
     warmer.want(job)
     warmer.start()
     try:
         assert await warmer.wait_until_warm(timeout_s=120)
     finally:
         await warmer.stop()
+
+
+async def test_a_warmed_page_is_read_from_the_prompt_cache(embedded_llm_url: str) -> None:
+    warmer = PageWarmer(embedded_llm_url, TEST_MODEL, cache_mib=256)
+    job = warm_job("fees-page", HEAD, BLOCKS, tokens=200, step_tokens=40)
+    assert len(job.steps) == 2 and job.steps[-1] == HEAD + "\n\n".join(BLOCKS)  # read in two steps
+    # A prompt in between: the page must come back from the host-memory cache, not from the slot it was read in.
+    await _reused_tokens(embedded_llm_url, "Something else entirely. " * 20)
+    await _read(warmer, job)
     assert warmer.is_warm("fees-page") and warmer.progress() == {"warm": 1, "pending": 0, "failures": 0}
     for _ in range(3):  # fill both slots with other prompts
         await _reused_tokens(embedded_llm_url, "Another unrelated prompt about weather. " * 15)
@@ -153,14 +158,8 @@ async def test_a_page_is_found_in_the_cache_after_a_question_about_the_conversat
     and the next page was read in full; EmbeddedLLMServer's slot_prompt_similarity (0.5) makes it look."""
     system = "You are the support assistant of a bank. " * 12  # ~120 tokens every prompt starts with
     head = f"{system}\n\nSources:\n\n"
-    warmer = PageWarmer(embedded_llm_url, TEST_MODEL, cache_mib=256)
     job = warm_job("after-conversation", head, BLOCKS, tokens=200)
-    warmer.want(job)
-    warmer.start()
-    try:
-        assert await warmer.wait_until_warm(timeout_s=120)
-    finally:
-        await warmer.stop()
+    await _read(PageWarmer(embedded_llm_url, TEST_MODEL, cache_mib=256), job)
     await _reused_tokens(embedded_llm_url, f"{system}\n\nOur conversation so far: (nothing yet)")
     await _reused_tokens(embedded_llm_url, "An unrelated prompt about the weather in spring. " * 10)
     read, reused = await _reused_tokens(embedded_llm_url, job.steps[-1])
