@@ -54,7 +54,6 @@ class PageWarmer:
         self._last_busy = 0.0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self.planned = 0
         self.failures = 0
 
     # ------------------------------------------------------------ what the pipeline asks
@@ -69,8 +68,6 @@ class PageWarmer:
         """Queues a page (`first`: before the others, a customer asked for it)."""
         if job.key in self._warm:
             return
-        if job.key not in self._pending:
-            self.planned += 1
         self._pending[job.key] = job
         if first:
             self._pending.move_to_end(job.key, last=False)

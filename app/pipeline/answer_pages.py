@@ -12,7 +12,7 @@ from app.guard.base import AssistantTexts
 from app.llm.page_warmer import PageWarmer, WarmJob, warm_job
 from app.rag.base import Chunk
 from app.rag.chain import PreparedPrompt, build_page_messages, page_instructions
-from app.rag.pages import Page, PageBook
+from app.rag.pages import Page, PageBook, page_head
 
 if TYPE_CHECKING:
     from app.rag.index import IndexSnapshot
@@ -44,7 +44,7 @@ def page_key(texts: AssistantTexts, page: Page) -> str:
 
 
 def page_warm_job(texts: AssistantTexts, page: Page) -> WarmJob:
-    head = f"{page_instructions(texts.system_prompt, texts.idk)}\n\nSources:\n\n"
+    head = page_head(page_instructions(texts.system_prompt, texts.idk))  # + the blocks = page_prefix(...)
     return warm_job(page_key(texts, page), head, list(page.blocks), page.tokens)
 
 

@@ -175,7 +175,8 @@ def build_page_messages(
     scored = {c.id: c for c in retrieved}
     sources = [scored.get(c.id, c) for c in page.chunks]
     extra_text = ""
-    outside = [c for c in retrieved if c.id not in {p.id for p in page.chunks}]
+    on_page = {c.id for c in page.chunks}
+    outside = [c for c in retrieved if c.id not in on_page]
     if extra_tokens > 0 and outside:
         turns = dialogue_turns(history)
         previous = next((m["content"] for m in reversed(turns) if m["role"] == "user"), "")

@@ -132,6 +132,11 @@ class PageBook:
         return len(self.pages)
 
 
+def page_head(instructions: str) -> str:
+    """What comes before a page's first source block in the system message (chain.PROMPT's layout)."""
+    return f"{instructions}\n\nSources:\n\n"
+
+
 def page_prefix(instructions: str, page: Page) -> str:
     """The system message's head that every question answered from `page` shares (what the prompt cache keeps)."""
-    return f"{instructions}\n\nSources:\n\n{page.text}"
+    return page_head(instructions) + page.text
