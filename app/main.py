@@ -123,16 +123,18 @@ def build_page_warmer(settings: Settings, embedded_server: Any) -> Any:
 
 
 def start_page_warmer(state: AppState, probe: threading.Thread | None) -> None:
-    """Queues every page and starts reading them once the speed probe is done (it must time an idle server)."""
+    """Starts reading pages once the speed probe is done (it must time an idle server): every page with
+    rag_warm_pages, else only those turns ask for."""
     warmer = state.page_warmer
-    if warmer is None or not state.settings.rag_warm_pages:
+    if warmer is None:
         return
     from app.pipeline.answer_pages import plan_warmup
 
     async def after_probe() -> None:
         while probe is not None and probe.is_alive():
             await asyncio.sleep(0.5)
-        plan_warmup(state, warmer)
+        if state.settings.rag_warm_pages:
+            plan_warmup(state, warmer)
         warmer.start()
 
     state.background.append(asyncio.create_task(after_probe(), name="page-warmer-start"))

@@ -161,7 +161,8 @@ class Settings(BaseSettings):
     rag_context_mode: Literal["passages", "chunks", "pages"] = "pages"
     rag_context_min_tokens: int = Field(default=120, ge=20)
     rag_page_extra_tokens: int = Field(default=0, ge=0)  # passages of other documents after the page (uncached)
-    # With pages and the embedded LLM: read every page into the prompt cache in the background while idle.
+    # With pages and the embedded LLM: read every page into the prompt cache in the background while idle (off: only
+    # the pages turns asked for).
     rag_warm_pages: bool = True
     query_rewrite: Literal["join", "llm"] = "join"
     # A second look when the model answers "I don't know" while a prompt passage holds this share of the question's

@@ -111,7 +111,10 @@ async def _warm_pages(state: Any) -> None:
     from app.pipeline.answer_pages import plan_warmup
 
     warmer = state.page_warmer
-    if warmer is None or not state.settings.rag_warm_pages:
+    if warmer is None:
+        return
+    if not state.settings.rag_warm_pages:  # only the pages turns ask for, read between them
+        warmer.start()
         return
     pages = plan_warmup(state, warmer)
     _say(f"eval rag: reading {pages} answer pages into the LLM's prompt cache first...")

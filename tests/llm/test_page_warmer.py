@@ -164,3 +164,27 @@ async def test_a_page_is_found_in_the_cache_after_a_question_about_the_conversat
     await _reused_tokens(embedded_llm_url, "An unrelated prompt about the weather in spring. " * 10)
     read, reused = await _reused_tokens(embedded_llm_url, job.steps[-1])
     assert read < 40 and reused >= 250, (read, reused)
+
+
+def test_without_the_bulk_warm_up_a_page_a_turn_asked_for_is_still_read(
+    embedded_llm_url: str, embedder, tmp_path: Path
+) -> None:
+    """rag_warm_pages off: nothing is queued at start, but the reader runs, so a page a turn queued gets read."""
+    settings = make_settings(tmp_path, rag_context_mode="pages", rag_context_tokens=400, rag_warm_pages=False,
+                             ui_enabled=False, redis_url=None)  # fmt: skip
+    ingest(write_corpus(settings.knowledge_dir, CORPUS), settings, embedder=embedder, progress=False)
+    warmer = PageWarmer(embedded_llm_url, TEST_MODEL, cache_mib=256)
+    warmer.want(warm_job("asked-for", HEAD, BLOCKS[:1], tokens=100))  # as a turn on a cold page would
+
+    async def state_factory(settings: Settings) -> AppState:
+        llm = LlamaCppClient(embedded_llm_url, TEST_MODEL)
+        state = pipeline_state(settings, llm, MemorySessionStore(ttl_s=60, max_turns=10), embedder,
+                               HybridRetriever(settings))  # fmt: skip
+        state.page_warmer = warmer
+        return state
+
+    with TestClient(create_app(settings, state_factory=state_factory)) as client:
+        deadline = time.monotonic() + 120
+        while client.get("/readyz").json()["answer_pages"]["warm"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert client.get("/readyz").json()["answer_pages"] == {"warm": 1, "pending": 0, "failures": 0}
