@@ -96,3 +96,18 @@ def test_passages_of_other_documents_follow_the_page_when_asked_for() -> None:
     assert cited_numbers("Wires cost $45 [1]; withdrawals $5 [3].") == [1, 3]
     none = build_page_messages("q?", [], wires, retrieved, system_prompt=SYSTEM, extra_tokens=0)
     assert len(none.sources) == 2 and "[3]" not in none.messages[0]["content"].split("Sources:")[1]
+
+
+def test_other_documents_join_the_page_only_when_retrieval_was_a_close_call() -> None:
+    wires = PageBook(RECORDS, max_tokens=1000).pages[0]
+    question = "what does a wire cost and what do extra savings withdrawals cost?"
+
+    def sources_with(savings_score: float) -> list[str]:
+        retrieved = [Chunk(**{**RECORDS[0], "score": 0.60}), Chunk(**{**RECORDS[3], "score": savings_score})]  # type: ignore[arg-type]
+        prepared = build_page_messages(
+            question, [], wires, retrieved, system_prompt=SYSTEM, extra_tokens=80, extra_margin=0.05
+        )
+        return [c.id for c in prepared.sources]
+
+    assert sources_with(0.57)[-1] == "savings#1:x"  # within the margin: a close call, its passage follows the page
+    assert sources_with(0.50) == ["wires#0:x", "wires#1:x"]  # clearly behind the page's chunk: the page alone
