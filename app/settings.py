@@ -164,8 +164,6 @@ class Settings(BaseSettings):
     # rag_page_extra_margin of the top chunk's: a close call between two documents (docs/rag.md "Answer pages").
     rag_page_extra_tokens: int = Field(default=0, ge=0)
     rag_page_extra_margin: float = Field(default=0.05, ge=0.0, le=2.0)
-    # The page's lines that best match the question, repeated after the sources within this many tokens (uncached).
-    rag_page_focus_tokens: int = Field(default=0, ge=0)
     # With pages and the embedded LLM: read every page into the prompt cache in the background while idle (off: only
     # the pages turns asked for).
     rag_warm_pages: bool = True

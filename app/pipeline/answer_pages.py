@@ -67,7 +67,7 @@ def page_prompt(
     prepared = build_page_messages(
         question, history, page, sources, system_prompt=texts.system_prompt, idk_text=texts.idk,
         extra_tokens=settings.rag_page_extra_tokens, extra_margin=settings.rag_page_extra_margin,
-        min_extra_tokens=settings.rag_context_min_tokens, focus_tokens=settings.rag_page_focus_tokens, idf=idf,
+        min_extra_tokens=settings.rag_context_min_tokens, idf=idf,
     )  # fmt: skip
     prepared.variables["context"] = f"page {page.document_id} #{page.number + 1}"
     return prepared

@@ -168,7 +168,6 @@ def build_page_messages(
     extra_tokens: int = 0,
     extra_margin: float = 2.0,
     min_extra_tokens: int = MIN_PASSAGE_TOKENS,
-    focus_tokens: int = 0,
     idf: Callable[[str], float] | None = None,
 ) -> PreparedPrompt:
     """The prompt of an answer page (app/rag/pages.py): the page's chunks as sources [1]..[k], in the same text on
@@ -192,31 +191,15 @@ def build_page_messages(
         pairs = enumerate(zip(picked.chunks, picked.texts, strict=True), first + 1)
         extra_text = "".join(f"\n\n{source_heading(n, c)}\n{text}" for n, (c, text) in pairs)
         sources += picked.chunks
-    focus_text = page_focus(question, page, sources, focus_tokens, idf) if focus_tokens > 0 else ""
     instructions = page_instructions(system_prompt, idk_text)
     variables = {
         "instructions": instructions,
-        # starts the same as page_prefix(instructions, page)
-        "sources": f"Sources:\n\n{page.text}{extra_text}{focus_text}",
+        "sources": f"Sources:\n\n{page.text}{extra_text}",  # starts the same as page_prefix(instructions, page)
         "history": dialogue_turns(history),
         "question": question,
     }
     messages = _to_openai(PROMPT.format_prompt(**variables))
     return PreparedPrompt(messages, sources, context_tokens=page.tokens, variables=variables)
-
-
-def page_focus(
-    question: str, page: Page, sources: list[Chunk], tokens: int, idf: Callable[[str], float] | None
-) -> str:
-    """The page's lines that best match the question (passage selection within `tokens`), repeated after the sources
-    with their source numbers: a small model reading a whole page finds the line it needs (uncached tokens)."""
-    page_sources = sources[: len(page.chunks)]
-    number = {c.id: n for n, c in enumerate(page_sources, 1)}
-    picked = fit_passages(
-        page_sources, question, heading=lambda n, c: f"[{number[c.id]}]", idf=idf, min_tokens=tokens, max_tokens=tokens
-    )
-    lines = [f"[{number[c.id]}] {text}" for c, text in zip(picked.chunks, picked.texts, strict=True)]
-    return "\n\nMost relevant to the question:\n" + "\n".join(lines) if lines else ""
 
 
 def page_instructions(system_prompt: str, idk_text: str = DEFAULT_IDK) -> str:

@@ -111,17 +111,3 @@ def test_other_documents_join_the_page_only_when_retrieval_was_a_close_call() ->
 
     assert sources_with(0.57)[-1] == "savings#1:x"  # within the margin: a close call, its passage follows the page
     assert sources_with(0.50) == ["wires#0:x", "wires#1:x"]  # clearly behind the page's chunk: the page alone
-
-
-def test_the_page_lines_that_answer_the_question_are_repeated_after_the_sources_when_asked_for() -> None:
-    wires = PageBook(RECORDS, max_tokens=1000).pages[0]
-    retrieved = [Chunk(**{**RECORDS[1], "score": 0.7})]  # type: ignore[arg-type]
-    question = "how many business days do international wires take to arrive?"
-    focused = build_page_messages(question, [], wires, retrieved, system_prompt=SYSTEM, focus_tokens=20)
-    system = focused.messages[0]["content"]
-    assert system.startswith(page_prefix(page_instructions(SYSTEM), wires))  # the cached head is unchanged
-    focus = system.split("Most relevant to the question:\n")[1]
-    assert focus.startswith("[2] International wires arrive in 1-5 business days.")  # with the line's source number
-    assert "$25" not in focus  # within a small budget, the fee line (it does not answer) is left out
-    plain = build_page_messages(question, [], wires, retrieved, system_prompt=SYSTEM)
-    assert "Most relevant" not in plain.messages[0]["content"]
