@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.rag.base import Chunk
+from app.rag.chain import approx_tokens, source_heading
 
 MIN_OVERLAP_CHARS = 20  # a shorter shared edge between neighbour chunks is a coincidence, not the splitter's overlap
 MAX_OVERLAP_CHARS = 600
@@ -67,7 +68,6 @@ def strip_overlap(previous: str, current: str) -> str:
 def render_blocks(chunks: list[Chunk], first_number: int = 1) -> tuple[list[str], list[str]]:
     """(blocks, contents): "[n] heading\\ncontent" for each chunk, numbered from `first_number`, with the overlap
     a chunk shares with its predecessor in the same section given once."""
-    from app.rag.chain import source_heading
 
     blocks: list[str] = []
     contents: list[str] = []
@@ -81,7 +81,6 @@ def render_blocks(chunks: list[Chunk], first_number: int = 1) -> tuple[list[str]
 
 
 def _page(document_id: str, number: int, chunks: list[Chunk]) -> Page:
-    from app.rag.chain import approx_tokens
 
     blocks, _ = render_blocks(chunks)
     text = "\n\n".join(blocks)
@@ -92,7 +91,6 @@ def _page(document_id: str, number: int, chunks: list[Chunk]) -> Page:
 def paginate(chunks: list[Chunk], max_tokens: int) -> list[Page]:
     """One document's chunks (in document order) cut into pages of at most `max_tokens` (a chunk longer than
     that is a page alone); the boundaries depend on the chunks only, so a page's text never changes."""
-    from app.rag.chain import approx_tokens, source_heading
 
     pages: list[Page] = []
     current: list[Chunk] = []
