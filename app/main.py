@@ -202,11 +202,15 @@ def create_app(settings: Settings | None = None, state_factory: StateFactory | N
         finally:
             await runtime.shutdown()
 
+    docs = settings.docs_enabled  # off: no OpenAPI schema or docs pages are ever routed (404)
     app = FastAPI(
         title="guardchat",
         version=__version__,
         description="A guardrailed RAG chat server with an OpenAI-compatible API.",
         lifespan=lifespan,
+        openapi_url="/openapi.json" if docs else None,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
     )
     install_error_handlers(app)
     for router in (

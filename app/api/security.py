@@ -455,20 +455,13 @@ def warn_if_exposed(settings: Settings) -> bool:
 # --- installation --------------------------------------------------------------------------------------
 
 
-def _disable_docs(app: FastAPI) -> None:
-    paths = {p for p in (app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url) if p}
-    app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) not in paths]
-    app.openapi_url = app.docs_url = app.redoc_url = None
-
-
 def add_security(app: FastAPI, runtime: SecurityRuntime) -> None:
-    """Adds the middleware above, CORS (only when origins are configured) and the docs switch to `app`. The app's
+    """Adds the middleware above and CORS (only when origins are configured) to `app` (the docs switch is
+    `create_app`'s: with `docs_enabled` off the app is built without docs routes). The app's
     lifespan (app/main.py) runs `runtime.startup()` / `shutdown()` and installs the SIGTERM drain. Call once from
     `create_app`, after the routers are included."""
     settings = runtime.settings
     app.state.guardchat_security = runtime
-    if not settings.docs_enabled:
-        _disable_docs(app)
     app.add_middleware(AccessMiddleware, runtime=runtime)
     if settings.cors_origins:
         app.add_middleware(
