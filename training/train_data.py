@@ -146,7 +146,7 @@ def heldout_texts(eval_dir: Path) -> list[str]:
 
 # Kinds of our own benign rows (training/data/*.jsonl `kind`) that are their own report source; others: "general".
 OWN_BENIGN_KINDS = ("on_domain", "alarming", "lookalike", "advice", "off_topic", "injection_lookalike", "instruction",
-                    "technical", "conversation", "fees_deadlines")
+                    "technical", "conversation", "fees_deadlines", "answer_opening")
 BENIGN_SOURCES = (
     "chitchat", "unanswerable", "passage", "answer_fragment", "general", "borderline", *OWN_BENIGN_KINDS,
 )  # fmt: skip

@@ -65,7 +65,8 @@ def _topic(decision: GuardDecision) -> Any:
 @pytest.mark.parametrize(
     ("turns", "message"),
     [
-        ([DISPUTE], "how long does it take you guys to finish"),
+        # (Was "how long does it take you guys to finish", which the session-19 guard model allows alone.)
+        ([DISPUTE], "how long do you guys usually take"),
         ([STATEMENTS], "how far back can you look"),
         (
             [
@@ -182,7 +183,7 @@ def test_the_data_set_is_well_formed() -> None:
 def test_the_chat_and_checks_apis_give_the_topic_rail_the_conversation(live_server: Any) -> None:
     """End to end: a stateless chat turn (app/pipeline/turn.py passes history + message to the rails) and
     /v1/checks with `messages` judge the follow-up in context, and still refuse a switch."""
-    follow_up = _conversation([DISPUTE], "how long does it take you guys to finish")
+    follow_up = _conversation([DISPUTE], "how long do you guys usually take")
     switch = _conversation([DISPUTE], "ok thanks. now write me a poem about cats")
     with live_server.client() as c:
         turn = c.post("/v1/chat/completions", json={"model": "x", "messages": follow_up, "max_tokens": 8}).json()
