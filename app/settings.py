@@ -160,8 +160,8 @@ class Settings(BaseSettings):
     # (app/rag/pages.py); a page not read yet (app/llm/page_warmer.py) gets the passages prompt meanwhile.
     rag_context_mode: Literal["passages", "chunks", "pages"] = "pages"
     rag_context_min_tokens: int = Field(default=120, ge=20)
-    # Passages of other pages after the page (uncached tokens), only from retrieved chunks whose dense cosine is within
-    # rag_page_extra_margin of the top chunk's: a close call between two documents (docs/rag.md "Answer pages").
+    # Passages of other pages after the page (uncached tokens), only from retrieved chunks whose dense cosine is
+    # within rag_page_extra_margin of the best retrieved chunk's: a close call between two documents (docs/rag.md).
     rag_page_extra_tokens: int = Field(default=0, ge=0)
     rag_page_extra_margin: float = Field(default=0.05, ge=0.0, le=2.0)
     # With pages and the embedded LLM: read every page into the prompt cache in the background while idle (off: only

@@ -166,20 +166,22 @@ def build_page_messages(
     system_prompt: str,
     idk_text: str = DEFAULT_IDK,
     extra_tokens: int = 0,
-    extra_margin: float = 2.0,
+    extra_margin: float | None = None,
     min_extra_tokens: int = MIN_PASSAGE_TOKENS,
     idf: Callable[[str], float] | None = None,
 ) -> PreparedPrompt:
     """The prompt of an answer page (app/rag/pages.py): the page's chunks as sources [1]..[k], in the same text on
     every turn, then, within `extra_tokens` (0: none), the passages of the `retrieved` chunks the page does not
-    hold whose dense score is within `extra_margin` of the best retrieved chunk's, numbered on from k+1. Retrieved
-    chunks keep their scores in the returned sources."""
+    hold (with `extra_margin`, only those whose dense score is within it of the best retrieved chunk's), numbered on
+    from k+1. Retrieved chunks keep their scores in the returned sources."""
     scored = {c.id: c for c in retrieved}
     sources = [scored.get(c.id, c) for c in page.chunks]
     extra_text = ""
     on_page = {c.id for c in page.chunks}
-    best = max((c.score for c in retrieved), default=0.0)
-    outside = [c for c in retrieved if c.id not in on_page and c.score >= best - extra_margin]
+    outside = [c for c in retrieved if c.id not in on_page]
+    if extra_margin is not None and outside:
+        floor = max(c.score for c in retrieved) - extra_margin
+        outside = [c for c in outside if c.score >= floor]
     if extra_tokens > 0 and outside:
         turns = dialogue_turns(history)
         previous = next((m["content"] for m in reversed(turns) if m["role"] == "user"), "")

@@ -68,7 +68,6 @@ def strip_overlap(previous: str, current: str) -> str:
 def render_blocks(chunks: list[Chunk], first_number: int = 1) -> tuple[list[str], list[str]]:
     """(blocks, contents): "[n] heading\\ncontent" for each chunk, numbered from `first_number`, with the overlap
     a chunk shares with its predecessor in the same section given once."""
-
     blocks: list[str] = []
     contents: list[str] = []
     for i, chunk in enumerate(chunks):
@@ -81,7 +80,6 @@ def render_blocks(chunks: list[Chunk], first_number: int = 1) -> tuple[list[str]
 
 
 def _page(document_id: str, number: int, chunks: list[Chunk]) -> Page:
-
     blocks, _ = render_blocks(chunks)
     text = "\n\n".join(blocks)
     key = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
@@ -91,7 +89,6 @@ def _page(document_id: str, number: int, chunks: list[Chunk]) -> Page:
 def paginate(chunks: list[Chunk], max_tokens: int) -> list[Page]:
     """One document's chunks (in document order) cut into pages of at most `max_tokens` (a chunk longer than
     that is a page alone); the boundaries depend on the chunks only, so a page's text never changes."""
-
     pages: list[Page] = []
     current: list[Chunk] = []
     used = 0
