@@ -33,8 +33,8 @@ from app.settings import PROJECT_ROOT, Settings
 
 DATA = PROJECT_ROOT / "tests" / "data"
 SETS = {
-    "dev": ["rag_tasks", "rag_tasks_hard_dev", "rag_tasks_long_dev"],
-    "test": ["rag_tasks_hard_test", "rag_tasks_long_test"],
+    "dev": ["rag_tasks", "rag_tasks_hard_dev", "rag_tasks_long_dev", "rag_tasks_blind_dev"],
+    "test": ["rag_tasks_hard_test", "rag_tasks_long_test", "rag_tasks_blind_test"],
 }
 SETS["all"] = SETS["dev"] + SETS["test"]
 
