@@ -64,6 +64,11 @@ HEAD_TOKENS = 72  # a long text keeps its first HEAD_TOKENS and its last MAX_TOK
 # pass cost ~0.7 ms a token on a 2-core AVX2 machine: a 256-token jailbreak took ~180 ms, the tail of p99.
 LONG_TOKENS = 48
 LONG_PASS_THREADS = 2  # at least: a long text's pass is split over this many cores (all of them, up to 4)
+# The same arithmetic on every CPU, so the same verdict. f32: OpenVINO would pick bf16 where the CPU has it. No
+# dynamic quantization: where the CPU has int8 dot products (AVX-512 VNNI, AMX) OpenVINO's default quantizes the
+# activations entering int8-weight layers to int8, in groups of 32, on the fly; an AVX2-only CPU keeps them f32.
+# With that default an AVX2 EPYC blocked 15 of 15 held-out extractions, an AVX-512 Xeon and a Zen 5 14 of 15.
+SAME_ON_EVERY_CPU: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0}
 GUARD_MODEL_DIR = Path(__file__).resolve().parent / "weights" / "guard_model"
 META_FILE = "guard.json"
 IR_FILE = "guard.xml"
@@ -193,11 +198,29 @@ def _pool(compiled: Any, size: int) -> queue.SimpleQueue[Any]:
     return pool
 
 
-def _long_pass_config() -> dict[str, Any]:
-    """One stream whose passes use every core (at least LONG_PASS_THREADS, at most 4): a long text's latency
-    is its own pass, split; under load the passes queue rather than share the cores with each other."""
+def _split_pass_config() -> dict[str, Any]:
+    """One stream whose passes use every core (at least LONG_PASS_THREADS, at most 4): the pass's latency is
+    its own work, split; under load the passes queue rather than share the cores with each other."""
     threads = max(LONG_PASS_THREADS, min(4, os.cpu_count() or 1))
-    return {"INFERENCE_PRECISION_HINT": "f32", "NUM_STREAMS": 1, "INFERENCE_NUM_THREADS": threads}
+    return {**SAME_ON_EVERY_CPU, "NUM_STREAMS": 1, "INFERENCE_NUM_THREADS": threads}
+
+
+class _InFlight:
+    """How many passes run now: a pass that starts alone may take every core (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count = 0
+
+    def enter(self) -> bool:
+        """Counts a pass in; True if no other pass runs."""
+        with self._lock:
+            self._count += 1
+            return self._count == 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._count -= 1
 
 
 class GuardModel:
@@ -225,9 +248,8 @@ class GuardModel:
         import openvino as ov
 
         streams = streams or max(1, min(4, os.cpu_count() or 1))
-        # f32 on every CPU: bf16 (chosen by default where the CPU has it) would move scores with the machine.
         # Every stream runs the same kernels on its own thread(s): a text's scores do not depend on which one.
-        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32", "NUM_STREAMS": streams}
+        config: dict[str, Any] = {**SAME_ON_EVERY_CPU, "NUM_STREAMS": streams}
         if threads > 0:
             config["INFERENCE_NUM_THREADS"] = threads * streams
         core = ov.Core()
@@ -235,11 +257,16 @@ class GuardModel:
         # Guards trained before the shared graph have one output, and no embedding to give.
         self.shares_embedding = len(graph.outputs) > 1
         self._requests = _pool(core.compile_model(graph, "CPU", config), streams)
-        # Long texts run the guard branch alone, each pass split over several cores: by length only, so a text
-        # always takes the same path (the scores are also bit-identical across thread counts: tested).
+        # A short text whose pass starts while no other runs (a quiet server, one customer) is split over every
+        # core: on a 2-core AVX2 EPYC a one-thread pass took ~22 ms for 19 tokens, split ~12 ms. Which path a
+        # text takes then depends on load, which a verdict must not: every path gives bit-identical scores
+        # (each output's sum runs in the same order whatever the thread count: tested).
+        self._solo = _pool(core.compile_model(graph, "CPU", _split_pass_config()), 1)
+        self._in_flight = _InFlight()
+        # Long texts run the guard branch alone, each pass split over several cores.
         if self.shares_embedding:
             graph.remove_result(graph.get_results()[1])
-        self._long = _pool(core.compile_model(graph, "CPU", _long_pass_config()), 1)
+        self._long = _pool(core.compile_model(graph, "CPU", _split_pass_config()), 1)
         self._passes = _Passes()
         # A text's token ids, read once: `embedding` asks whether it is long, then its pass reads the same ids.
         self._ids = functools.lru_cache(maxsize=256)(self._encode)
@@ -276,12 +303,15 @@ class GuardModel:
         ids = list(self._ids(text))
         input_ids, mask = pad_batch([ids])
         embeds = self.shares_embedding and len(ids) < LONG_TOKENS
-        pool = self._requests if embeds else self._long
+        alone = self._in_flight.enter()
+        # Alone, the solo request is free: every pass that takes it counts in first.
+        pool = (self._solo if alone else self._requests) if embeds else self._long
         request = pool.get()
         try:
             result = request.infer({"input_ids": input_ids, "attention_mask": mask})
         finally:
             pool.put(request)
+            self._in_flight.leave()
         logits = np.asarray(result[0], dtype=np.float32)[0].copy()
         embedding = None
         if embeds:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -115,23 +117,57 @@ def test_same_text_same_scores_on_any_stream_under_load_and_again(model: GuardMo
     assert np.array_equal(alone, model.logits(texts))
 
 
-def test_the_long_path_scores_exactly_like_the_shared_pass(model: GuardModel) -> None:
-    """A text's path is chosen by its length; the guard's scores must not depend on it either. The guard-only
-    graph on several threads gives bit-identical logits to the shared graph on one (texts of every length, so
-    a CPU or OpenVINO release whose kernels split a sum differently across threads is caught here)."""
+def test_every_path_scores_exactly_like_the_shared_pass(model: GuardModel) -> None:
+    """A text's path is chosen by its length and by whether another pass runs; the guard's scores must depend on
+    neither. The guard-only graph on several threads, and the shared graph on several (a pass that starts alone),
+    give bit-identical outputs to the shared graph on one (texts of every length, so a CPU or OpenVINO release
+    whose kernels split a sum differently across threads is caught here)."""
 
-    def logits(pool: object, text: str) -> np.ndarray:
+    def outputs(pool: object, text: str) -> list[np.ndarray]:
         input_ids, mask = pad_batch(encode_ids(model._tokenizer, [text]))
         request = pool.get()  # type: ignore[attr-defined]
         try:
-            return np.asarray(request.infer({"input_ids": input_ids, "attention_mask": mask})[0]).copy()
+            result = request.infer({"input_ids": input_ids, "attention_mask": mask})
+            return [np.asarray(result[i]).copy() for i in range(len(result))]
         finally:
             pool.put(request)  # type: ignore[attr-defined]
 
     story = " ".join(HARMFUL + BENIGN_LOOKALIKES + BANK + ATTACKS)
     texts = [*HARMFUL, *ATTACKS, *BANK] + [story[: 40 * n] for n in range(1, 30)]
     for text in texts:
-        assert np.array_equal(logits(model._requests, text), logits(model._long, text)), text
+        one_thread = outputs(model._requests, text)
+        solo = outputs(model._solo, text)
+        assert len(one_thread) == len(solo) == 2
+        assert all(np.array_equal(a, b) for a, b in zip(one_thread, solo, strict=True)), text
+        assert np.array_equal(one_thread[0], outputs(model._long, text)[0]), text
+
+
+def test_a_pass_alone_takes_every_core_and_one_beside_others_a_stream(model: GuardModel) -> None:
+    """The solo request serves a pass that starts while no other runs; passes beside it take the streams."""
+    fresh = GuardModel.load()
+    taken: list[str] = []
+
+    class Spy:
+        def __init__(self, pool: Any, name: str) -> None:
+            self.pool, self.name = pool, name
+
+        def get(self) -> Any:
+            taken.append(self.name)
+            return self.pool.get()
+
+        def put(self, request: Any) -> None:
+            self.pool.put(request)
+
+    fresh._solo = Spy(fresh._solo, "solo")  # type: ignore[assignment]
+    fresh._requests = Spy(fresh._requests, "stream")  # type: ignore[assignment]
+    fresh._run(BANK[1])
+    assert taken == ["solo"]
+    assert fresh._in_flight.enter()  # as if another pass were running
+    try:
+        fresh._run(BANK[1])
+    finally:
+        fresh._in_flight.leave()
+    assert taken == ["solo", "stream"]
 
 
 def test_a_long_message_is_embedded_elsewhere_while_the_guard_reads_it(model: GuardModel) -> None:
@@ -219,3 +255,36 @@ def test_one_pass_serves_the_guard_and_the_query_embedding() -> None:
     long_text = "my statement shows a charge I do not recognise " * 60
     vectors = query.embed([text, long_text])  # the over-long one comes from the retrieval embedder itself
     assert np.array_equal(vectors[1], get_embedder().embed([long_text])[0])
+
+
+REFERENCE_LOGITS = Path(__file__).with_name("reference_logits.json")
+REFERENCE_TOLERANCE = 0.01  # f32 sums in another order move a logit ~1e-5; int8 activations moved one past a threshold
+
+
+def _reference_texts() -> list[str]:
+    story = " ".join(HARMFUL + BENIGN_LOOKALIKES + BANK + ATTACKS)  # long: the guard-only graph on every core
+    return [*HARMFUL, *ATTACKS, *BENIGN_LOOKALIKES, *BANK, story]
+
+
+def write_reference_logits() -> None:
+    """After a retrain: `python -m tests.guard.test_guard_model` writes the new model's logits, on any CPU."""
+    model = GuardModel.load()
+    rows = [f"  {json.dumps(t)}: {[round(float(x), 5) for x in model._run(t).logits]}" for t in _reference_texts()]
+    body = f'{{"weights_sha256": "{model.meta["weights_sha256"]}",\n "logits": {{\n' + ",\n".join(rows) + "\n }\n}\n"
+    json.loads(body)
+    REFERENCE_LOGITS.write_text(body, encoding="utf-8")
+
+
+def test_the_same_logits_on_every_cpu(model: GuardModel) -> None:
+    """The logits written on another machine (an AVX2-only EPYC), reproduced here. With OpenVINO's default
+    dynamic quantization a CPU with int8 dot products computed other scores than one without, and an AVX-512
+    Xeon decided a held-out extraction differently from the AVX2 EPYC (guard_model.SAME_ON_EVERY_CPU)."""
+    reference = json.loads(REFERENCE_LOGITS.read_text(encoding="utf-8"))
+    assert reference["weights_sha256"] == model.meta["weights_sha256"], "new weights: run write_reference_logits()"
+    for text, expected in reference["logits"].items():
+        got = model._run(text).logits
+        assert np.allclose(got, expected, rtol=0, atol=REFERENCE_TOLERANCE), (text[:60], got - np.array(expected))
+
+
+if __name__ == "__main__":
+    write_reference_logits()
