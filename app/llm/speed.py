@@ -4,7 +4,10 @@ On a slow CPU (a 2-core AVX2 EPYC reads ~17 prompt tokens/s with the default 1.5
 30-50 s to start, and nothing else tells the user why. After startup, one short fixed request to the embedded
 llama.cpp server measures both speeds from the `timings` object it returns; one INFO line reports them and the
 estimated time to first token of a grounded prompt, and a WARNING names the faster model setting when that
-estimate is too long. Nothing is switched: the user decides.
+estimate is too long. Nothing is switched: the user decides. With answer pages (the default) both times are said:
+a question whose page is not in llama.cpp's prompt cache yet reads the passages (~510 tokens: ~18 s on a 2-core
+AVX2 Zen 3), one whose page is reads only itself (~40 tokens: ~1.5 s there), and the pages are read in the
+background while the server is idle (35 shipped pages, ~25,400 tokens: ~15 min at 29 tokens/s).
 
 The probe runs in a daemon thread started by the app's lifespan once the state is built (app/main.py), so it
 neither delays readiness nor competes with startup's own CPU work (which would understate the speed). Any
@@ -52,6 +55,9 @@ SLOW_TTFT_S = 15.0  # an estimated time to first token above this gets a WARNING
 # plus sources: the smaller of the context budget and top_k full chunks (knowledge/ reads 4.08 chars a token).
 PROMPT_OVERHEAD_TOKENS = 270
 CHARS_PER_TOKEN = 4.0
+# Once a question's answer page is in llama.cpp's prompt cache (answer pages, app/rag/pages.py), the question and
+# its turn's template tokens are all it reads: ~15-40 tokens (docs/rag.md "Answer pages"); the upper end.
+WARM_PAGE_PROMPT_TOKENS = 40
 # The next smaller embedded model; a model not listed has no faster sibling to suggest.
 FASTER_MODEL = {"qwen2.5-1.5b": "qwen2.5-0.5b"}
 
@@ -167,35 +173,54 @@ def _advice(model_name: str) -> str:
 
 
 def report_speed(
-    speed: LLMSpeed, *, model_name: str, prompt_tokens: int, threshold_s: float = SLOW_TTFT_S
+    speed: LLMSpeed,
+    *,
+    model_name: str,
+    prompt_tokens: int,
+    threshold_s: float = SLOW_TTFT_S,
+    warm_prompt_tokens: int | None = None,
 ) -> float:
     """Log the speeds and the estimated time to first token (INFO), and a WARNING with the faster setting when the
-    estimate exceeds `threshold_s`. Returns the estimate."""
+    estimate exceeds `threshold_s`. Returns the estimate. `warm_prompt_tokens` (answer pages): what a question reads
+    once its page is cached — both times are said, since on a slow CPU they differ ten-fold."""
     estimate = speed.ttft_s(prompt_tokens)
+    warm = None if warm_prompt_tokens is None else speed.ttft_s(warm_prompt_tokens)
     # Also as JSON log fields, for whoever collects the logs.
     fields = {
         "prompt_tps": round(speed.prompt_tps, 1),
         "decode_tps": round(speed.decode_tps, 1),
         "ttft_estimate_s": round(estimate, 1),
     }
+    if warm is not None:
+        fields["ttft_estimate_warm_page_s"] = round(warm, 1)
+    once_read = "" if warm is None else f", ~{warm:.1f} s once its answer page is read ({warm_prompt_tokens} tokens)"
     log.info(
         "embedded LLM %s on this machine: reads prompts at %.0f tokens/s, writes %.1f tokens/s; "
-        "a grounded answer (~%d prompt tokens) starts after ~%.1f s",
-        model_name, speed.prompt_tps, speed.decode_tps, prompt_tokens, estimate,
+        "a grounded answer (~%d prompt tokens) starts after ~%.1f s%s",
+        model_name, speed.prompt_tps, speed.decode_tps, prompt_tokens, estimate, once_read,
         extra=fields,
     )
     if estimate > threshold_s:
+        until = "" if warm is None else (
+            " until its answer page is read (the pages are read in the background while the server is idle: "
+            f"/readyz answer_pages), ~{warm:.1f} s after that"
+        )
         log.warning(
             "Slow machine for %s: a grounded answer will take ~%.0f s to start (reading ~%d prompt tokens at "
-            "%.0f tokens/s). %s",
-            model_name, estimate, prompt_tokens, speed.prompt_tps, _advice(model_name),
+            "%.0f tokens/s)%s. %s",
+            model_name, estimate, prompt_tokens, speed.prompt_tps, until, _advice(model_name),
             extra=fields,
         )
     return estimate
 
 
 def probe_and_report(
-    probe: SpeedProbe, *, model_name: str, prompt_tokens: int, threshold_s: float = SLOW_TTFT_S
+    probe: SpeedProbe,
+    *,
+    model_name: str,
+    prompt_tokens: int,
+    threshold_s: float = SLOW_TTFT_S,
+    warm_prompt_tokens: int | None = None,
 ) -> LLMSpeed | None:
     """Run the probe and report_speed; never raises (a probe that fails says so and the server goes on)."""
     try:
@@ -211,7 +236,8 @@ def probe_and_report(
     except Exception as exc:  # any failure: a diagnostic must never stop the server
         log.info("could not measure the embedded LLM's speed (%s); going on without it", exc)
         return None
-    report_speed(speed, model_name=model_name, prompt_tokens=prompt_tokens, threshold_s=threshold_s)
+    report_speed(speed, model_name=model_name, prompt_tokens=prompt_tokens, threshold_s=threshold_s,
+                 warm_prompt_tokens=warm_prompt_tokens)  # fmt: skip
     return speed
 
 
@@ -222,9 +248,12 @@ def start_speed_probe(server: EmbeddedLLMServer | None, settings: Settings) -> t
         return None
     probe = SpeedProbe(server.base_url)
     prompt_tokens = grounded_prompt_tokens(settings)
+    warm = WARM_PAGE_PROMPT_TOKENS if settings.rag_context_mode == "pages" else None
 
     def run() -> None:
-        server.speed = probe_and_report(probe, model_name=server.model_name, prompt_tokens=prompt_tokens)
+        server.speed = probe_and_report(
+            probe, model_name=server.model_name, prompt_tokens=prompt_tokens, warm_prompt_tokens=warm
+        )
 
     def stop() -> None:  # a shutdown during the probe: cut it, then give the thread a moment to let go
         probe.abort()
