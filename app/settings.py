@@ -149,6 +149,10 @@ class Settings(BaseSettings):
     rag_enabled: bool = True
     rag_top_k: int = 3
     rag_score_threshold: float = 0.3
+    # POST /v1/search's gate (a request's `threshold` overrides it). 0: the k best chunks for any query, as a search
+    # API returns them — the chat keeps rag_score_threshold, whose abstention is an instant "I don't know". With the
+    # chat's gate, /v1/search returned nothing for answerable questions whose best cosine was 0.26-0.29 (docs/rag.md).
+    rag_search_threshold: float = Field(default=0.0, ge=0.0, le=1.0)
     # Once the query passed rag_score_threshold, each chunk needs only this dense cosine (app/rag/retrieve.py).
     rag_chunk_floor: float = Field(default=0.15, ge=0.0, le=1.0)
     rag_context_tokens: int = 900  # prompt eval dominates CPU latency: ~60 tok/s for qwen2.5-1.5b on 2 cores

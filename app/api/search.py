@@ -1,4 +1,9 @@
-"""POST /v1/search: hybrid retrieval over the knowledge base (the same retriever and rail as chat)."""
+"""POST /v1/search: hybrid retrieval over the knowledge base (the same retriever and rail as chat).
+
+The chat's gate (`rag_score_threshold`: nothing is retrieved when the best chunk's cosine is under it, and the turn
+says "I don't know" at once) is the answer path's decision. A search caller gets the k best chunks with their scores
+for any query (`rag_search_threshold`, 0 by default) and may ask for a gate with `threshold`.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,8 @@ router = APIRouter(tags=["knowledge"])
 class SearchRequest(BaseModel):
     query: str = Field(min_length=1, max_length=4000)
     k: int | None = Field(default=None, ge=1, le=50)
+    # Return nothing unless the best chunk's cosine reaches it (then chunks need only min(threshold, chunk floor)).
+    threshold: float | None = Field(default=None, ge=0.0, le=1.0)
 
 
 class SearchResult(BaseModel):
@@ -46,7 +53,8 @@ async def search(body: SearchRequest, state: StateDep) -> SearchResponse:
         raise APIError(400, "The query is empty.", "invalid_request")
     k = body.k or state.settings.rag_top_k
     embedding = (await asyncio.to_thread(state.embedder.embed, [query]))[0]
-    result = await retriever.retrieve_detailed(query, embedding, k)
+    threshold = state.settings.rag_search_threshold if body.threshold is None else body.threshold
+    result = await retriever.retrieve_detailed(query, embedding, k, threshold=threshold)
     chunks, dropped, timings = result.chunks, len(result.dropped), result.timings
     results = [
         SearchResult(

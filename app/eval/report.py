@@ -176,13 +176,15 @@ def _retrieval_lines(r: dict[str, Any]) -> list[str]:
              f"{r.get('unanswerable_tasks')} unanswerable (one-turn tasks only); k = {k}, threshold = "
              f"{r.get('threshold')}", "", "| retriever | recall@1 | recall@k | gold coverage | MRR |",
              "|---|---|---|---|---|"]
-    for name in ("hybrid", "dense", "bm25"):
+    for name in ("hybrid", "hybrid_chat", "dense", "bm25"):
         m = r.get(name)
         if m:
             lines.append(f"| {name} | {_pct(m.get('recall@1'))} | {_pct(m.get(f'recall@{k}'))} | "
                          f"{_pct(m.get('gold_coverage'))} | {m.get('mrr', 0):.3f} |")
     abstained = _pct(r.get("unanswerable_retrieval_abstention"))
-    return lines + ["", f"Unanswerable tasks with nothing retrieved: {abstained}"]
+    return lines + ["", "hybrid: as POST /v1/search serves it; hybrid_chat: as a chat turn retrieves, behind the "
+                    "threshold's gate (a question under it gets \"I don't know\" at once, counted a miss here).",
+                    "", f"Unanswerable tasks with nothing retrieved: {abstained}"]
 
 
 def _turn_lines(t: dict[str, Any]) -> list[str]:

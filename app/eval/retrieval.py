@@ -3,8 +3,10 @@
 Tasks file (JSONL): {"question", "gold_document_ids": [...], "answer_contains": [...], "unanswerable": bool}.
 
 Reports, for the answerable tasks: hit rate@k ("recall@k": a gold document among the top k chunks),
-recall@1, gold coverage, MRR, for the hybrid retriever as deployed (threshold on), plain dense search
-(the comparison that shows the hybrid gain) and plain BM25; for unanswerable tasks and off-domain questions, the
+recall@1, gold coverage, MRR, for the hybrid retriever as POST /v1/search serves it (`rag_search_threshold`: no gate
+by default), as a chat turn retrieves (`hybrid_chat`: the `rag_score_threshold` gate, whose abstentions count as
+misses), plain dense search (the comparison that shows the hybrid gain) and plain BM25; for unanswerable tasks and
+off-domain questions, the
 retrieval-level abstention rate (nothing above the threshold); a threshold sweep to tune
 `rag_score_threshold`; and with an `llm`, generation metrics: citation validity/precision, answer
 accuracy and the "I don't know" rate. Call it from synchronous code (the CLI): it runs its own event loop,
@@ -81,7 +83,7 @@ def eval_rag(
     answer_vecs, unanswer_vecs = vectors[: len(answerable)], vectors[len(answerable) :]
     golds = [set(t["gold_document_ids"]) for t in answerable]
 
-    hybrid, ranked = _ranked(retriever, answerable, answer_vecs, golds, k)
+    hybrid, ranked = _ranked(retriever, answerable, answer_vecs, golds, k, settings.rag_search_threshold)
     report: dict[str, Any] = {"k": k, "threshold": settings.rag_score_threshold,
                               "answerable_tasks": len(answerable), "unanswerable_tasks": len(unanswerable), **ranked}
     unanswerable_results = [
@@ -123,18 +125,22 @@ def eval_rag(
 
 
 def _ranked(
-    retriever: HybridRetriever, answerable: list[dict[str, Any]], vectors: np.ndarray, golds: list[set[str]], k: int
+    retriever: HybridRetriever, answerable: list[dict[str, Any]], vectors: np.ndarray, golds: list[set[str]], k: int,
+    search_threshold: float,
 ) -> tuple[list[list[Chunk]], dict[str, Any]]:
-    """The hybrid's top-k per task, and hybrid vs plain dense vs plain BM25 metrics, the search time, the misses."""
-    hybrid, search_ms = [], []
+    """The chat's top-k per task (gated), and the metrics of the hybrid as /v1/search serves it, as the chat retrieves,
+    plain dense and plain BM25; the search time; the search's misses."""
+    chat, hybrid, search_ms = [], [], []
     for task, vec in zip(answerable, vectors, strict=True):
-        chunks, timings = retriever.search(task["question"], vec, k)
+        chunks, timings = retriever.search(task["question"], vec, k, threshold=search_threshold)
         hybrid.append(chunks)
         search_ms.append(timings.get("search_ms", 0.0))
+        chat.append(retriever.search(task["question"], vec, k)[0])
     dense = [retriever.dense_search(vec, k) for vec in vectors]
     keyword = [retriever.keyword_search(t["question"], k) for t in answerable]
-    return hybrid, {
+    return chat, {
         "hybrid": rank_metrics(hybrid, golds, k),
+        "hybrid_chat": rank_metrics(chat, golds, k),
         "dense": rank_metrics(dense, golds, k),
         "bm25": rank_metrics(keyword, golds, k),
         "search_p50_ms": statistics.median(search_ms) if search_ms else 0.0,

@@ -66,15 +66,25 @@ async def test_search_returns_ranked_chunks_with_metadata(client: httpx.AsyncCli
     assert "search_ms" in body["timings_ms"]
 
 
-async def test_search_applies_the_retrieval_rail_and_threshold(client: httpx.AsyncClient) -> None:
+async def test_search_applies_the_retrieval_rail(client: httpx.AsyncClient) -> None:
     body = (await client.post("/v1/search", json={"query": "How do I avoid the wire transfer fee?", "k": 4})).json()
     assert body["dropped"] == 1 and "promo" not in [r["document_id"] for r in body["results"]]
-    unrelated = (await client.post("/v1/search", json={"query": "Best pizza toppings in Naples?"})).json()
-    assert unrelated["results"] == []
+
+
+async def test_search_ranks_for_any_query_unless_asked_for_the_chats_gate(client: httpx.AsyncClient) -> None:
+    """The chat's gate (rag_score_threshold) abstains on a far query; a search caller still gets the k best chunks
+    with their low scores, and gets the gate when it asks for one."""
+    query = {"query": "Best pizza toppings in Naples?", "k": 2}
+    ranked = (await client.post("/v1/search", json=query)).json()["results"]
+    assert ranked and all(0.0 <= r["score"] < 0.3 for r in ranked)
+    gated = (await client.post("/v1/search", json={**query, "threshold": 0.3})).json()
+    assert gated["results"] == []
+    answerable = (await client.post("/v1/search", json={**query, "query": "card replacement", "threshold": 0.3}))
+    assert answerable.json()["results"]
 
 
 async def test_search_validation_errors_are_openai_style(client: httpx.AsyncClient) -> None:
-    for payload in ({"query": ""}, {"query": "x", "k": 0}, {"k": 3}):
+    for payload in ({"query": ""}, {"query": "x", "k": 0}, {"k": 3}, {"query": "x", "threshold": 1.5}):
         response = await client.post("/v1/search", json=payload)
         assert response.status_code == 422
         assert response.json()["error"]["type"] == "invalid_request_error"
