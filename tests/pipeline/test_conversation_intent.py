@@ -55,10 +55,10 @@ def test_an_independent_set_is_told_apart_better_than_by_the_phrases(turn_embedd
 
 
 def test_bank_messages_of_our_task_sets_stay_knowledge_base_questions(turn_embedder: Any) -> None:
-    """Every customer message of our RAG sets but the conversation tasks' last turns, at most 0.5% taken (the first
-    bound, 3 of 578). Measured: 1 of 578 (session 17: "Where do I forward a sketchy email pretending to be
-    Larkspur?"); 4 of 1,007 since the blind task sets (session 21, the guard's shared pass computed alike on every
-    CPU; "where do i forward a phishing email" by 0.0003 over the margin)."""
+    """Every customer message of our RAG sets but the conversation tasks' last turns, at most 0.3% taken. Measured:
+    1 of 578 (session 17: "Where do I forward a sketchy email pretending to be Larkspur?"); 4 of 1,007 since the blind
+    task sets (session 21; "where do i forward a phishing email" by 0.0003 over the margin); 0 of 1,007 since the
+    bank questions shaped like comparisons, steps, amounts and "where do I send" joined the examples (session 22)."""
     texts: set[str] = set()
     for path in DATA.glob("rag_*.jsonl"):
         for task in map(json.loads, path.read_text().splitlines()):
@@ -70,7 +70,7 @@ def test_bank_messages_of_our_task_sets_stay_knowledge_base_questions(turn_embed
     ordered = sorted(texts)
     vectors = turn_embedder.embed(ordered)
     taken = [t for t, v in zip(ordered, vectors, strict=True) if is_about_conversation(t, HISTORY, v)]
-    assert len(ordered) > 1000 and len(taken) <= 0.005 * len(ordered), taken
+    assert len(ordered) > 1000 and len(taken) <= 0.003 * len(ordered), taken
 
 
 def test_without_history_nothing_is_about_the_conversation(turn_embedder: Any) -> None:
