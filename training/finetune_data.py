@@ -8,8 +8,8 @@ guard_bank_probe.jsonl, guard_sensitive_probe.jsonl, topic_dev.jsonl, and tests/
 (`OTHER_MEASURES`) — are dropped, so the evaluation never scores a paraphrase of a training row.
 
 Jailbreak templates train twice: bare (attack) and wrapped around harmful requests of the same split (attack
-and unsafe). A tenth of the rows, chosen by a hash of the text, is the validation split that calibration and
-thresholds are fitted on.
+and unsafe). Short rows are also hidden in benign prose (`embedded`), labelled as the short text. A tenth of the
+rows, chosen by a hash of the text, is the validation split that calibration and thresholds are fitted on.
 """
 
 from __future__ import annotations
@@ -106,6 +106,50 @@ def wrap(templates: list[Item], harmful: list[Item], rng: random.Random) -> list
     return out
 
 
+EMBED_SEED = 20261208
+# How many short texts of each kind are hidden in benign prose (training side and validation side alike, each
+# keeping its text's split): requests, attacks and, as many, benign texts in the same prose, so "long" is no cue.
+EMBEDDED = {
+    "embedded_harmful": (("harmful",), 1200),
+    "embedded_attack": (("our_attack", "injection"), 700),
+    "embedded_benign": (("lookalike", "injection_lookalike", "alarming", "on_domain", "instruction", "technical",
+                         "chitchat", "fees_deadlines"), 1500),
+}
+EMBED_LEADS = ("", "", "", "Here is something I'm working on. ", "Please read this and reply: ", "From my notes: ",
+               "Can you proofread this? ", "Summarize the following text. ", "A message I got: ")
+EMBED_FILLER_WORDS = (20, 150)
+
+
+def embedded(sources: dict[str, list[Item]], prose: list[str], seed: int = EMBED_SEED) -> list[Item]:
+    """Short texts hidden at the start, middle or end of benign prose, labelled as the short text is: measured
+    (session 22) the guard blocked about half of held-out harmful requests with a knowledge-base paragraph around
+    them, and 3 of 60 injections in the middle of one. Only rows whose short text stays inside the window the guard
+    reads (its head and tail tokens) are kept."""
+    from app.guard.guard_model import GUARD_MODEL_DIR, TOKENIZER_FILE, encode_ids, load_tokenizer
+
+    rng = random.Random(seed)
+    tokenizer = load_tokenizer(GUARD_MODEL_DIR / TOKENIZER_FILE)
+    words = [w for paragraph in prose for w in [paragraph.split()]]
+    out: list[Item] = []
+    for source, (kinds, count) in EMBEDDED.items():
+        pool = [it for kind in kinds for it in sources.get(kind, [])]
+        for inner in rng.sample(pool, min(count, len(pool))):
+            filler = rng.choice(words)
+            while len(filler) < EMBED_FILLER_WORDS[1]:
+                filler = filler + rng.choice(words)
+            n = rng.randint(*EMBED_FILLER_WORDS)
+            before = rng.choice((0, n // 2, n))
+            text = " ".join([rng.choice(EMBED_LEADS) + " ".join(filler[:before]), inner.text,
+                             " ".join(filler[before:n])]).strip()
+            kept = encode_ids(tokenizer, [text])[0]
+            needle = encode_ids(tokenizer, [inner.text])[0][1:-1]
+            if not any(kept[i : i + len(needle)] == needle for i in range(len(kept) - len(needle) + 1)):
+                continue  # the guard would not see it: no label to learn
+            out.append(Item(text, source, inner.unsafe, inner.attack, categories=inner.categories,
+                            group=inner.group or inner.source, payload=inner.text))
+    return out
+
+
 def build_rows(eval_dir: Path, embedder: Any, seed: int = 1234) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """All training rows (train and val split) and a summary (counts, dropped near-duplicates)."""
     rng = random.Random(seed)
@@ -128,6 +172,10 @@ def build_rows(eval_dir: Path, embedder: Any, seed: int = 1234) -> tuple[list[di
         templates = [it for it in bare if it.source == "template" and split[id(it)] == side]
         harmful = [it for it in bare if it.source == "harmful" and split[id(it)] == side]
         rows += [_row(it, side) for it in wrap(templates, harmful, rng)]
+    # Each hidden text keeps its own split, so no validation text trains inside prose.
+    by_text = {it.text: split[id(it)] for it in bare}
+    hosted = {name: [it for it in items if it.text in by_text] for name, items in sources.items()}
+    rows += [_row(it, by_text[it.payload or ""]) for it in embedded(hosted, prose)]
     counts: dict[str, dict[str, int]] = {}
     for row in rows:
         counts.setdefault(row["source"], {"train": 0, "val": 0})[row["split"]] += 1
