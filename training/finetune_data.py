@@ -121,15 +121,15 @@ EMBED_FILLER_WORDS = (20, 150)
 
 
 def embedded(sources: dict[str, list[Item]], prose: list[str], seed: int = EMBED_SEED) -> list[Item]:
-    """Short texts hidden at the start, middle or end of benign prose, labelled as the short text is: measured
-    (session 22) the guard blocked about half of held-out harmful requests with a knowledge-base paragraph around
-    them, and 3 of 60 injections in the middle of one. Only rows whose short text stays inside the window the guard
-    reads (its head and tail tokens) are kept."""
+    """Short texts hidden at the start, middle or end of benign prose, labelled as the short text is: hidden in
+    knowledge-base prose, the session-19 guard blocked 28% of held-out harmful requests, injections and extractions
+    (app/eval/hidden_payload.py). Only rows whose short text stays inside the window the guard reads (its head and
+    tail tokens) are kept."""
     from app.guard.guard_model import GUARD_MODEL_DIR, TOKENIZER_FILE, encode_ids, load_tokenizer
 
     rng = random.Random(seed)
     tokenizer = load_tokenizer(GUARD_MODEL_DIR / TOKENIZER_FILE)
-    words = [w for paragraph in prose for w in [paragraph.split()]]
+    words = [paragraph.split() for paragraph in prose]
     out: list[Item] = []
     for source, (kinds, count) in EMBEDDED.items():
         pool = [it for kind in kinds for it in sources.get(kind, [])]
