@@ -125,7 +125,7 @@ def embedded(sources: dict[str, list[Item]], prose: list[str], seed: int = EMBED
     knowledge-base prose, the session-19 guard blocked 28% of held-out harmful requests, injections and extractions
     (app/eval/hidden_payload.py). Only rows whose short text stays inside the window the guard reads (its head and
     tail tokens) are kept."""
-    from app.guard.guard_model import GUARD_MODEL_DIR, TOKENIZER_FILE, encode_ids, load_tokenizer
+    from app.guard.guard_model import GUARD_MODEL_DIR, TOKENIZER_FILE, in_window, load_tokenizer
 
     rng = random.Random(seed)
     tokenizer = load_tokenizer(GUARD_MODEL_DIR / TOKENIZER_FILE)
@@ -141,9 +141,7 @@ def embedded(sources: dict[str, list[Item]], prose: list[str], seed: int = EMBED
             before = rng.choice((0, n // 2, n))
             text = " ".join([rng.choice(EMBED_LEADS) + " ".join(filler[:before]), inner.text,
                              " ".join(filler[before:n])]).strip()
-            kept = encode_ids(tokenizer, [text])[0]
-            needle = encode_ids(tokenizer, [inner.text])[0][1:-1]
-            if not any(kept[i : i + len(needle)] == needle for i in range(len(kept) - len(needle) + 1)):
+            if not in_window(tokenizer, text, inner.text):
                 continue  # the guard would not see it: no label to learn
             out.append(Item(text, source, inner.unsafe, inner.attack, categories=inner.categories,
                             group=inner.group or inner.source, payload=inner.text))

@@ -25,7 +25,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from app.guard.guard_model import GUARD_MODEL_DIR, TOKENIZER_FILE, GuardModel, encode_ids, load_tokenizer
+from app.guard.guard_model import GUARD_MODEL_DIR, TOKENIZER_FILE, GuardModel, in_window, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 HELDOUT = ROOT / "app" / "eval" / "data" / "guard_heldout.jsonl"
@@ -69,12 +69,6 @@ def hide(payload: str, prose: list[list[str]], place: str, rng: random.Random) -
     return " ".join(part for part in (" ".join(words[:before]), payload, " ".join(words[before:n])) if part)
 
 
-def visible(tokenizer: Any, text: str, payload: str) -> bool:
-    kept = encode_ids(tokenizer, [text])[0]
-    needle = encode_ids(tokenizer, [payload])[0][1:-1]
-    return any(kept[i : i + len(needle)] == needle for i in range(len(kept) - len(needle) + 1))
-
-
 def build_cases(seed: int = SEED) -> list[dict[str, Any]]:
     """Deterministic cases: {text, payload, category, place, prose, expected}."""
     rng = random.Random(seed)
@@ -90,7 +84,7 @@ def build_cases(seed: int = SEED) -> list[dict[str, Any]]:
             for place in PLACES:
                 for _ in range(5):  # a few draws until the payload stays in the guard's window
                     text = hide(row["text"], prose, place, rng)
-                    if visible(tokenizer, text, row["text"]):
+                    if in_window(tokenizer, text, row["text"]):
                         cases.append({"text": text, "payload": row["text"], "category": row["category"],
                                       "place": place, "prose": prose_name, "expected": row["expected"]})
                         break

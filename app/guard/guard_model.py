@@ -98,6 +98,13 @@ def encode_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     return out
 
 
+def in_window(tokenizer: Any, text: str, part: str) -> bool:
+    """True if `part` (a stretch of `text` between spaces) survives the head-and-tail cut of `encode_ids`."""
+    kept = encode_ids(tokenizer, [text])[0]
+    needle = encode_ids(tokenizer, [part])[0][1:-1]
+    return any(kept[i : i + len(needle)] == needle for i in range(len(kept) - len(needle) + 1))
+
+
 def pad_batch(ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     """Right-padded input_ids and attention_mask (int64), as wide as the longest text."""
     width = max(len(x) for x in ids)
